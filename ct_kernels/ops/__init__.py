@@ -1,0 +1,2 @@
+"""Fast backends. Each module holds one op: its Triton kernels, autograd Function and
+registration with ``ct_kernels.dispatch``; tests live beside them in tests/."""

@@ -1,0 +1,121 @@
+"""Test helpers shared by tests/, benchmarks/ and ``python -m ct_kernels.validate``.
+
+- ``naive_attention``: an independent loop implementation of DESIGN.md's attention
+  (row by row, float64), used to check the reference itself.
+- ``random_attention_inputs``: fresh random inputs (never zeros) for any configuration.
+- ``error_rule``: FlashAttention's acceptance rule. A kernel's max error against the
+  float64 reference may be at most ``factor`` (2 for outputs, 3 for gradients) times the
+  error of the same math done by the reference at the kernel's precision, plus a floor of
+  a few ulps of the output's magnitude (so exact-in-fp32 cases do not fail on rounding).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ct_kernels.reference import RelativePosition
+
+
+def naive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=None, *,
+                    mem_lens=None, cmem_lens=None, key_padding_mask=None, causal=True,
+                    scale=None, rel_pos: Optional[RelativePosition] = None):
+    """Loop over (b, h, i), in float64. Returns (out, usage) like the reference."""
+    B, n, H, D = q.shape
+    f = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
+    q, k, v = f(q), f(k), f(v)
+    cmem_k, cmem_v, mem_k, mem_v = f(cmem_k), f(cmem_v), f(mem_k), f(mem_v)
+    cm = 0 if cmem_k is None else cmem_k.shape[1]
+    m = 0 if mem_k is None else mem_k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros(B, n, H, D, dtype=torch.float64)
+    usage = torch.zeros(B, cm + m + n, dtype=torch.float64)
+    for b in range(B):
+        keys, values, visible = [], [], []
+        for s in range(cm):
+            keys.append(cmem_k[b, s]); values.append(cmem_v[b, s])
+            visible.append(cmem_lens is None or s >= cm - int(cmem_lens[b]))
+        for s in range(m):
+            keys.append(mem_k[b, s]); values.append(mem_v[b, s])
+            visible.append(mem_lens is None or s >= m - int(mem_lens[b]))
+        for s in range(n):
+            keys.append(k[b, s]); values.append(v[b, s])
+            visible.append(key_padding_mask is None or not bool(key_padding_mask[b, s]))
+        for h in range(H):
+            for i in range(n):
+                js = [j for j in range(cm + m + n)
+                      if visible[j] and (not causal or j <= cm + m + i)]
+                if not js:
+                    continue
+                scores = []
+                for j in js:
+                    if rel_pos is None:
+                        s = q[b, i, h] @ keys[j][h]
+                    else:
+                        r, u, vb = (t.detach().double().cpu() for t in rel_pos)
+                        s = (q[b, i, h] + u[h]) @ keys[j][h] + (q[b, i, h] + vb[h]) @ r[h, cm + m + i - j]
+                    scores.append(float(s) * scale)
+                top = max(scores)
+                weights = [math.exp(s - top) for s in scores]
+                total = sum(weights)
+                for j, w in zip(js, weights):
+                    out[b, i, h] += (w / total) * values[j][h]
+                    usage[b, j] += w / total
+    return out, usage
+
+
+def random_attention_inputs(B, n, H, D, m=0, cm=0, *, dtype=torch.float32, device="cpu",
+                            partial=False, padding=False, rel_pos=False, extra_rows=3,
+                            requires_grad=False, generator=None):
+    """Keyword arguments for ``compressive_attention`` drawn fresh from N(0, 1).
+
+    partial: random per-sample mem_lens/cmem_lens in [0, size] (both ends included).
+    padding: a random key_padding_mask over the segment.
+    rel_pos: a RelativePosition with R = cm + m + n + extra_rows.
+    """
+    g = generator
+
+    def randn(*size):
+        t = torch.randn(*size, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    args = dict(q=randn(B, n, H, D), k=randn(B, n, H, D), v=randn(B, n, H, D))
+    if m:
+        args.update(mem_k=randn(B, m, H, D), mem_v=randn(B, m, H, D))
+    if cm:
+        args.update(cmem_k=randn(B, cm, H, D), cmem_v=randn(B, cm, H, D))
+    if partial:
+        if m:
+            lens = torch.randint(0, m + 1, (B,), generator=g)
+            lens[0] = 0  # always cover an empty and a full buffer
+            lens[-1] = m if B > 1 else lens[-1]
+            args["mem_lens"] = lens.to(device)
+        if cm:
+            args["cmem_lens"] = torch.randint(0, cm + 1, (B,), generator=g).to(device)
+    if padding:
+        args["key_padding_mask"] = (torch.rand(B, n, generator=g) < 0.3).to(device)
+    if rel_pos:
+        R = cm + m + n + extra_rows
+        args["rel_pos"] = RelativePosition(randn(H, R, D), randn(H, D), randn(H, D))
+    return args
+
+
+def max_abs_error(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def error_rule(actual, lowp_reference, exact_reference, factor):
+    """(error, allowed): actual is accepted iff error <= allowed (see module docstring)."""
+    error = max_abs_error(actual, exact_reference)
+    if not math.isfinite(error):
+        return error, 0.0
+    torch_error = max_abs_error(lowp_reference, exact_reference)
+    magnitude = exact_reference.abs().max().item() if exact_reference.numel() else 0.0
+    floor = 8 * torch.finfo(actual.dtype).eps * max(magnitude, 1.0) if actual.dtype != torch.float64 else 1e-12
+    return error, factor * torch_error + floor
+
+
+def poison_(t):
+    """Fill an output buffer with NaN so that unwritten elements fail every check."""
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)

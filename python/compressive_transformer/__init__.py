@@ -1,0 +1,1 @@
+"""compressive_transformer: the model layer on top of ct_kernels."""
