@@ -1,0 +1,1 @@
+"""Benchmarks of ct_kernels against their peers; ``python -m benchmarks`` runs them all."""
