@@ -84,8 +84,12 @@ def compressive_attention(
     if cmem_lens is not None:
         cmem_lens = cmem_lens.to(device)
 
-    impl = dispatch.resolve("attention", backend, device, dtype=dtype, head_dim=D,
-                            rel_pos=rel_pos is not None)
+    tensors = (q, k, v, mem_k, mem_v, cmem_k, cmem_v) + (tuple(rel_pos) if rel_pos else ())
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    impl = dispatch.resolve("attention", backend, device, dtype=dtype, head_dim=D, n=n,
+                            rel_pos=rel_pos is not None, needs_grad=needs_grad,
+                            return_key_usage=return_key_usage, causal=causal,
+                            key_padding=key_padding_mask is not None)
     return impl(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens=mem_lens, cmem_lens=cmem_lens,
                 key_padding_mask=key_padding_mask, causal=causal, scale=scale,
                 rel_pos=rel_pos, return_key_usage=return_key_usage)
