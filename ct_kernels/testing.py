@@ -119,3 +119,45 @@ def error_rule(actual, lowp_reference, exact_reference, factor):
 def poison_(t):
     """Fill an output buffer with NaN so that unwritten elements fail every check."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+
+def independent_compress(x, rate, method, *, weight=None, bias=None, usage=None, dilation=2):
+    """compress() through torch.nn.functional's pooling/convolution (channels-first) and
+    a per-sample loop for most_used: a second formulation to check the reference."""
+    import torch.nn.functional as F
+
+    xt = x.transpose(1, 2)  # [B, d, ns]
+    if method == "mean":
+        return F.avg_pool1d(xt, rate, rate).transpose(1, 2)
+    if method == "max":
+        return F.max_pool1d(xt, rate, rate).transpose(1, 2)
+    if method == "conv":
+        return F.conv1d(xt, weight, bias, stride=rate).transpose(1, 2)
+    if method == "dilated_conv":
+        out = []
+        for t in range(x.shape[1] // rate):
+            acc = 0 if bias is None else bias
+            for k in range(rate):
+                row = t * rate + rate - 1 - (rate - 1 - k) * dilation
+                if row >= 0:
+                    acc = acc + x[:, row] @ weight[:, :, k].T
+            out.append(acc)  # the tap k = rate - 1 (the window's last row) always exists
+        return torch.stack(out, dim=1)
+    if method == "most_used":
+        rows = []
+        for b in range(x.shape[0]):
+            order = sorted(range(x.shape[1]), key=lambda s: -float(usage[b, s]))
+            keep = sorted(order[: x.shape[1] // rate])
+            rows.append(x[b, keep])
+        return torch.stack(rows)
+    raise ValueError(method)
+
+
+def independent_recon_loss(q, old_k, old_v, comp_k, comp_v, *, scale=None):
+    """attention_reconstruction_loss through F.scaled_dot_product_attention ([B, H, N, D])."""
+    import torch.nn.functional as F
+
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    target = F.scaled_dot_product_attention(t(q.detach()), t(old_k.detach()), t(old_v.detach()), scale=scale)
+    approx = F.scaled_dot_product_attention(t(q.detach()), t(comp_k), t(comp_v), scale=scale)
+    return F.mse_loss(approx, target)
