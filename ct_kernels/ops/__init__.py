@@ -1,2 +1,3 @@
 """Fast backends. Each module holds one op: its Triton kernels, autograd Function and
 registration with ``ct_kernels.dispatch``; tests live beside them in tests/."""
+from ct_kernels.ops import recon_loss  # noqa: F401
