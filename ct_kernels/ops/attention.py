@@ -1,0 +1,687 @@
+"""Fused compressive attention in Triton: forward, backward and per-key usage.
+
+Queries of the segment attend over three key sources read in place from their own tensors
+and strides, oldest first: compressed memory (cm slots), memory (m slots), the segment
+itself (n slots); global key position j runs over [cmem | mem | segment]. Query i sits at
+global position cm + m + i and sees key j iff j <= cm + m + i (bottom-right causal).
+
+Kernels (one program per (tile, batch*head)):
+  - ``_fwd_kernel``: online softmax in the log2 domain (scale * log2(e) folded into the
+    scores), fp32 accumulators; stores the output and the log2-sum-exp (LSE, +inf for a
+    row that sees no key, whose output is zero).
+  - ``_bwd_dq_kernel``: delta = rowsum(dO * O), then dQ over the three sources (and, with
+    relative positions, dr by fp32 atomics plus du / dv).
+  - ``_bwd_dkdv_kernel``: one key tile of one source against every query tile that sees it:
+    dK, dV. With ``USAGE`` it instead sums the softmax mass each key receives (a pass over
+    K only, recomputing probabilities from the saved LSE; heads are reduced on the host, so
+    the usage is deterministic).
+Masking is applied only on tiles that need it (partial memories, source tails, the causal
+band, key padding); tiles with no valid key are skipped. Transformer-XL relative positions
+are a constexpr branch of the same kernels: a tile loads the BLOCK_M + BLOCK_N - 1 rows of r
+it needs, scores them with one tl.dot and re-aligns the band to (i, j) with tl.gather.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ct_kernels import dispatch
+
+LOG2E = 1.4426950408889634
+
+# Launch configurations tuned on the H200 (sm_90), for 16-bit inputs:
+# (pass, head_dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). "rel" passes use
+# BLOCK_M == BLOCK_N so that the position band is a power of two wide.
+GPU_CONFIGS = {
+    ("fwd", 16): (128, 64, 4, 3), ("fwd", 32): (128, 64, 4, 3),
+    ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (128, 64, 8, 3),
+    ("bwd", 16): (64, 64, 4, 2), ("bwd", 32): (64, 64, 4, 2),
+    ("bwd", 64): (64, 64, 4, 2), ("bwd", 128): (64, 64, 8, 2),
+    ("fwd_rel", 16): (64, 64, 4, 2), ("fwd_rel", 32): (64, 64, 4, 2),
+    ("fwd_rel", 64): (64, 64, 4, 2), ("fwd_rel", 128): (64, 64, 8, 2),
+    ("bwd_rel", 16): (64, 64, 4, 2), ("bwd_rel", 32): (64, 64, 4, 2),
+    ("bwd_rel", 64): (64, 64, 4, 2), ("bwd_rel", 128): (64, 64, 8, 2),
+}
+FP32_CONFIG = (32, 32, 4, 2)          # fp32 tiles take twice the registers / shared memory
+INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def launch_config(pass_name: str, head_dim: int, dtype: torch.dtype):
+    if dispatch.triton_interpreted():
+        return INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return FP32_CONFIG
+    return GPU_CONFIGS[(pass_name, head_dim)]
+
+
+# ----------------------------------------------------------------------------- tile helpers
+@triton.jit
+def _biased_queries(q, U, VB, h, offs_d, REL_POS: tl.constexpr):
+    """(q + u, q + v) in the input dtype; (q, q) without relative positions."""
+    if REL_POS:
+        u = tl.load(U + h * offs_d.shape[0] + offs_d).to(tl.float32)
+        vb = tl.load(VB + h * offs_d.shape[0] + offs_d).to(tl.float32)
+        q32 = q.to(tl.float32)
+        return (q32 + u[None, :]).to(q.dtype), (q32 + vb[None, :]).to(q.dtype)
+    return q, q
+
+
+@triton.jit
+def _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """r^T [D, BLOCK_R] for the distances a tile spans: column c holds distance
+    query_pos0 - key_pos0 - (BLOCK_N - 1) + c (zeros outside [0, R)). Also the rows."""
+    rows = query_pos0 - key_pos0 - (BLOCK_N - 1) + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_r = (rows >= 0) & (rows < R_rows)
+    r_t = tl.load(R_h + rows[None, :].to(tl.int64) * sr_n + offs_d[:, None],
+                  mask=in_r[None, :], other=0.0)
+    return r_t, rows, in_r
+
+
+@triton.jit
+def _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_mask,
+            scale_log2, CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Scores of a [BLOCK_M, BLOCK_N] tile in the log2 domain, -inf where masked.
+
+    query_pos0 / key_pos0: global positions of the tile's first query / key.
+    """
+    s = tl.dot(q_c, kt, input_precision=PRECISION)
+    if REL_POS:
+        # band[i, c] = (q_i + v) . r_{delta_min + c}; key j of row i sits at c = i + BN-1-j
+        r_t, _, _ = _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
+                                   BLOCK_N, BLOCK_D, BLOCK_R)
+        band = tl.dot(q_p, r_t, input_precision=PRECISION)
+        col = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]
+        s += tl.gather(band, col, 1)
+    s = s * scale_log2
+    if apply_mask:
+        keep = key_ok[None, :]
+        if CAUSAL:
+            query_pos = query_pos0 + tl.arange(0, BLOCK_M)
+            key_pos = key_pos0 + tl.arange(0, BLOCK_N)
+            keep = keep & (key_pos[None, :] <= query_pos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
+              HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K^T [D, BLOCK_N] of slots start.. of a source, which of them hold data, and
+    whether the tile needs masking for it (partial memory, source tail, padding)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    in_src = offs_n < size
+    kt = tl.load(Kp + offs_n[None, :].to(tl.int64) * sk_n + tl.arange(0, BLOCK_D)[:, None],
+                 mask=in_src[None, :], other=0.0)
+    key_ok = in_src & (offs_n >= valid_lo)
+    partial = (start < valid_lo) | (start + BLOCK_N > size)
+    if HAS_PAD:
+        padded = tl.load(Pad + offs_n * spad_n, mask=in_src, other=1)
+        key_ok = key_ok & (padded == 0)
+        partial = partial | (start >= 0)
+    return kt, key_ok, partial
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo,
+                hi, key_base, query_pos0, R_h, sr_n, R_rows, scale_log2,
+                IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over slots [first tile with valid slots, hi) of one key source."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+        kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
+                                           HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+        if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
+            apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
+        s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
+                    apply_mask, scale_log2, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D,
+                    BLOCK_R, PRECISION)
+        # rescale the running state; a row with no key yet keeps m = -inf, l = 0, acc = 0
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        offs_n = start + tl.arange(0, BLOCK_N)
+        v = tl.load(Vp + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :],
+                    mask=(offs_n < size)[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, MK, MV, CK, CV, Out, Lse, MemLens, CmemLens, Pad, R, U, VB,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+    smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
+    so_b, so_n, so_h, spad_b, spad_n, sr_h, sr_n,
+    H, n, m, cm, R_rows, scale_log2,
+    HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < n
+
+    # query tile, with the content / position biases when relative positions are on
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
+    valid_lo_c = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
+    valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
+    query_pos0 = cm + m + pid_m * BLOCK_M
+    seg_hi = tl.minimum(n, pid_m * BLOCK_M + BLOCK_M) if CAUSAL else n
+    R_h = R + h * sr_h
+    Pad_b = Pad + b * spad_b
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # the three key sources, oldest first: cmem, mem, segment
+    acc, m_i, l_i = _fwd_source(
+        acc, m_i, l_i, q_c, q_p, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
+        sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, sr_n, R_rows,
+        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        PRECISION)
+    acc, m_i, l_i = _fwd_source(
+        acc, m_i, l_i, q_c, q_p, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
+        smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, sr_n, R_rows,
+        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        PRECISION)
+    acc, m_i, l_i = _fwd_source(
+        acc, m_i, l_i, q_c, q_p, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
+        sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, sr_n, R_rows,
+        scale_log2, True, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        PRECISION)
+
+    # epilogue: normalise; rows that saw no key output zeros and store LSE = +inf
+    no_key = l_i == 0.0
+    out = acc / tl.where(no_key, 1.0, l_i)[:, None]
+    tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(no_key, float("inf"), m_i + tl.math.log2(tl.where(no_key, 1.0, l_i)))
+    tl.store(Lse + pid_bh.to(tl.int64) * n + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- backward: dQ
+@triton.jit
+def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size,
+               valid_lo, hi, key_base, query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale,
+               D: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
+               CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """dQ (and dr) contributions of one key source, tiles as in the forward."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+        kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
+                                           HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+        if IS_SEGMENT and CAUSAL:
+            apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
+        s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
+                    apply_mask, scale_log2, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D,
+                    BLOCK_R, PRECISION)
+        p = tl.math.exp2(s - lse[:, None])
+        offs_n = start + tl.arange(0, BLOCK_N)
+        vt = tl.load(Vp + offs_n[None, :].to(tl.int64) * sv_n + offs_d[:, None],
+                     mask=(offs_n < size)[None, :], other=0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        # gradient of the unscaled score q.k (+ position term)
+        ds = (p * (dp - delta[:, None]) * scale).to(kt.dtype)
+        dq += tl.dot(ds, tl.trans(kt), input_precision=PRECISION)
+        if REL_POS:
+            # band gradient: dband[i, c] = ds[i, j] for j = i + BN-1-c inside the tile
+            j = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
+            in_tile = (j >= 0) & (j < BLOCK_N)
+            dband = tl.where(in_tile, tl.gather(ds, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), 1),
+                             0.0).to(kt.dtype)
+            r_t, rows, in_r = _position_band(R_h, sr_n, R_rows, query_pos0, key_base + start,
+                                             BLOCK_N, BLOCK_D, BLOCK_R)
+            dq_p += tl.dot(dband, tl.trans(r_t), input_precision=PRECISION)
+            dr = tl.dot(tl.trans(dband), q_p, input_precision=PRECISION)  # [BLOCK_R, D]
+            tl.atomic_add(DR_h + rows[:, None].to(tl.int64) * D + offs_d[None, :], dr,
+                          mask=in_r[:, None], sem="relaxed")
+    return dq, dq_p
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, MK, MV, CK, CV, Out, DO, DQ, Lse, Delta, MemLens, CmemLens, Pad, R, U, VB,
+    DR, DU, DVB,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+    smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
+    so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n,
+    H, n, m, cm, R_rows, scale_log2, scale,
+    HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < n
+
+    # delta = rowsum(dO * O), stored for the dK/dV pass
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    stats = pid_bh.to(tl.int64) * n + offs_m
+    tl.store(Delta + stats, delta, mask=row_ok)
+    lse = tl.load(Lse + stats, mask=row_ok, other=float("inf"))
+
+    q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
+    valid_lo_c = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
+    valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
+    query_pos0 = cm + m + pid_m * BLOCK_M
+    seg_hi = tl.minimum(n, pid_m * BLOCK_M + BLOCK_M) if CAUSAL else n
+    R_h = R + h * sr_h
+    DR_h = DR + h * R_rows * BLOCK_D
+    Pad_b = Pad + b * spad_b
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_p = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq, dq_p = _dq_source(
+        dq, dq_p, q_c, q_p, do, lse, delta, CK + b * sck_b + h * sck_h,
+        CV + b * scv_b + h * scv_h, sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0,
+        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD,
+        CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+    dq, dq_p = _dq_source(
+        dq, dq_p, q_c, q_p, do, lse, delta, MK + b * smk_b + h * smk_h,
+        MV + b * smv_b + h * smv_h, smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm,
+        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD,
+        CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+    dq, dq_p = _dq_source(
+        dq, dq_p, q_c, q_p, do, lse, delta, K + b * sk_b + h * sk_h,
+        V + b * sv_b + h * sv_h, sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m,
+        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, True, HAS_PAD,
+        CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+
+    # dq = content part + position part; du / dv are their sums over rows (fp32 atomics)
+    dq_total = dq + dq_p
+    tl.store(DQ + b * n * H * BLOCK_D + h * BLOCK_D + offs_m[:, None] * H * BLOCK_D
+             + offs_d[None, :],
+             dq_total.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    if REL_POS:
+        tl.atomic_add(DU + h * BLOCK_D + offs_d, tl.sum(dq, 0), sem="relaxed")
+        tl.atomic_add(DVB + h * BLOCK_D + offs_d, tl.sum(dq_p, 0), sem="relaxed")
+
+
+# ----------------------------------------------------------------------------- backward: dK/dV
+@triton.jit
+def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
+               row_stride, Pad, spad_n, size, valid_lo, key_base, start, n, query_base, U, VB, h,
+               R_h, sr_n, R_rows, scale_log2, scale,
+               IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+               REL_POS: tl.constexpr, USAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One key tile (slots start.. of a source) against every query tile that sees it:
+    writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
+    USAGE the per-key softmax mass into Usage (this head's row of [B, H, L])."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_src = offs_n < size
+    kt, key_ok, partial = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
+                                    HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+    if not USAGE:
+        vt = tl.load(Vp + offs_n[None, :].to(tl.int64) * sv_n + offs_d[:, None],
+                     mask=in_src[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    usage = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    # memory keys are seen by every query; segment key s by queries i >= s (causal);
+    # a tile without any valid key is skipped (its gradients are zero)
+    q_lo = (start // BLOCK_M * BLOCK_M) if (IS_SEGMENT and CAUSAL) else 0
+    q_lo = tl.where(start + BLOCK_N <= valid_lo, n, q_lo)
+    for qs in range(q_lo, n, BLOCK_M):
+        offs_m = qs + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n
+        q = tl.load(Q + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
+        lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
+        apply_mask = partial
+        if IS_SEGMENT and CAUSAL:
+            apply_mask = apply_mask | (start + BLOCK_N - 1 > qs)
+        s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_base + qs, key_base + start,
+                    key_ok, apply_mask, scale_log2, CAUSAL, REL_POS, BLOCK_M, BLOCK_N,
+                    BLOCK_D, BLOCK_R, PRECISION)
+        p = tl.math.exp2(s - lse[:, None])
+        if USAGE:
+            usage += tl.sum(p, 0)
+        else:
+            do = tl.load(DO + offs_m[:, None] * sdo_n + offs_d[None, :], mask=row_ok[:, None],
+                         other=0.0)
+            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
+            dk += tl.dot(tl.trans(ds), q_c, input_precision=PRECISION)
+
+    if USAGE:
+        tl.store(Usage + key_base + offs_n, usage, mask=in_src)
+    else:
+        tile = offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
+        tl.store(DKp + tile, dk.to(DKp.dtype.element_ty), mask=in_src[:, None])
+        tl.store(DVp + tile, dv.to(DVp.dtype.element_ty), mask=in_src[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage,
+    MemLens, CmemLens, Pad, R, U, VB,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+    smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
+    sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n,
+    H, n, m, cm, R_rows, tiles_c, tiles_m, scale_log2, scale,
+    HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    L = cm + m + n
+    Qb = Q + b * sq_b + h * sq_h
+    DOb = DO + b * sdo_b + h * sdo_h
+    stats = Lse + pid_bh.to(tl.int64) * n
+    delta = Delta + pid_bh.to(tl.int64) * n
+    usage = Usage + pid_bh.to(tl.int64) * L
+    R_h = R + h * sr_h
+    Pad_b = Pad + b * spad_b
+    head = h * BLOCK_D  # offset of this (b, h) in a contiguous [B, S, H, D] gradient
+    # the program's key tile lies in exactly one source
+    if pid_n < tiles_c:
+        valid_lo = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
+        _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, CK + b * sck_b + h * sck_h,
+                   CV + b * scv_b + h * scv_h, sck_n, scv_n,
+                   DCK + b * cm * H * BLOCK_D + head,
+                   DCV + b * cm * H * BLOCK_D + head, H * BLOCK_D,
+                   Pad_b, spad_n, cm, valid_lo, 0, pid_n * BLOCK_N, n, cm + m, U, VB, h,
+                   R_h, sr_n, R_rows, scale_log2, scale, False, HAS_PAD, CAUSAL, REL_POS,
+                   USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+    elif pid_n < tiles_c + tiles_m:
+        valid_lo = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
+        _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, MK + b * smk_b + h * smk_h,
+                   MV + b * smv_b + h * smv_h, smk_n, smv_n,
+                   DMK + b * m * H * BLOCK_D + head,
+                   DMV + b * m * H * BLOCK_D + head, H * BLOCK_D,
+                   Pad_b, spad_n, m, valid_lo, cm, (pid_n - tiles_c) * BLOCK_N, n, cm + m,
+                   U, VB, h, R_h, sr_n, R_rows, scale_log2, scale, False, HAS_PAD, CAUSAL,
+                   REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+    else:
+        _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, K + b * sk_b + h * sk_h,
+                   V + b * sv_b + h * sv_h, sk_n, sv_n,
+                   DK + b * n * H * BLOCK_D + head,
+                   DV + b * n * H * BLOCK_D + head, H * BLOCK_D,
+                   Pad_b, spad_n, n, 0, cm + m, (pid_n - tiles_c - tiles_m) * BLOCK_N, n,
+                   cm + m, U, VB, h, R_h, sr_n, R_rows, scale_log2, scale, True, HAS_PAD,
+                   CAUSAL, REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+
+
+# ----------------------------------------------------------------------------- host side
+def _empty(shape, dtype, device):
+    """Outputs the kernels write completely (tests replace this to NaN-poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _strides(t):
+    return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+
+
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+class _Call:
+    """The kernels' view of one call: pointers (the query tensor stands in for absent
+    sources, which are never read), strides, sizes, constexpr flags and launch config."""
+
+    def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
+                 key_padding_mask, r, u, v_bias, causal, scale, pass_name):
+        self.q = _last_dim_contiguous(q)
+        self.B, self.n, self.H, self.D = q.shape
+        self.m = 0 if mem_k is None else mem_k.shape[1]
+        self.cm = 0 if cmem_k is None else cmem_k.shape[1]
+        present = lambda t: _last_dim_contiguous(t) if t is not None and t.numel() else None  # noqa: E731
+        sources = [present(t) for t in (k, v, mem_k, mem_v, cmem_k, cmem_v)]
+        self.sources = [self.q if t is None else t for t in sources]
+        self.source_strides = [s for t in sources for s in _strides(t)]
+        lens = lambda t: self.q if t is None else t.to(torch.int32).contiguous()  # noqa: E731
+        self.lens = (lens(mem_lens), lens(cmem_lens))
+        if key_padding_mask is None:
+            self.pad, self.pad_strides = self.q, (0, 0)
+        else:
+            self.pad = key_padding_mask.view(torch.uint8)
+            self.pad_strides = (self.pad.stride(0), self.pad.stride(1))
+        rel_pos = r is not None
+        if rel_pos:
+            r = _last_dim_contiguous(r)
+            self.rel = (r, u.contiguous(), v_bias.contiguous())
+            self.r_strides, self.R_rows = (r.stride(0), r.stride(1)), r.shape[1]
+        else:
+            self.rel, self.r_strides, self.R_rows = (self.q, self.q, self.q), (0, 0), 0
+        self.scale = scale
+        block_m, block_n, warps, stages = launch_config(pass_name + ("_rel" if rel_pos else ""),
+                                                        self.D, q.dtype)
+        self.meta = dict(
+            HAS_MEM_LENS=mem_lens is not None, HAS_CMEM_LENS=cmem_lens is not None,
+            HAS_PAD=key_padding_mask is not None, CAUSAL=causal, REL_POS=rel_pos,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=self.D,
+            BLOCK_R=triton.next_power_of_2(block_m + block_n - 1) if rel_pos else 16,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=warps, num_stages=stages)
+
+    @property
+    def sizes(self):
+        return (self.H, self.n, self.m, self.cm, self.R_rows)
+
+
+def _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
+             r, u, v_bias, causal, scale):
+    c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
+              r, u, v_bias, causal, scale, "fwd")
+    out = _empty((c.B, c.n, c.H, c.D), q.dtype, q.device)
+    lse = _empty((c.B, c.H, c.n), torch.float32, q.device)
+    grid = (triton.cdiv(c.n, c.meta["BLOCK_M"]), c.B * c.H)
+    _fwd_kernel[grid](
+        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
+        *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
+        *c.sizes, scale * LOG2E, **c.meta)
+    return out, lse
+
+
+def _key_tiles(c):
+    block_n = c.meta["BLOCK_N"]
+    return triton.cdiv(c.cm, block_n), triton.cdiv(c.m, block_n), triton.cdiv(c.n, block_n)
+
+
+def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
+              key_padding_mask, r, u, v_bias, causal, scale):
+    c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
+              r, u, v_bias, causal, scale, "bwd")
+    B, n, H, D, m, cm = c.B, c.n, c.H, c.D, c.m, c.cm
+    grad_out, out = _last_dim_contiguous(grad_out), _last_dim_contiguous(out)
+    dq = _empty((B, n, H, D), q.dtype, q.device)
+    dk, dv = _empty((B, n, H, D), q.dtype, q.device), _empty((B, n, H, D), q.dtype, q.device)
+    dmk, dmv = _empty((B, m, H, D), q.dtype, q.device), _empty((B, m, H, D), q.dtype, q.device)
+    dck, dcv = _empty((B, cm, H, D), q.dtype, q.device), _empty((B, cm, H, D), q.dtype, q.device)
+    delta = _empty((B, H, n), torch.float32, q.device)
+    rel_pos = r is not None
+    # relative-position gradients are accumulated by atomics in fp32
+    dr = torch.zeros((H, c.R_rows, D) if rel_pos else (0,), dtype=torch.float32, device=q.device)
+    du = torch.zeros((H, D) if rel_pos else (0,), dtype=torch.float32, device=q.device)
+    dvb = torch.zeros((H, D) if rel_pos else (0,), dtype=torch.float32, device=q.device)
+    grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
+
+    grid = (triton.cdiv(n, c.meta["BLOCK_M"]), B * H)
+    _bwd_dq_kernel[grid](
+        c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel,
+        *(t if rel_pos else c.q for t in (dr, du, dvb)),
+        *_strides(c.q), *c.source_strides, *_strides(out), *_strides(grad_out),
+        *c.pad_strides, *c.r_strides, *c.sizes, scale * LOG2E, scale, **c.meta)
+    tiles_c, tiles_m, tiles_s = _key_tiles(c)
+    _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, B * H)](
+        c.q, *c.sources, grad_out, lse, delta, dk, dv, grad_ptr(dmk), grad_ptr(dmv),
+        grad_ptr(dck), grad_ptr(dcv), lse, *c.lens, c.pad, *c.rel,
+        *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
+        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=False, **c.meta)
+    if rel_pos:
+        dr, du, dvb = dr.to(q.dtype), du.to(q.dtype), dvb.to(q.dtype)
+    return dq, dk, dv, dmk, dmv, dck, dcv, dr, du, dvb
+
+
+def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, r, u, v_bias,
+               causal, scale):
+    c = _Call(q, k, k, mem_k, mem_k, cmem_k, cmem_k, mem_lens, cmem_lens, key_padding_mask,
+              r, u, v_bias, causal, scale, "bwd")
+    usage = _empty((c.B, c.H, c.cm + c.m + c.n), torch.float32, q.device)
+    tiles_c, tiles_m, tiles_s = _key_tiles(c)
+    _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
+        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, *c.lens, c.pad, *c.rel,
+        *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
+        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=True, **c.meta)
+    return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
+
+
+# ----------------------------------------------------------------------------- torch.library
+Tensor = torch.Tensor
+OptTensor = Optional[torch.Tensor]
+
+
+@torch.library.custom_op("ct_kernels::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mem_k: OptTensor, mem_v: OptTensor,
+                  cmem_k: OptTensor, cmem_v: OptTensor, mem_lens: OptTensor,
+                  cmem_lens: OptTensor, key_padding_mask: OptTensor, r: OptTensor,
+                  u: OptTensor, v_bias: OptTensor, causal: bool, scale: float
+                  ) -> tuple[Tensor, Tensor]:
+    """(out [B, n, H, D], lse [B, H, n] in log2 units, +inf for rows that see no key)."""
+    return _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
+                    key_padding_mask, r, u, v_bias, causal, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, r, u,
+      v_bias, causal, scale):
+    B, n, H, D = q.shape
+    return q.new_empty(B, n, H, D), q.new_empty(B, H, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("ct_kernels::attention_bwd", mutates_args=())
+def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mem_k: OptTensor,
+                  mem_v: OptTensor, cmem_k: OptTensor, cmem_v: OptTensor, out: Tensor,
+                  lse: Tensor, mem_lens: OptTensor, cmem_lens: OptTensor,
+                  key_padding_mask: OptTensor, r: OptTensor, u: OptTensor, v_bias: OptTensor,
+                  causal: bool, scale: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                             Tensor, Tensor]:
+    """(dq, dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v, dr, du, dv_bias); absent inputs get
+    empty gradients."""
+    return _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
+                     cmem_lens, key_padding_mask, r, u, v_bias, causal, scale)
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
+      key_padding_mask, r, u, v_bias, causal, scale):
+    B, n, H, D = q.shape
+    like = lambda t, *empty: q.new_empty(t.shape) if t is not None else q.new_empty(*empty)  # noqa: E731
+    return (q.new_empty(B, n, H, D), q.new_empty(B, n, H, D), q.new_empty(B, n, H, D),
+            like(mem_k, B, 0, H, D), like(mem_v, B, 0, H, D), like(cmem_k, B, 0, H, D),
+            like(cmem_v, B, 0, H, D), like(r, 0), like(u, 0), like(v_bias, 0))
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, r, u,
+     v_bias, causal, scale) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
+                          cmem_lens, key_padding_mask, r, u, v_bias)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    saved = ctx.saved_tensors
+    grads = attention_bwd(grad_out, *saved, ctx.causal, ctx.scale)
+    dq, dk, dv, dmk, dmv, dck, dcv, dr, du, dvb = grads
+    (_, _, _, mem_k, mem_v, cmem_k, cmem_v, _, _, _, _, _, r, u, v_bias) = saved
+    given = lambda t, g: g if t is not None else None  # noqa: E731
+    return (dq, dk, dv, given(mem_k, dmk), given(mem_v, dmv), given(cmem_k, dck),
+            given(cmem_v, dcv), None, None, None, given(r, dr), given(u, du),
+            given(v_bias, dvb), None, None)
+
+
+torch.library.register_autograd("ct_kernels::attention_fwd", _attention_backward,
+                                setup_context=_setup_context)
+
+
+@torch.library.custom_op("ct_kernels::attention_key_usage", mutates_args=())
+def attention_key_usage(q: Tensor, k: Tensor, mem_k: OptTensor, cmem_k: OptTensor,
+                        lse: Tensor, mem_lens: OptTensor, cmem_lens: OptTensor,
+                        key_padding_mask: OptTensor, r: OptTensor, u: OptTensor,
+                        v_bias: OptTensor, causal: bool, scale: float) -> Tensor:
+    """[B, cm + m + n]: softmax mass each key received, summed over heads and queries."""
+    return _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, r, u,
+                      v_bias, causal, scale)
+
+
+@attention_key_usage.register_fake
+def _(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, r, u, v_bias, causal,
+      scale):
+    size = lambda t: 0 if t is None else t.shape[1]  # noqa: E731
+    return q.new_empty(q.shape[0], size(cmem_k) + size(mem_k) + q.shape[1])
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _unsupported(dtype=None, head_dim=None, **_):
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (needs float16, bfloat16 or float32)"
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} (needs one of {HEAD_DIMS})"
+    return None
+
+
+@dispatch.register("attention", "triton", unsupported=_unsupported)
+def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=None, *,
+                          mem_lens=None, cmem_lens=None, key_padding_mask=None, causal=True,
+                          scale=None, rel_pos=None, return_key_usage=False):
+    """Same arguments and results as ``reference.compressive_attention``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    r, u, v_bias = rel_pos if rel_pos is not None else (None, None, None)
+    out, lse = attention_fwd(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
+                             key_padding_mask, r, u, v_bias, causal, scale)
+    if not return_key_usage:
+        return out
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    usage = attention_key_usage(q.detach(), k.detach(), detach(mem_k), detach(cmem_k),
+                                lse.detach(), mem_lens, cmem_lens, key_padding_mask,
+                                detach(r), detach(u), detach(v_bias), causal, scale)
+    return out, usage
