@@ -1,0 +1,305 @@
+"""Fused attention-reconstruction loss (paper Algorithm 2): triton backend of "recon_loss".
+
+    loss = mean((attn(q, old_k, old_v) - attn(q, comp_k, comp_v))^2)
+
+content-only, unmasked softmax attention; q, old_k, old_v are constants, so only comp_k and
+comp_v receive gradients.
+
+Forward, one program per (batch, head, query tile): both attentions run as online softmaxes
+over their keys (old first, then compressed), the tile's squared difference is summed into
+one partial per program, and neither attention output is written. The partials are summed
+on the host side in a fixed order (deterministic).
+
+Backward needs, per query row, dO = -2 g (O_old - O_comp) / numel, the compressed
+attention's log-sum-exp and delta = dO . O_comp. Recomputing O_old in the backward would
+cost 4·n·ns·D FLOPs per head (as much as the old half of the forward); saving the
+difference costs one [B, n, H, D] write and read. At the paper shapes the bytes take about a
+tenth of the time of the FLOPs, so when a gradient is needed the forward also stores
+diff = O_old - O_comp (in the input dtype), the log2-domain LSE and diff . O_comp. The
+backward is one program per (batch, head, compressed-key tile) that loops over all query
+tiles, so dK/dV accumulate in registers without atomics, and no dQ is computed.
+The factor -2 g / numel is applied to the fp32 accumulators at the end: diff is stored
+unscaled, which keeps it representable in float16.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ct_kernels import dispatch
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation. DOT_PRECISION "upcast": both operands go to float32
+    first (the CPU interpreter multiplies bfloat16 operands as raw bits)."""
+    if DOT_PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _online_softmax_attention(q, K, V, stride_kn, stride_vn, n_keys, qk_scale,
+                              offs_d, d_valid, DOT_PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    """softmax(q K^T * scale) V for one query tile, unmasked. Returns (out fp32, lse in log2)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(0, n_keys, BLOCK_N):
+        keys = start + offs_n
+        key_valid = keys < n_keys
+        kv_mask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + keys[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        # scores in the log2 domain; keys past the end get -inf
+        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+        s = tl.where(key_valid[None, :], s, float("-inf"))
+        # rescale the running sums to the new row maximum
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + keys[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+        m_i = m_new
+    return acc / l_i[:, None], m_i + tl.log2(l_i)
+
+
+@triton.jit
+def _recon_loss_fwd_kernel(
+    Q, OLD_K, OLD_V, COMP_K, COMP_V, PARTIAL, DIFF, LSE, DELTA,
+    stride_qb, stride_qn, stride_qh, stride_db, stride_dn, stride_dh,
+    stride_okb, stride_okn, stride_okh, stride_ovb, stride_ovn, stride_ovh,
+    stride_ckb, stride_ckn, stride_ckh, stride_cvb, stride_cvn, stride_cvh,
+    H, n, ns, nc, qk_scale,
+    HEAD_DIM: tl.constexpr, SAVE_FOR_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < n
+    d_valid = offs_d < HEAD_DIM
+    tile_mask = row_valid[:, None] & d_valid[None, :]
+
+    # the query tile stays in registers for both attentions
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=tile_mask, other=0.0)
+
+    # attention over the old memories (the target), then over their compression
+    out_old, _ = _online_softmax_attention(
+        q, OLD_K + b * stride_okb + h * stride_okh, OLD_V + b * stride_ovb + h * stride_ovh,
+        stride_okn, stride_ovn, ns, qk_scale, offs_d, d_valid,
+        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    out_comp, lse_comp = _online_softmax_attention(
+        q, COMP_K + b * stride_ckb + h * stride_ckh, COMP_V + b * stride_cvb + h * stride_cvh,
+        stride_ckn, stride_cvn, nc, qk_scale, offs_d, d_valid,
+        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+
+    # squared difference of the tile, summed into this program's partial
+    diff = tl.where(tile_mask, out_old - out_comp, 0.0)
+    tl.store(PARTIAL + pid_bh * tl.num_programs(0) + pid_m, tl.sum(tl.sum(diff * diff, 1), 0))
+
+    if SAVE_FOR_BACKWARD:
+        # diff is [B, n, H, D]; lse and delta are [B, H, n]
+        diff_ptrs = DIFF + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :]
+        diff_stored = diff.to(DIFF.dtype.element_ty)
+        tl.store(diff_ptrs, diff_stored, mask=tile_mask)
+        row = pid_bh * n + offs_m
+        tl.store(LSE + row, lse_comp, mask=row_valid)
+        tl.store(DELTA + row, tl.sum(diff_stored.to(tl.float32) * out_comp, 1), mask=row_valid)
+
+
+@triton.jit
+def _recon_loss_bwd_kernel(
+    Q, COMP_K, COMP_V, DIFF, LSE, DELTA, GRAD_LOSS, D_COMP_K, D_COMP_V,
+    stride_qb, stride_qn, stride_qh, stride_db, stride_dn, stride_dh,
+    stride_ckb, stride_ckn, stride_ckh, stride_cvb, stride_cvn, stride_cvh,
+    stride_dkb, stride_dkn, stride_dkh,
+    H, n, nc, qk_scale, sm_scale, inv_numel,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_valid = offs_d < HEAD_DIM
+    kv_mask = (offs_n < nc)[:, None] & d_valid[None, :]
+
+    # this program's compressed keys/values stay in registers
+    k = tl.load(COMP_K + b * stride_ckb + h * stride_ckh + offs_n[:, None] * stride_ckn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(COMP_V + b * stride_cvb + h * stride_cvh + offs_n[:, None] * stride_cvn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    diff_base = DIFF + b * stride_db + h * stride_dh
+    for start in range(0, n, BLOCK_M):
+        offs_m = start + offs_m0
+        row_valid = offs_m < n
+        tile_mask = row_valid[:, None] & d_valid[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=tile_mask, other=0.0)
+        diff = tl.load(diff_base + offs_m[:, None] * stride_dn + offs_d[None, :],
+                       mask=tile_mask, other=0.0)
+        # rows past the end get lse = +inf, hence probability 0
+        lse = tl.load(LSE + pid_bh * n + offs_m, mask=row_valid, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * n + offs_m, mask=row_valid, other=0.0)
+
+        # transposed probabilities P^T [BLOCK_N, BLOCK_M] from the saved LSE
+        s_t = _dot(k, tl.trans(q), DOT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
+        # dV += P^T dO and dK += dS^T q, with dO = diff (scaled at the end)
+        dv += _dot(p_t.to(diff.dtype), diff, DOT_PRECISION)
+        dp_t = _dot(v, tl.trans(diff), DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
+
+    # dO = -2 g diff / numel
+    coef = -2.0 * tl.load(GRAD_LOSS).to(tl.float32) * inv_numel
+    out_offs = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(D_COMP_K + out_offs, (dk * (coef * sm_scale)).to(D_COMP_K.dtype.element_ty), mask=kv_mask)
+    tl.store(D_COMP_V + out_offs, (dv * coef).to(D_COMP_V.dtype.element_ty), mask=kv_mask)
+
+
+def _unit_last_stride(t):
+    # the kernels take any strides but the head dimension's, which must be 1
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype):
+    # float32 inputs keep full precision (no TF32) so they match the float32 reference
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if dispatch.triton_interpreted() and dtype == torch.bfloat16 else "tf32"
+
+
+def _fwd_config(block_d):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward."""
+    if block_d >= 128:
+        return 128, 64, 8, 2
+    return 128, 64, 4, 3
+
+
+def _bwd_config(block_d):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward (BLOCK_N: key tile)."""
+    if block_d >= 128:
+        return 64, 64, 8, 2
+    return 64, 64, 4, 3
+
+
+def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward):
+    """(loss, diff, lse, delta); the last three are None unless save_for_backward."""
+    B, n, H, D = q.shape
+    ns, nc = old_k.shape[1], comp_k.shape[1]
+    block_d = _block_d(D)
+    block_m, block_n, num_warps, num_stages = _fwd_config(block_d)
+    grid = (triton.cdiv(n, block_m), B * H)
+    partial = torch.empty(B * H * grid[0], device=q.device, dtype=torch.float32)
+    if save_for_backward:
+        diff = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
+        delta = torch.empty_like(lse)
+    else:  # placeholders: the kernel's SAVE_FOR_BACKWARD branch is compiled out
+        diff, lse, delta = q, partial, partial
+    _recon_loss_fwd_kernel[grid](
+        q, old_k, old_v, comp_k, comp_v, partial, diff, lse, delta,
+        q.stride(0), q.stride(1), q.stride(2), diff.stride(0), diff.stride(1), diff.stride(2),
+        old_k.stride(0), old_k.stride(1), old_k.stride(2),
+        old_v.stride(0), old_v.stride(1), old_v.stride(2),
+        comp_k.stride(0), comp_k.stride(1), comp_k.stride(2),
+        comp_v.stride(0), comp_v.stride(1), comp_v.stride(2),
+        H, n, ns, nc, scale * LOG2E,
+        HEAD_DIM=D, SAVE_FOR_BACKWARD=save_for_backward, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    loss = (partial.sum() / q.numel()).to(q.dtype)
+    if not save_for_backward:
+        return loss, None, None, None
+    return loss, diff, lse, delta
+
+
+def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale):
+    """(d comp_k, d comp_v) in the layout of comp_k."""
+    B, n, H, D = q.shape
+    nc = comp_k.shape[1]
+    block_d = _block_d(D)
+    block_m, block_n, num_warps, num_stages = _bwd_config(block_d)
+    d_comp_k = torch.empty(comp_k.shape, device=q.device, dtype=comp_k.dtype)
+    d_comp_v = torch.empty_like(d_comp_k)
+    grid = (triton.cdiv(nc, block_n), B * H)
+    _recon_loss_bwd_kernel[grid](
+        q, comp_k, comp_v, diff, lse, delta, grad_loss, d_comp_k, d_comp_v,
+        q.stride(0), q.stride(1), q.stride(2), diff.stride(0), diff.stride(1), diff.stride(2),
+        comp_k.stride(0), comp_k.stride(1), comp_k.stride(2),
+        comp_v.stride(0), comp_v.stride(1), comp_v.stride(2),
+        d_comp_k.stride(0), d_comp_k.stride(1), d_comp_k.stride(2),
+        H, n, nc, scale * LOG2E, scale, 1.0 / q.numel(),
+        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return d_comp_k, d_comp_v
+
+
+class ReconLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, old_k, old_v, comp_k, comp_v, scale):
+        needs_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        loss, diff, lse, delta = recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale,
+                                                    needs_grad)
+        if needs_grad:
+            ctx.save_for_backward(q, comp_k, comp_v, diff, lse, delta)
+            ctx.scale = scale
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        q, comp_k, comp_v, diff, lse, delta = ctx.saved_tensors
+        d_comp_k, d_comp_v = recon_loss_backward(grad_loss.contiguous(), q, comp_k, comp_v,
+                                                 diff, lse, delta, ctx.scale)
+        # q, old_k and old_v are constants of the loss
+        return (None, None, None,
+                d_comp_k if ctx.needs_input_grad[3] else None,
+                d_comp_v if ctx.needs_input_grad[4] else None,
+                None)
+
+
+def _unsupported(dtype=None, head_dim=None, **_):
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (supported: float16, bfloat16, float32)"
+    if head_dim is not None and head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    return None
+
+
+@dispatch.register("recon_loss", "triton", unsupported=_unsupported)
+def attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, *, scale=None):
+    """Same contract as ``reference.attention_reconstruction_loss``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # q, old_k, old_v are constants: detach so that no gradient can be asked of them
+    q, old_k, old_v = (_unit_last_stride(t.detach()) for t in (q, old_k, old_v))
+    return ReconLossFunction.apply(q, old_k, old_v, _unit_last_stride(comp_k),
+                                   _unit_last_stride(comp_v), scale)
