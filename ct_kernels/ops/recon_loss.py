@@ -195,18 +195,30 @@ def _dot_precision(dtype):
     return "upcast" if dispatch.triton_interpreted() and dtype == torch.bfloat16 else "tf32"
 
 
-def _fwd_config(block_d):
+FP32_CONFIG = (64, 32, 4, 2)  # float32 tiles take twice the registers and shared memory
+
+
+def _fwd_config(block_d, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward."""
+    if dtype == torch.float32:
+        return FP32_CONFIG
     if block_d >= 128:
         return 128, 64, 8, 2
     return 128, 64, 4, 3
 
 
-def _bwd_config(block_d):
+def _bwd_config(block_d, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward (BLOCK_N: key tile)."""
+    if dtype == torch.float32:
+        return FP32_CONFIG
     if block_d >= 128:
         return 64, 64, 8, 2
     return 64, 64, 4, 3
+
+
+def _empty(shape, dtype, device):
+    """Buffers the kernels write completely (tests replace this to NaN-poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward):
@@ -214,13 +226,13 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
     B, n, H, D = q.shape
     ns, nc = old_k.shape[1], comp_k.shape[1]
     block_d = _block_d(D)
-    block_m, block_n, num_warps, num_stages = _fwd_config(block_d)
+    block_m, block_n, num_warps, num_stages = _fwd_config(block_d, q.dtype)
     grid = (triton.cdiv(n, block_m), B * H)
-    partial = torch.empty(B * H * grid[0], device=q.device, dtype=torch.float32)
+    partial = _empty((B * H * grid[0],), torch.float32, q.device)
     if save_for_backward:
-        diff = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
-        delta = torch.empty_like(lse)
+        diff = _empty(q.shape, q.dtype, q.device)
+        lse = _empty((B, H, n), torch.float32, q.device)
+        delta = _empty((B, H, n), torch.float32, q.device)
     else:  # placeholders: the kernel's SAVE_FOR_BACKWARD branch is compiled out
         diff, lse, delta = q, partial, partial
     _recon_loss_fwd_kernel[grid](
@@ -246,9 +258,9 @@ def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale):
     B, n, H, D = q.shape
     nc = comp_k.shape[1]
     block_d = _block_d(D)
-    block_m, block_n, num_warps, num_stages = _bwd_config(block_d)
-    d_comp_k = torch.empty(comp_k.shape, device=q.device, dtype=comp_k.dtype)
-    d_comp_v = torch.empty_like(d_comp_k)
+    block_m, block_n, num_warps, num_stages = _bwd_config(block_d, q.dtype)
+    d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
+    d_comp_v = _empty(comp_k.shape, comp_k.dtype, q.device)
     grid = (triton.cdiv(nc, block_n), B * H)
     _recon_loss_bwd_kernel[grid](
         q, comp_k, comp_v, diff, lse, delta, grad_loss, d_comp_k, d_comp_v,
