@@ -60,6 +60,15 @@ def launch_config(pass_name: str, head_dim: int, dtype: torch.dtype):
 
 # ----------------------------------------------------------------------------- tile helpers
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32. PRECISION "upcast" is for the CPU interpreter, which
+    multiplies bfloat16 operands as raw integers: there they go through fp32 (exact)."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _biased_queries(q, U, VB, h, offs_d, REL_POS: tl.constexpr):
     """(q + u, q + v) in the input dtype; (q, q) without relative positions."""
     if REL_POS:
@@ -92,12 +101,12 @@ def _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply
 
     query_pos0 / key_pos0: global positions of the tile's first query / key.
     """
-    s = tl.dot(q_c, kt, input_precision=PRECISION)
+    s = _dot(q_c, kt, PRECISION)
     if REL_POS:
         # band[i, c] = (q_i + v) . r_{delta_min + c}; key j of row i sits at c = i + BN-1-j
         r_t, _, _ = _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
                                    BLOCK_N, BLOCK_D, BLOCK_R)
-        band = tl.dot(q_p, r_t, input_precision=PRECISION)
+        band = _dot(q_p, r_t, PRECISION)
         col = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]
         s += tl.gather(band, col, 1)
     s = s * scale_log2
@@ -155,7 +164,7 @@ def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, 
         offs_n = start + tl.arange(0, BLOCK_N)
         v = tl.load(Vp + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :],
                     mask=(offs_n < size)[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -242,10 +251,10 @@ def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad
         offs_n = start + tl.arange(0, BLOCK_N)
         vt = tl.load(Vp + offs_n[None, :].to(tl.int64) * sv_n + offs_d[:, None],
                      mask=(offs_n < size)[None, :], other=0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
+        dp = _dot(do, vt, PRECISION)
         # gradient of the unscaled score q.k (+ position term)
         ds = (p * (dp - delta[:, None]) * scale).to(kt.dtype)
-        dq += tl.dot(ds, tl.trans(kt), input_precision=PRECISION)
+        dq += _dot(ds, tl.trans(kt), PRECISION)
         if REL_POS:
             # band gradient: dband[i, c] = ds[i, j] for j = i + BN-1-c inside the tile
             j = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
@@ -254,8 +263,8 @@ def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad
                              0.0).to(kt.dtype)
             r_t, rows, in_r = _position_band(R_h, sr_n, R_rows, query_pos0, key_base + start,
                                              BLOCK_N, BLOCK_D, BLOCK_R)
-            dq_p += tl.dot(dband, tl.trans(r_t), input_precision=PRECISION)
-            dr = tl.dot(tl.trans(dband), q_p, input_precision=PRECISION)  # [BLOCK_R, D]
+            dq_p += _dot(dband, tl.trans(r_t), PRECISION)
+            dr = _dot(tl.trans(dband), q_p, PRECISION)  # [BLOCK_R, D]
             tl.atomic_add(DR_h + rows[:, None].to(tl.int64) * D + offs_d[None, :], dr,
                           mask=in_r[:, None], sem="relaxed")
     return dq, dq_p
@@ -379,10 +388,10 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
             do = tl.load(DO + offs_m[:, None] * sdo_n + offs_d[None, :], mask=row_ok[:, None],
                          other=0.0)
             delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, vt, input_precision=PRECISION)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+            dp = _dot(do, vt, PRECISION)
             ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
-            dk += tl.dot(tl.trans(ds), q_c, input_precision=PRECISION)
+            dk += _dot(tl.trans(ds), q_c, PRECISION)
 
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
@@ -461,6 +470,14 @@ def _last_dim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _dot_precision(dtype):
+    if dtype == torch.float32:
+        return "ieee"  # full fp32 products, so fp32 inputs meet the error rule
+    if dtype == torch.bfloat16 and dispatch.triton_interpreted():
+        return "upcast"
+    return "tf32"  # ignored for 16-bit operands
+
+
 class _Call:
     """The kernels' view of one call: pointers (the query tensor stands in for absent
     sources, which are never read), strides, sizes, constexpr flags and launch config."""
@@ -497,7 +514,7 @@ class _Call:
             HAS_PAD=key_padding_mask is not None, CAUSAL=causal, REL_POS=rel_pos,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=self.D,
             BLOCK_R=triton.next_power_of_2(block_m + block_n - 1) if rel_pos else 16,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            PRECISION=_dot_precision(q.dtype),
             num_warps=warps, num_stages=stages)
 
     @property

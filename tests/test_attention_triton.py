@@ -1,0 +1,248 @@
+"""Triton compressive attention (ct_kernels/ops/attention.py) against the reference.
+
+Every comparison uses the error rule of ct_kernels.testing: the kernel's error against the
+float64 reference may be at most 2x (gradients 3x) the error of the reference run at the
+kernel's dtype. Kernel outputs are NaN-poisoned before the kernels write them. Without a
+GPU the kernels run in Triton's CPU interpreter at small shapes; real shapes run on GPU.
+"""
+import pytest
+import torch
+
+import ct_kernels
+from ct_kernels import reference, testing
+from ct_kernels.ops import attention
+
+pytestmark = pytest.mark.skipif("triton" not in ct_kernels.available_backends(),
+                                reason="Triton backend not available")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    def empty(shape, dtype, device):
+        return testing.poison_(torch.empty(shape, dtype=dtype, device=device))
+    monkeypatch.setattr(attention, "_empty", empty)
+
+
+def _leaves(args):
+    """name -> tensor for every differentiable input (rel_pos expanded to r, u, v)."""
+    leaves = {k: t for k, t in args.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if args.get("rel_pos") is not None:
+        leaves.update(zip(("r", "u", "v_bias"), args["rel_pos"]))
+    return leaves
+
+
+def _cast(args, dtype):
+    """A copy of the inputs in ``dtype`` (float tensors only), as fresh leaves."""
+    cast = lambda t: t.detach().to(dtype).requires_grad_(True)  # noqa: E731
+    out = {k: (cast(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+           for k, t in args.items()}
+    if args.get("rel_pos") is not None:
+        out["rel_pos"] = reference.RelativePosition(*(cast(t) for t in args["rel_pos"]))
+    return out
+
+
+def check(args, *, grads=True, usage=False, **options):
+    """Forward (and gradients, usage) of the Triton backend vs the reference, error rule."""
+    dtype = args["q"].dtype
+    kernel, lowp, exact = _cast(args, dtype), _cast(args, dtype), _cast(args, torch.float64)
+    results = {}
+    for name, inputs, backend in (("kernel", kernel, "triton"), ("lowp", lowp, "reference"),
+                                  ("exact", exact, "reference")):
+        results[name] = ct_kernels.compressive_attention(**inputs, **options, backend=backend,
+                                                         return_key_usage=usage)
+    outs = {k: (r[0] if usage else r) for k, r in results.items()}
+    error, allowed = testing.error_rule(outs["kernel"], outs["lowp"], outs["exact"], 2)
+    assert error <= allowed, f"output error {error:.3g} > allowed {allowed:.3g}"
+    if usage:
+        error, allowed = testing.error_rule(results["kernel"][1], results["lowp"][1],
+                                            results["exact"][1], 2)
+        assert error <= allowed, f"key usage error {error:.3g} > allowed {allowed:.3g}"
+    if not grads:
+        return
+    grad_out = torch.randn_like(outs["exact"])
+    grads = {}
+    for name, inputs in (("kernel", kernel), ("lowp", lowp), ("exact", exact)):
+        leaves = _leaves(inputs)
+        values = torch.autograd.grad(outs[name], list(leaves.values()), grad_out.to(outs[name].dtype))
+        grads[name] = dict(zip(leaves, values))
+    for leaf, grad in grads["kernel"].items():
+        assert grad.shape == grads["exact"][leaf].shape, leaf
+        error, allowed = testing.error_rule(grad, grads["lowp"][leaf], grads["exact"][leaf], 3)
+        assert error <= allowed, f"d{leaf} error {error:.3g} > allowed {allowed:.3g}"
+
+
+# ----------------------------------------------------------------------------- small shapes
+# (B, n, H, D, m, cm, options): interpreter-sized; the interpreter's tiles are 16 x 16, so
+# these cover single and multiple tiles per source, partial tiles and the causal band.
+SMALL_CASES = [
+    (2, 1, 2, 16, 0, 0, {}),
+    (2, 7, 2, 32, 5, 3, {"partial": True}),
+    (2, 13, 2, 16, 20, 9, {"partial": True, "padding": True}),
+    (1, 37, 1, 16, 0, 17, {"padding": True}),
+    (2, 1, 1, 32, 18, 33, {"partial": True}),
+    (3, 19, 2, 16, 16, 0, {"partial": True}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,n,H,D,m,cm,options", SMALL_CASES)
+def test_forward_and_gradients(B, n, H, D, m, cm, options, dtype):
+    g = torch.Generator().manual_seed(n * 1000 + m * 10 + cm)
+    args = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=dtype, device=DEVICE,
+                                           generator=g, **options)
+    check(args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,n,H,D,m,cm,options", [
+    (2, 1, 2, 16, 4, 2, {}),
+    (2, 13, 1, 32, 7, 5, {"partial": True, "padding": True}),
+    (1, 21, 2, 16, 0, 11, {"extra_rows": 29}),  # R well beyond L
+])
+def test_relative_positions(B, n, H, D, m, cm, options, dtype):
+    g = torch.Generator().manual_seed(7 + n)
+    args = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=dtype, device=DEVICE,
+                                           generator=g, rel_pos=True, **options)
+    check(args)
+
+
+def test_float16_and_custom_scale():
+    g = torch.Generator().manual_seed(3)
+    args = testing.random_attention_inputs(2, 9, 2, 32, 6, 4, dtype=torch.float16,
+                                           device=DEVICE, generator=g, partial=True)
+    check(args, scale=0.3)
+
+
+def test_not_causal():
+    g = torch.Generator().manual_seed(4)
+    args = testing.random_attention_inputs(2, 11, 1, 16, 5, 0, device=DEVICE, generator=g,
+                                           padding=True)
+    check(args, causal=False)
+
+
+@pytest.mark.parametrize("rel_pos", [False, True])
+def test_key_usage(rel_pos):
+    g = torch.Generator().manual_seed(5)
+    args = testing.random_attention_inputs(2, 13, 3, 16, 10, 18, device=DEVICE, generator=g,
+                                           partial=True, padding=True, rel_pos=rel_pos)
+    check(args, grads=False, usage=True)
+
+
+def test_rows_without_keys_give_zero_output_and_gradient():
+    # sample 0: empty memories and every segment key padded, so no query sees any key
+    g = torch.Generator().manual_seed(6)
+    args = testing.random_attention_inputs(2, 5, 2, 16, 4, 3, device=DEVICE, generator=g,
+                                           requires_grad=True)
+    args["mem_lens"] = torch.tensor([0, 4], device=DEVICE)
+    args["cmem_lens"] = torch.tensor([0, 1], device=DEVICE)
+    pad = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
+    pad[0] = True
+    pad[1, 2] = True
+    args["key_padding_mask"] = pad
+    out, usage = ct_kernels.compressive_attention(**args, backend="triton", return_key_usage=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(usage[0], torch.zeros_like(usage[0]))
+    out.sum().backward()
+    for name in ("q", "k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v"):
+        grad = args[name].grad
+        assert torch.isfinite(grad).all(), name
+        assert torch.equal(grad[0], torch.zeros_like(grad[0])), name
+    check({k: t for k, t in args.items()})
+
+
+def test_strided_inputs_are_read_in_place():
+    # k/v split from one fused projection, memories stored [B, H, S, D] and transposed
+    g = torch.Generator().manual_seed(8)
+    B, n, H, D, m, cm = 2, 9, 2, 16, 6, 5
+    kv = torch.randn(B, n, H, 2 * D, generator=g).to(DEVICE)
+    mem = torch.randn(B, H, m, 2 * D, generator=g).to(DEVICE).transpose(1, 2)
+    cmem = torch.randn(2, B, H, cm, D, generator=g).to(DEVICE).transpose(2, 3)
+    args = dict(q=torch.randn(B, n, H, D, generator=g).to(DEVICE),
+                k=kv[..., :D], v=kv[..., D:], mem_k=mem[..., :D], mem_v=mem[..., D:],
+                cmem_k=cmem[0], cmem_v=cmem[1], mem_lens=torch.tensor([3, 6], device=DEVICE))
+    assert not args["k"].is_contiguous() and not args["mem_k"].is_contiguous()
+    check(args)
+
+
+def test_unsupported_inputs_are_named():
+    q = torch.randn(1, 4, 1, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 24"):
+        ct_kernels.compressive_attention(q, q, q, backend="triton")
+    q64 = q[..., :16].double()
+    with pytest.raises(ValueError, match="dtype"):
+        ct_kernels.compressive_attention(q64, q64, q64, backend="triton")
+    # "auto" falls back to the reference for them
+    out = ct_kernels.compressive_attention(q, q, q)
+    assert torch.allclose(out, reference.compressive_attention(q, q, q))
+
+
+def test_custom_op_registration():
+    g = torch.Generator().manual_seed(9)
+    a = testing.random_attention_inputs(1, 5, 1, 16, 3, 2, device=DEVICE, generator=g,
+                                        rel_pos=True, requires_grad=True)
+    args = (a["q"], a["k"], a["v"], a["mem_k"], a["mem_v"], a["cmem_k"], a["cmem_v"], None, None,
+            None, *a["rel_pos"], True, 0.25)
+    torch.library.opcheck(attention.attention_fwd, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ----------------------------------------------------------------------------- GPU shapes
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,m,cm,D", [
+    (1, 64, 96, 64), (113, 113, 0, 32), (239, 0, 0, 128), (239, 256, 384, 64),
+    (1023, 512, 333, 128), (1023, 0, 1023, 32),
+])
+def test_gpu_shapes(n, m, cm, D, dtype):
+    g = torch.Generator().manual_seed(n + m + cm + D)
+    args = testing.random_attention_inputs(2, n, 3, D, m, cm, dtype=dtype, device="cuda",
+                                           generator=g, partial=True, padding=n > 1)
+    check(args, usage=True)
+
+
+@GPU
+@pytest.mark.parametrize("n,m,cm,D", [(1, 32, 64, 64), (239, 113, 256, 128), (512, 512, 0, 32)])
+def test_gpu_relative_positions(n, m, cm, D):
+    g = torch.Generator().manual_seed(n + D)
+    args = testing.random_attention_inputs(2, n, 2, D, m, cm, dtype=torch.bfloat16,
+                                           device="cuda", generator=g, partial=True,
+                                           rel_pos=True)
+    check(args)
+
+
+@GPU
+def test_gpu_float32():
+    g = torch.Generator().manual_seed(10)
+    args = testing.random_attention_inputs(2, 239, 2, 64, 100, 50, device="cuda", generator=g,
+                                           partial=True, padding=True, rel_pos=True)
+    check(args)
+
+
+@GPU
+def test_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(11)
+    a = testing.random_attention_inputs(2, 129, 2, 64, 64, 32, dtype=torch.bfloat16,
+                                        device="cuda", generator=g, partial=True,
+                                        requires_grad=True)
+
+    def layer(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens):
+        out, usage = ct_kernels.compressive_attention(
+            q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens=mem_lens, cmem_lens=cmem_lens,
+            backend="triton", return_key_usage=True)
+        return (out.float() ** 2).sum(), usage
+
+    compiled = torch.compile(layer, fullgraph=True)
+    names = ("q", "k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v", "mem_lens", "cmem_lens")
+    loss, usage = compiled(*(a[k] for k in names))
+    loss.backward()
+    grads = [a[k].grad.clone() for k in names[:7]]
+    for k in names[:7]:
+        a[k].grad = None
+    eager_loss, eager_usage = layer(*(a[k] for k in names))
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(usage, eager_usage)
+    for k, grad in zip(names, grads):
+        torch.testing.assert_close(grad, a[k].grad, msg=k)
