@@ -1,0 +1,210 @@
+"""Triton compressor losses (ct_kernels/ops/recon_loss.py, autoencoding_loss.py) vs the reference.
+
+Losses follow the error rule of ct_kernels.testing: the kernel's error against the float64
+reference may be at most 2x (gradients 3x) the error of the reference run at the kernel's
+dtype. The upstream gradient is the number of loss elements, so that gradients are O(1)
+and the rule's few-ulp floor does not hide errors. Kernel buffers are NaN-poisoned before
+the kernels write them. Without a GPU the kernels run in Triton's CPU interpreter at small,
+odd sizes; the paper shapes run on the GPU.
+"""
+import pytest
+import torch
+
+import ct_kernels
+from ct_kernels import reference, testing
+from ct_kernels.ops import autoencoding_loss as ae_module
+from ct_kernels.ops import recon_loss as recon_module
+
+pytestmark = pytest.mark.skipif("triton" not in ct_kernels.available_backends(),
+                                reason="Triton backend not available")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter sizes (CPU only)")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    def empty(shape, dtype, device):
+        return testing.poison_(torch.empty(shape, dtype=dtype, device=device))
+    monkeypatch.setattr(recon_module, "_empty", empty)
+    monkeypatch.setattr(ae_module, "_empty", empty)
+
+
+def _randn(*size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*size, generator=g).to(DEVICE)
+
+
+def _recon_inputs(B, n, H, D, ns, rate, seed=0):
+    """float32 q, old_k, old_v, comp_k, comp_v; comp_* are ns // rate slots."""
+    nc = ns // rate
+    sizes = ((B, n, H, D), (B, ns, H, D), (B, ns, H, D), (B, nc, H, D), (B, nc, H, D))
+    return [_randn(*size, seed=seed + i) for i, size in enumerate(sizes)]
+
+
+def _loss_and_grads(fn, tensors, dtype, grad_of):
+    """fn(*tensors) in ``dtype`` and the gradients of the tensors at indices ``grad_of``."""
+    leaves = [t.detach().to(dtype).requires_grad_(i in grad_of) for i, t in enumerate(tensors)]
+    loss = fn(*leaves)
+    upstream = torch.tensor(float(tensors[0].numel()), dtype=dtype, device=loss.device)
+    grads = torch.autograd.grad(loss, [leaves[i] for i in grad_of], upstream)
+    return loss.detach(), grads
+
+
+def check_against_reference(kernel_fn, reference_fn, tensors, dtype, grad_of):
+    loss, grads = _loss_and_grads(kernel_fn, tensors, dtype, grad_of)
+    loss_lowp, grads_lowp = _loss_and_grads(reference_fn, tensors, dtype, grad_of)
+    loss_exact, grads_exact = _loss_and_grads(reference_fn, tensors, torch.float64, grad_of)
+    assert loss.dtype == dtype and loss.shape == ()
+    error, allowed = testing.error_rule(loss, loss_lowp, loss_exact, 2)
+    assert error <= allowed, f"loss: error {error:.3g} > allowed {allowed:.3g}"
+    for index, grad, lowp, exact in zip(grad_of, grads, grads_lowp, grads_exact):
+        assert grad.dtype == dtype and grad.shape == tensors[index].shape
+        error, allowed = testing.error_rule(grad, lowp, exact, 3)
+        assert error <= allowed, f"grad of input {index}: error {error:.3g} > allowed {allowed:.3g}"
+
+
+def triton_recon_loss(q, old_k, old_v, comp_k, comp_v):
+    return ct_kernels.attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v,
+                                                    backend="triton")
+
+
+def check_recon(B, n, H, D, ns, rate, dtype, seed=0):
+    check_against_reference(triton_recon_loss, reference.attention_reconstruction_loss,
+                            _recon_inputs(B, n, H, D, ns, rate, seed), dtype, grad_of=(3, 4))
+
+
+# ------------------------------------------------------------------ attention reconstruction
+@CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,n,H,D,ns,rate", [
+    (1, 1, 1, 16, 4, 2),       # one query
+    (2, 37, 2, 32, 45, 3),     # odd sizes, several heads
+    (1, 130, 1, 16, 140, 2),   # query and key counts past one tile (128 / 64 rows)
+    (1, 9, 2, 24, 10, 5),      # head dim that is no power of two
+])
+def test_recon_loss_interpreter(B, n, H, D, ns, rate, dtype):
+    check_recon(B, n, H, D, ns, rate, dtype)
+
+
+def test_recon_loss_single_compressed_slot():
+    # one compressed key gets all the attention: its key has no effect (gradient 0 up to
+    # the rounding of dP - delta), its value takes the whole gradient
+    tensors = _recon_inputs(1, 3, 1, 16, 3, 3, seed=9)
+    check_against_reference(triton_recon_loss, reference.attention_reconstruction_loss,
+                            tensors, torch.float32, grad_of=(4,))
+    _, (d_comp_k, d_comp_v) = _loss_and_grads(triton_recon_loss, tensors, torch.float32, (3, 4))
+    assert d_comp_k.abs().max() <= 1e-6 * d_comp_v.abs().max() * tensors[0].shape[-1]
+
+
+@CPU
+def test_recon_loss_float16_interpreter():
+    check_recon(2, 19, 1, 32, 21, 3, torch.float16, seed=5)
+
+
+def test_recon_loss_constants_get_no_gradient():
+    q, old_k, old_v, comp_k, comp_v = (t.requires_grad_() for t in _recon_inputs(2, 7, 2, 16, 9, 3))
+    triton_recon_loss(q, old_k, old_v, comp_k, comp_v).backward()
+    assert q.grad is None and old_k.grad is None and old_v.grad is None
+    expected = torch.autograd.grad(
+        reference.attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v), (comp_k, comp_v))
+    for grad, exact in zip((comp_k.grad, comp_v.grad), expected):
+        assert torch.allclose(grad, exact, rtol=1e-4, atol=1e-7)
+
+
+def test_recon_loss_gradient_of_one_compressed_input():
+    check_against_reference(triton_recon_loss, reference.attention_reconstruction_loss,
+                            _recon_inputs(1, 11, 2, 16, 12, 4, seed=3), torch.float32, grad_of=(4,))
+
+
+def test_recon_loss_without_grad_writes_no_outputs(monkeypatch):
+    allocated = []
+    empty = recon_module._empty
+    monkeypatch.setattr(recon_module, "_empty",
+                        lambda shape, dtype, device: allocated.append(shape) or empty(shape, dtype, device))
+    tensors = _recon_inputs(2, 13, 2, 16, 12, 2, seed=7)
+    with torch.no_grad():
+        loss = triton_recon_loss(*tensors)
+    assert allocated == [(2 * 2 * 1,)]  # only the per-program partial sums
+    expected = reference.attention_reconstruction_loss(*(t.double() for t in tensors))
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+
+
+def test_recon_loss_strided_inputs_and_scale():
+    B, n, H, D, nc = 2, 10, 2, 16, 4
+    q_packed = _randn(B, n, 3, H, D, seed=11)  # q is one third of a packed projection
+    old = _randn(B, 8, 2, H, D, seed=12)
+    comp = _randn(B, nc, 2, H, D, seed=13).requires_grad_()
+    q, (old_k, old_v), (comp_k, comp_v) = q_packed[:, :, 1], old.unbind(2), comp.unbind(2)
+    loss = ct_kernels.attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, scale=0.3,
+                                                    backend="triton")
+    (grad,) = torch.autograd.grad(loss, comp)
+    expected = reference.attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, scale=0.3)
+    (expected_grad,) = torch.autograd.grad(expected, comp)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,D,words", [(torch.float64, 16, "dtype torch.float64"),
+                                           (torch.float32, 512, "head dim 512")])
+def test_recon_loss_triton_refuses_with_reason(dtype, D, words):
+    tensors = [t.to(dtype) for t in _recon_inputs(1, 2, 1, D, 2, 2)]
+    with pytest.raises(ValueError, match=words):
+        triton_recon_loss(*tensors)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("B,H,n,ns,rate", [(16, 8, 512, 512, 2), (8, 8, 768, 768, 3)])
+def test_recon_loss_gpu_paper_shapes(B, H, n, ns, rate, D, dtype):
+    check_recon(B, n, H, D, ns, rate, dtype)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recon_loss_gpu_odd_sizes(dtype):
+    check_recon(3, 333, 3, 64, 301, 7, dtype)
+
+
+# ------------------------------------------------------------------ auto-encoding loss
+def _autoencoding_inputs(B, ns, d, rate, d_comp, bias, seed=0):
+    """old [B, ns, d], compressed [B, ns // rate, d_comp], dec_weight, dec_bias (float32)."""
+    tensors = [_randn(B, ns, d, seed=seed), _randn(B, ns // rate, d_comp, seed=seed + 1),
+               _randn(d_comp, d, rate, seed=seed + 2) * d_comp ** -0.5]
+    return tensors + [_randn(d, seed=seed + 3)] if bias else tensors
+
+
+def triton_autoencoding_loss(*tensors):
+    return ct_kernels.autoencoding_loss(*tensors, backend="triton")
+
+
+def check_autoencoding(B, ns, d, rate, d_comp, bias, dtype, seed=0):
+    tensors = _autoencoding_inputs(B, ns, d, rate, d_comp, bias, seed)
+    check_against_reference(triton_autoencoding_loss, reference.autoencoding_loss, tensors,
+                            dtype, grad_of=tuple(range(1, len(tensors))))
+
+
+@CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,ns,d,rate,d_comp,bias", [
+    (1, 3, 16, 3, 8, True),       # a single compressed slot
+    (2, 12, 20, 3, 24, False),    # odd widths, no bias
+    (3, 200, 48, 2, 40, True),    # rows and depth past one tile (128 rows, 32/64 deep)
+])
+def test_autoencoding_loss_interpreter(B, ns, d, rate, d_comp, bias, dtype):
+    check_autoencoding(B, ns, d, rate, d_comp, bias, dtype)
+
+
+def test_autoencoding_loss_old_gets_no_gradient():
+    old, compressed, weight, bias = (t.requires_grad_() for t in
+                                     _autoencoding_inputs(2, 6, 16, 2, 8, True, seed=4))
+    triton_autoencoding_loss(old, compressed, weight, bias).backward()
+    assert old.grad is None
+    assert compressed.grad is not None and weight.grad is not None and bias.grad is not None
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_autoencoding_loss_gpu(dtype):
+    check_autoencoding(8, 768, 1024, 3, 1024, True, dtype)
