@@ -2,8 +2,8 @@
 
 Losses follow the error rule of ct_kernels.testing: the kernel's error against the float64
 reference may be at most 2x (gradients 3x) the error of the reference run at the kernel's
-dtype. The upstream gradient is the number of loss elements, so that gradients are O(1)
-and the rule's few-ulp floor does not hide errors. Kernel buffers are NaN-poisoned before
+dtype. The upstream gradient is the number of loss elements (float16: at most 2**14), so
+that gradients are O(1) and the rule's few-ulp floor does not hide errors. Kernel buffers are NaN-poisoned before
 the kernels write them. Without a GPU the kernels run in Triton's CPU interpreter at small,
 odd sizes; the paper shapes run on the GPU.
 """
@@ -46,7 +46,9 @@ def _loss_and_grads(fn, tensors, dtype, grad_of):
     """fn(*tensors) in ``dtype`` and the gradients of the tensors at indices ``grad_of``."""
     leaves = [t.detach().to(dtype).requires_grad_(i in grad_of) for i, t in enumerate(tensors)]
     loss = fn(*leaves)
-    upstream = torch.tensor(float(tensors[0].numel()), dtype=dtype, device=loss.device)
+    # upstream gradient ~ numel makes the gradients O(1); float16 stops at 2**14 (max 65504)
+    upstream = float(tensors[0].numel()) if dtype != torch.float16 else min(tensors[0].numel(), 2.0 ** 14)
+    upstream = torch.tensor(upstream, dtype=dtype, device=loss.device)
     grads = torch.autograd.grad(loss, [leaves[i] for i in grad_of], upstream)
     return loss.detach(), grads
 

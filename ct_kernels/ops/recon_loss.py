@@ -221,12 +221,13 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward):
-    """(loss, diff, lse, delta); the last three are None unless save_for_backward."""
+def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward, config=None):
+    """(loss, diff, lse, delta); the last three are None unless save_for_backward.
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages), default ``_fwd_config``."""
     B, n, H, D = q.shape
     ns, nc = old_k.shape[1], comp_k.shape[1]
     block_d = _block_d(D)
-    block_m, block_n, num_warps, num_stages = _fwd_config(block_d, q.dtype)
+    block_m, block_n, num_warps, num_stages = config or _fwd_config(block_d, q.dtype)
     grid = (triton.cdiv(n, block_m), B * H)
     partial = _empty((B * H * grid[0],), torch.float32, q.device)
     if save_for_backward:
@@ -253,12 +254,12 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
     return loss, diff, lse, delta
 
 
-def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale):
-    """(d comp_k, d comp_v) in the layout of comp_k."""
+def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, config=None):
+    """(d comp_k, d comp_v) in the layout of comp_k. config as ``_bwd_config`` returns."""
     B, n, H, D = q.shape
     nc = comp_k.shape[1]
     block_d = _block_d(D)
-    block_m, block_n, num_warps, num_stages = _bwd_config(block_d, q.dtype)
+    block_m, block_n, num_warps, num_stages = config or _bwd_config(block_d, q.dtype)
     d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
     d_comp_v = _empty(comp_k.shape, comp_k.dtype, q.device)
     grid = (triton.cdiv(nc, block_n), B * H)
