@@ -5,7 +5,9 @@ import torch
 
 import ct_kernels._C  # noqa: F401
 
-ops = sorted(name for name in dir(torch.ops.ct_kernels) if not name.startswith("_"))
+# ask the dispatcher: dir(torch.ops.ct_kernels) lists only ops already looked up from Python
+ops = sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+             if name.startswith("ct_kernels::"))
 registered = [name for name in ops if hasattr(getattr(torch.ops.ct_kernels, name), "default")]
 print("ct_kernels._C ops:", registered)
 sys.exit(0 if registered else 1)

@@ -3,3 +3,4 @@ registration with ``ct_kernels.dispatch``; tests live beside them in tests/."""
 from ct_kernels.ops import attention  # noqa: F401
 from ct_kernels.ops import recon_loss  # noqa: F401
 from ct_kernels.ops import autoencoding_loss  # noqa: F401
+from ct_kernels.ops import compress  # noqa: F401
