@@ -4,3 +4,4 @@ from ct_kernels.ops import attention  # noqa: F401
 from ct_kernels.ops import recon_loss  # noqa: F401
 from ct_kernels.ops import autoencoding_loss  # noqa: F401
 from ct_kernels.ops import compress  # noqa: F401
+from ct_kernels.ops import decode_attention  # noqa: F401
