@@ -14,9 +14,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if CUDA else [torch.float32, torch.bfloat16]
 # (B, ns, d, rate): odd d (scalar path), rate 1, ns = rate, and the vector path
-SHAPES = [(2, 12, 40, 3), (3, 10, 37, 5), (1, 4, 16, 1), (2, 8, 24, 8)]
-if CUDA:
-    SHAPES += [(16, 512, 1024, 2), (8, 768, 1024, 3), (3, 90, 1000, 6)]
+SHAPES = [(2, 12, 40, 3), (3, 10, 37, 5)] + (
+    [(16, 512, 1024, 2), (8, 768, 1024, 3), (3, 90, 1000, 6)] if CUDA
+    else [(1, 4, 16, 1), (2, 8, 24, 8)])
 
 
 def _backends():

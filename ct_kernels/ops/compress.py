@@ -6,7 +6,7 @@ Which backend serves which ``compress`` method:
 |---|---|---|
 | mean, max | CUDA kernels (csrc/compress.cu), 16-byte accesses | Triton kernels below |
 | conv | one cuBLAS GEMM ``x.view(B*T, rate*d) @ W`` (W permuted once per weight version) | same |
-| dilated_conv | ``rate`` cuBLAS GEMMs over strided row views of x (no padding, no im2col) | same |
+| dilated_conv | the overlapping windows gathered once, then conv's GEMM | same |
 | most_used | reference (top-k + sort + gather already is the minimal work) | reference |
 
 Pooling reads [B, ns, d] in place (any batch/row strides, contiguous d); backward recomputes
@@ -20,6 +20,7 @@ conv the GEMM writes straight into the freed tail of cmem between the cmem and m
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
@@ -205,25 +206,15 @@ class _ConvGemm(torch.autograd.Function):
 
 
 def dilated_conv(x, rate, weight, bias, dilation):
-    """reference.compress's dilated_conv as ``rate`` GEMMs, one per kernel tap k, each over
-    the strided view of the rows that tap reads (slot t reads row t*rate + offset_k; taps
-    before row 0 contribute zeros, so their GEMM starts at the first slot with a real row)."""
+    """reference.compress's dilated_conv through conv's GEMM: with (rate-1)*(dilation-1) zero
+    rows in front of x, slot t's taps are rows t*rate + k*dilation. The windows overlap, so
+    they are gathered once (one copy of x's size, in tap order) for a single GEMM that
+    accumulates all taps in fp32 and rounds once, as a convolution does."""
     B, ns, d = x.shape
-    T = ns // rate
-    taps = weight.permute(2, 1, 0)  # [rate, d, d_out]: tap k is taps[k]
-    out = None
-    for k in reversed(range(rate)):  # the last tap (offset rate-1 >= 0) covers every slot
-        offset = rate - 1 - (rate - 1 - k) * dilation
-        first = 0 if offset >= 0 else -(offset // rate)  # first slot whose row is >= 0
-        if first >= T:
-            continue
-        rows = x[:, first * rate + offset::rate][:, : T - first]
-        term = rows @ taps[k]
-        if out is None:
-            out = term if bias is None else term + bias
-        else:
-            out[:, first:] += term
-    return out
+    span = (rate - 1) * dilation + 1
+    padded = F.pad(x, (0, 0, span - rate, 0))
+    windows = padded.unfold(1, span, rate)[..., ::dilation]  # [B, T, d, rate]
+    return _ConvGemm.apply(windows.transpose(2, 3).reshape(B, ns, d), weight, bias, rate)
 
 
 # ---------------------------------------------------------------------------- registration
