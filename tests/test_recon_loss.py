@@ -148,7 +148,7 @@ def test_recon_loss_strided_inputs_and_scale():
 
 
 @pytest.mark.parametrize("dtype,D,words", [(torch.float64, 16, "dtype torch.float64"),
-                                           (torch.float32, 512, "head dim 512")])
+                                           (torch.float32, 160, "head dim 160")])
 def test_recon_loss_triton_refuses_with_reason(dtype, D, words):
     tensors = [t.to(dtype) for t in _recon_inputs(1, 2, 1, D, 2, 2)]
     with pytest.raises(ValueError, match=words):
