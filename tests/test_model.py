@@ -1,0 +1,214 @@
+"""The model layer: shapes, memories, stop-gradients, positions, cached generation."""
+import dataclasses
+
+import pytest
+import torch
+
+from compressive_transformer import CompressiveTransformer, ModelConfig
+from compressive_transformer.generate import DecodeState, generate, sample
+
+# backend="reference": tests/conftest.py turns on the Triton interpreter on CPU, which the
+# kernels' own tests use; the model's tests check the model, at the reference's speed.
+TINY = dict(vocab_size=32, dim=32, layers=2, heads=4, seg_len=8, mem_len=8, cmem_len=4, rate=2,
+            dropout=0.0, backend="reference")
+VARIANTS = {
+    "conv-attention": dict(compress_method="conv", compress_loss="attention"),
+    "dilated-autoencoding": dict(compress_method="dilated_conv", compress_loss="autoencoding"),
+    "mean": dict(compress_method="mean", compress_loss="none"),
+    "max": dict(compress_method="max", compress_loss="none"),
+    "most-used": dict(compress_method="most_used", compress_loss="none"),
+    "transformer-xl": dict(cmem_len=0, compress_method="mean", compress_loss="none"),
+    "pre-ln": dict(pre_ln=True),
+    "memory-on-layer-1": dict(memory_layers=(1,)),
+    "mem-shorter-than-segment": dict(mem_len=4, cmem_len=6),
+}
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return CompressiveTransformer(ModelConfig(**{**TINY, **overrides}))
+
+
+def tokens(B, n, seed=1, vocab=32):
+    return torch.randint(0, vocab, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_forward_backward_and_memory_lengths(variant):
+    model = make_model(**VARIANTS[variant])
+    c = model.config
+    memories = None
+    for step in range(3):
+        logits, memories, aux = model(tokens(3, c.seg_len, seed=step), memories)
+        assert logits.shape == (3, c.seg_len, c.vocab_size) and aux.dim() == 0
+        (logits.logsumexp(-1).mean() + aux).backward()
+    for i, memory in enumerate(memories.layers):
+        if not c.has_memory(i):
+            assert memory is None
+            continue
+        assert memory.mem_lens.tolist() == [min(c.mem_len, 3 * c.seg_len)] * 3
+        evicted = max(0, 3 * c.seg_len - c.mem_len)
+        assert memory.cmem_lens.tolist() == [min(c.cmem_len, evicted // c.rate)] * 3
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_memory_holds_the_attention_inputs():
+    """Post-LN: a layer's memory stores its input h; pre-LN: LN(h)."""
+    for pre_ln in (False, True):
+        model = make_model(pre_ln=pre_ln, cmem_len=0, compress_method="mean", compress_loss="none")
+        x = tokens(2, 8)
+        inputs = []
+        hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+                 for layer in model.layers]
+        _, memories, _ = model(x)
+        for hook in hooks:
+            hook.remove()
+        for layer, h, memory in zip(model.layers, inputs, memories.layers):
+            torch.testing.assert_close(memory.mem, layer.attention_input(h).detach())
+
+
+def test_first_segment_equals_a_model_without_memory():
+    """Empty memories are fully masked and positions count from the segment's own keys."""
+    with_memory = make_model()
+    without = make_model(mem_len=0, cmem_len=0, compress_method="mean", compress_loss="none")
+    without.load_state_dict(with_memory.state_dict(), strict=False)
+    x = tokens(2, 8)
+    torch.testing.assert_close(with_memory(x)[0], without(x)[0])
+
+
+@pytest.mark.parametrize("sizes", [dict(), dict(mem_len=0, cmem_len=0, compress_method="mean",
+                                                 compress_loss="none")])
+def test_memories_carry_context_across_segments(sizes):
+    model = make_model(**sizes)
+    first_a, first_b, second = tokens(2, 8, seed=1), tokens(2, 8, seed=2), tokens(2, 8, seed=3)
+    _, mem_a, _ = model(first_a)
+    _, mem_b, _ = model(first_b)
+    out_a, out_b = model(second, mem_a)[0], model(second, mem_b)[0]
+    has_memory = model.config.mem_len > 0
+    assert (out_a - out_b).abs().max().item() > 1e-4 if has_memory else torch.equal(out_a, out_b)
+
+
+def test_stop_gradients():
+    """Memories are constants; the compressor learns only from its loss, which trains
+    nothing else."""
+    model = make_model()
+    _, memories, _ = model(tokens(2, 8, seed=1))
+    _, memories, _ = model(tokens(2, 8, seed=2), memories)
+    assert not any(m.mem.requires_grad or m.cmem.requires_grad for m in memories.layers)
+    logits, memories, aux = model(tokens(2, 8, seed=3), memories)
+    compressor = {id(p) for layer in model.layers for p in layer.compressor.parameters()}
+    aux.backward(retain_graph=True)
+    for p in model.parameters():
+        touched = p.grad is not None and p.grad.abs().sum() > 0
+        assert touched == (id(p) in compressor)
+    model.zero_grad(set_to_none=True)
+    logits.logsumexp(-1).mean().backward()
+    for layer in model.layers:
+        assert all(p.grad is None for p in layer.compressor.parameters())
+    assert model.layers[0].kv_proj.weight.grad.abs().sum() > 0
+
+
+def test_compressor_loss_waits_for_full_memories():
+    model = make_model(mem_len=16)
+    losses = []
+    memories = None
+    for step in range(3):
+        _, memories, aux = model(tokens(2, 8, seed=step), memories)
+        losses.append(aux.item())
+    assert losses[0] == 0 and losses[1] == 0 and losses[2] > 0  # full after 2 segments
+
+
+def test_reset_empties_chosen_samples():
+    model = make_model()
+    _, memories, _ = model(tokens(3, 8))
+    memories.reset(torch.tensor([True, False, True]))
+    assert memories.layers[0].mem_lens.tolist() == [0, 8, 0]
+    fresh = model(tokens(1, 8, seed=5))[0]
+    again = model(tokens(3, 8, seed=5)[:1].repeat(3, 1), memories)[0]
+    torch.testing.assert_close(again[0], fresh[0])
+    torch.testing.assert_close(again[2], fresh[0])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_generation_matches_the_segment_forward(variant):
+    """Feeding tokens in chunks of any size through the K/V caches gives the logits of the
+    segment-by-segment forward (3.5 segments: memories and compressed memories roll over)."""
+    model = make_model(**VARIANTS[variant]).eval()
+    n = model.config.seg_len
+    text = tokens(2, 3 * n + n // 2)
+    expected, memories = [], None
+    for start in range(0, text.shape[1], n):
+        logits, memories, _ = model(text[:, start:start + n], memories)
+        expected.append(logits)
+    expected = torch.cat(expected, dim=1)
+    state = DecodeState(model, 2, "cpu")
+    got, start = [], 0
+    for size in (1, 3, 2, 7, 1, 1, 5, 6, 2):
+        got.append(state.feed(text[:, start:start + size]))
+        start += size
+    torch.testing.assert_close(torch.cat(got, dim=1), expected[:, :start], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_reuses_memory_keys_between_segments():
+    """Memory K/V are projected once: per token, kv_proj sees only the new token's rows,
+    and at a segment's end only the new compressed slots."""
+    model = make_model().eval()
+    rows = []
+    for layer in model.layers:
+        layer.kv_proj.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
+    state = DecodeState(model, 1, "cpu")
+    for _ in range(2 * model.config.seg_len):
+        state.feed(tokens(1, 1))
+    n, rate = model.config.seg_len, model.config.rate
+    assert set(rows) == {1, n // rate}
+    assert rows.count(n // rate) == 2 * len(model.layers)
+
+
+def test_generate_and_sample():
+    model = make_model().eval()
+    out, tokens_per_s = generate(model, tokens(2, 5), 20, temperature=1.0, top_k=5,
+                                 generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 20) and out.dtype == torch.int64 and tokens_per_s > 0
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    assert sample(logits, temperature=0).tolist() == [1, 0]
+    picks = {sample(logits, top_k=1).tolist()[0] for _ in range(5)}
+    assert picks == {1}
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="length"):
+        generate(model, tokens(1, 2), 0)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(dim=30), ValueError, "heads"),
+    (dict(compress_method="pool"), ValueError, "compress_method"),
+    (dict(compress_method="conv", compress_loss="none"), ValueError, "compress_loss"),
+    (dict(compress_method="mean", compress_loss="attention"), ValueError, "compress_loss"),
+    (dict(seg_len=7), ValueError, "rate"),
+    (dict(mem_len=-1), ValueError, "mem_len"),
+    (dict(memory_layers=(2,)), ValueError, "memory_layers"),
+    (dict(dropout=1.0), ValueError, "dropout"),
+])
+def test_bad_configuration(bad, error, match):
+    with pytest.raises(error, match=match):
+        ModelConfig(**{**TINY, **bad})
+
+
+def test_bad_inputs():
+    model = make_model()
+    with pytest.raises(TypeError, match="tokens"):
+        model(torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="tokens"):
+        model(torch.zeros(8, dtype=torch.long))
+    _, memories, _ = model(tokens(2, 8))
+    with pytest.raises(ValueError, match="batch"):
+        model(tokens(3, 8), memories)
+    with pytest.raises(TypeError, match="memories"):
+        model(tokens(2, 8), (None, None))
+    with pytest.raises(ValueError, match="rate"):
+        model(tokens(2, 7))
+
+
+def test_config_round_trips_through_a_dict():
+    config = ModelConfig(**{**TINY, "memory_layers": [0]})
+    assert ModelConfig(**dataclasses.asdict(config)) == config
