@@ -87,7 +87,7 @@ def _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
     rows = query_pos0 - key_pos0 - (BLOCK_N - 1) + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     in_r = (rows >= 0) & (rows < R_rows)
-    r_t = tl.load(R_h + rows[None, :].to(tl.int64) * sr_n + offs_d[:, None],
+    r_t = tl.load(R_h + rows[None, :] * sr_n + offs_d[:, None],
                   mask=in_r[None, :], other=0.0)
     return r_t, rows, in_r
 
@@ -127,7 +127,7 @@ def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
     whether the tile needs masking for it (partial memory, source tail, padding)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     in_src = offs_n < size
-    kt = tl.load(Kp + offs_n[None, :].to(tl.int64) * sk_n + tl.arange(0, BLOCK_D)[:, None],
+    kt = tl.load(Kp + offs_n[None, :] * sk_n + tl.arange(0, BLOCK_D)[:, None],
                  mask=in_src[None, :], other=0.0)
     key_ok = in_src & (offs_n >= valid_lo)
     partial = (start < valid_lo) | (start + BLOCK_N > size)
@@ -162,7 +162,7 @@ def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, 
         p = tl.math.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         offs_n = start + tl.arange(0, BLOCK_N)
-        v = tl.load(Vp + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :],
+        v = tl.load(Vp + offs_n[:, None] * sv_n + offs_d[None, :],
                     mask=(offs_n < size)[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
@@ -249,7 +249,7 @@ def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad
                     BLOCK_R, PRECISION)
         p = tl.math.exp2(s - lse[:, None])
         offs_n = start + tl.arange(0, BLOCK_N)
-        vt = tl.load(Vp + offs_n[None, :].to(tl.int64) * sv_n + offs_d[:, None],
+        vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
                      mask=(offs_n < size)[None, :], other=0.0)
         dp = _dot(do, vt, PRECISION)
         # gradient of the unscaled score q.k (+ position term)
@@ -265,7 +265,7 @@ def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad
                                              BLOCK_N, BLOCK_D, BLOCK_R)
             dq_p += _dot(dband, tl.trans(r_t), PRECISION)
             dr = _dot(tl.trans(dband), q_p, PRECISION)  # [BLOCK_R, D]
-            tl.atomic_add(DR_h + rows[:, None].to(tl.int64) * D + offs_d[None, :], dr,
+            tl.atomic_add(DR_h + rows[:, None] * D + offs_d[None, :], dr,
                           mask=in_r[:, None], sem="relaxed")
     return dq, dq_p
 
@@ -358,7 +358,7 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
     kt, key_ok, partial = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
                                     HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
     if not USAGE:
-        vt = tl.load(Vp + offs_n[None, :].to(tl.int64) * sv_n + offs_d[:, None],
+        vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
                      mask=in_src[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -396,7 +396,7 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
     else:
-        tile = offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
+        tile = offs_n[:, None] * row_stride + offs_d[None, :]
         tl.store(DKp + tile, dk.to(DKp.dtype.element_ty), mask=in_src[:, None])
         tl.store(DVp + tile, dv.to(DVp.dtype.element_ty), mask=in_src[:, None])
 
@@ -490,6 +490,9 @@ class _Call:
         self.cm = 0 if cmem_k is None else cmem_k.shape[1]
         present = lambda t: _last_dim_contiguous(t) if t is not None and t.numel() else None  # noqa: E731
         sources = [present(t) for t in (k, v, mem_k, mem_v, cmem_k, cmem_v)]
+        if any(t is not None and t.shape[1] * t.stride(1) >= 2**31 for t in sources):
+            raise ValueError("a key/value tensor spans 2**31 elements or more along its "
+                             "sequence dimension (per batch and head); split the batch")
         self.sources = [self.q if t is None else t for t in sources]
         self.source_strides = [s for t in sources for s in _strides(t)]
         lens = lambda t: self.q if t is None else t.to(torch.int32).contiguous()  # noqa: E731

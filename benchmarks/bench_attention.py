@@ -1,0 +1,151 @@
+"""Compressive attention: ct_triton vs naive einsum, SDPA flash and compiled FlexAttention.
+
+Rows (benchmarks/results/attention.csv):
+  op ``attention``: the four DESIGN.md section 3 shapes, providers ct_triton, naive
+      (reference einsum), sdpa_flash (flash backend, causal_lower_right on concatenated
+      K/V), flex (compiled flex_attention with a bottom-right causal block mask).
+  op ``relpos_attention``: Transformer-XL relative positions on pg19-like and enwik8-like,
+      providers ct_triton, naive (reference gather), flex (position scores materialized as
+      [B, H, n, L] and added in score_mod), sdpa_bias (a float bias [B, H, n, L]).
+Modes fwd (no grad) and fwd+bwd (gradients for q, k, v, both memories and r, u, v).
+FLOPs = 4 B H D (n (m + cm) + n (n + 1) / 2), x3.5 for fwd+bwd (QK and PV only).
+Peers get the concatenated K/V: the torch.cat is part of their time, as for a user.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import ct_kernels
+from benchmarks import harness
+from ct_kernels import reference, testing
+
+# name -> (B, H, n, m, cm, D)
+SHAPES = {
+    "pg19-like": (16, 8, 512, 512, 1024, 128),
+    "enwik8-like": (8, 8, 768, 768, 1152, 128),
+    "d64": (16, 16, 512, 512, 1024, 64),
+    "long": (4, 8, 2048, 2048, 4096, 128),
+}
+RELPOS_SHAPES = ("pg19-like", "enwik8-like")
+CPU_SHAPES = {"cpu-small": (1, 2, 24, 16, 32, 16)}
+CSV = "attention.csv"
+
+
+def attention_flops(B, H, n, m, cm, D):
+    return 4 * B * H * D * (n * (m + cm) + n * (n + 1) / 2)
+
+
+def make_inputs(shape, dtype, device, rel_pos):
+    B, H, n, m, cm, D = shape
+    args = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=dtype, device=device,
+                                           rel_pos=rel_pos, extra_rows=0, requires_grad=True)
+    return args
+
+
+def _concatenated(args):
+    """[B, H, L, D] keys and values as a user would build them for SDPA / FlexAttention."""
+    keys = [args[k] for k in ("cmem_k", "mem_k", "k") if k in args]
+    values = [args[k] for k in ("cmem_v", "mem_v", "v") if k in args]
+    return torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1).transpose(1, 2)
+
+
+def providers(args, rel_pos, device):
+    """name -> forward callable returning [B, n, H, D]."""
+    q = args["q"]
+    B, n, H, D = q.shape
+    L = n + sum(args[k].shape[1] for k in ("mem_k", "cmem_k") if k in args)
+    scale = D ** -0.5
+    fns = {
+        "ct_triton": lambda: ct_kernels.compressive_attention(**args, backend="triton"),
+        "naive": lambda: reference.compressive_attention(**args),
+    }
+    if device != "cuda":
+        return fns
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = create_block_mask(lambda b, h, i, j: j <= i + (L - n), None, None, n, L,
+                                   device=device)
+    if not rel_pos:
+        def sdpa_flash():
+            keys, values = _concatenated(args)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                                     attn_mask=causal_lower_right(n, L))
+            return out.transpose(1, 2)
+
+        def flex_masked():
+            keys, values = _concatenated(args)
+            return flex(q.transpose(1, 2), keys, values, block_mask=block_mask).transpose(1, 2)
+
+        fns.update(sdpa_flash=sdpa_flash, flex=flex_masked)
+        return fns
+
+    r, u, v_bias = args["rel_pos"]
+
+    def position_scores():  # the [B, H, n, L] matrix a user materializes
+        return reference.relative_position_scores(q + v_bias, r, n, L) * scale
+
+    def flex_positions():
+        keys, values = _concatenated(args)
+        pos = position_scores()
+
+        def add_position(score, b, h, i, j):
+            return score + pos[b, h, i, j]
+        return flex((q + u).transpose(1, 2), keys, values, score_mod=add_position,
+                     block_mask=block_mask).transpose(1, 2)
+
+    def sdpa_bias():
+        keys, values = _concatenated(args)
+        causal = torch.ones(n, L, dtype=torch.bool, device=device).tril(L - n)
+        bias = position_scores().masked_fill(~causal, float("-inf"))
+        out = F.scaled_dot_product_attention((q + u).transpose(1, 2), keys, values,
+                                             attn_mask=bias)
+        return out.transpose(1, 2)
+
+    fns.update(flex=flex_positions, sdpa_bias=sdpa_bias)
+    return fns
+
+
+def cases(shapes, dtype, device, rel_pos):
+    """(shape name, provider, mode, callable, flops) for every benchmark case."""
+    for name, shape in shapes.items():
+        args = make_inputs(shape, dtype, device, rel_pos)
+        grad = torch.randn_like(args["q"])
+        flops = attention_flops(*shape)
+        for provider, fwd in providers(args, rel_pos, device).items():
+            def forward(fwd=fwd):
+                with torch.no_grad():
+                    return fwd()
+
+            def forward_backward(fwd=fwd):
+                fwd().backward(grad)
+            yield name, provider, "fwd", forward, flops
+            yield name, provider, "fwd+bwd", forward_backward, 3.5 * flops
+
+
+def run():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = SHAPES if device == "cuda" else CPU_SHAPES
+    rows = []
+    for op, rel_pos, names in (("attention", False, shapes),
+                               ("relpos_attention", True,
+                                {k: v for k, v in shapes.items() if k in RELPOS_SHAPES or device != "cuda"})):
+        for name, provider, mode, fn, flops in cases(names, torch.bfloat16, device, rel_pos):
+            try:
+                rows.append(harness.measure(op, name, provider, mode, fn, flops=flops))
+                harness.append_rows(rows[-1:], CSV)  # row by row: a cut-short run keeps its rows
+            except Exception as error:  # e.g. out of memory, unsupported by a peer
+                harness.failed_row(op, name, provider, mode, error)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for op in ("attention", "relpos_attention"):
+        harness.plot(rows, op, filename=f"{op}.png")
+    return rows
+
+
+if __name__ == "__main__":
+    run()
