@@ -432,8 +432,13 @@ void launch_decode(DecodeParams& p, int num_splits, const at::Tensor& q) {
   const int max_keys = p.src[0].size + p.src[1].size + p.n;
   const int work = p.batch * p.heads * p.query_chunks;
   if (num_splits == 0) {
-    int blocks_per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, 0));
+    // asked once per instantiation (the answer depends only on the kernel and the sm_90
+    // target), so later calls, e.g. under CUDA graph capture, make no occupancy query
+    static const int blocks_per_sm = [kernel] {
+      int blocks = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+      return blocks;
+    }();
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     num_splits = choose_num_splits(work, max_keys, kKeysPerStep, std::max(1, blocks_per_sm) * sms);
   }
