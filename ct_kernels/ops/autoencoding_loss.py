@@ -102,7 +102,7 @@ class AutoencodingLossFunction(torch.autograd.Function):
         save = any(ctx.needs_input_grad[1:])
 
         block_m, block_n, block_k, num_warps, num_stages = _config(old.dtype)
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        grid = (-(-M // block_m), -(-N // block_n))
         partial = _empty((grid[0] * grid[1],), torch.float32, old.device)
         resid = _empty((M, N), old.dtype, old.device) if save else old_mat
         _autoencoding_loss_fwd_kernel[grid](

@@ -75,10 +75,10 @@ def _online_softmax_attention(q, K, V, stride_kn, stride_vn, n_keys, qk_scale,
 @triton.jit
 def _recon_loss_fwd_kernel(
     Q, OLD_K, OLD_V, COMP_K, COMP_V, PARTIAL, DIFF, LSE, DELTA,
-    stride_qb, stride_qn, stride_qh, stride_db, stride_dn, stride_dh,
+    stride_qb, stride_qn, stride_qh,
     stride_okb, stride_okn, stride_okh, stride_ovb, stride_ovn, stride_ovh,
     stride_ckb, stride_ckn, stride_ckh, stride_cvb, stride_cvn, stride_cvh,
-    H, n, ns, nc, qk_scale,
+    H, n, ns, nc, qk_scale, inv_numel,
     HEAD_DIM: tl.constexpr, SAVE_FOR_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -106,13 +106,14 @@ def _recon_loss_fwd_kernel(
         stride_ckn, stride_cvn, nc, qk_scale, offs_d, d_valid,
         DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
 
-    # squared difference of the tile, summed into this program's partial
+    # squared difference of the tile, summed into this program's share of the mean
     diff = tl.where(tile_mask, out_old - out_comp, 0.0)
-    tl.store(PARTIAL + pid_bh * tl.num_programs(0) + pid_m, tl.sum(tl.sum(diff * diff, 1), 0))
+    tl.store(PARTIAL + pid_bh * tl.num_programs(0) + pid_m,
+             tl.sum(tl.sum(diff * diff, 1), 0) * inv_numel)
 
     if SAVE_FOR_BACKWARD:
-        # diff is [B, n, H, D]; lse and delta are [B, H, n]
-        diff_ptrs = DIFF + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :]
+        # diff is contiguous [B, n, H, D]; lse and delta are [B, H, n]
+        diff_ptrs = (DIFF + ((b * n + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :])
         diff_stored = diff.to(DIFF.dtype.element_ty)
         tl.store(diff_ptrs, diff_stored, mask=tile_mask)
         row = pid_bh * n + offs_m
@@ -123,9 +124,8 @@ def _recon_loss_fwd_kernel(
 @triton.jit
 def _recon_loss_bwd_kernel(
     Q, COMP_K, COMP_V, DIFF, LSE, DELTA, GRAD_LOSS, D_COMP_K, D_COMP_V,
-    stride_qb, stride_qn, stride_qh, stride_db, stride_dn, stride_dh,
+    stride_qb, stride_qn, stride_qh,
     stride_ckb, stride_ckn, stride_ckh, stride_cvb, stride_cvn, stride_cvh,
-    stride_dkb, stride_dkn, stride_dkh,
     H, n, nc, qk_scale, sm_scale, inv_numel,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -149,14 +149,14 @@ def _recon_loss_bwd_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     q_base = Q + b * stride_qb + h * stride_qh
-    diff_base = DIFF + b * stride_db + h * stride_dh
+    diff_base = DIFF + (b * n * H + h) * HEAD_DIM  # contiguous [B, n, H, D]
     for start in range(0, n, BLOCK_M):
         offs_m = start + offs_m0
         row_valid = offs_m < n
         tile_mask = row_valid[:, None] & d_valid[None, :]
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
                     mask=tile_mask, other=0.0)
-        diff = tl.load(diff_base + offs_m[:, None] * stride_dn + offs_d[None, :],
+        diff = tl.load(diff_base + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :],
                        mask=tile_mask, other=0.0)
         # rows past the end get lse = +inf, hence probability 0
         lse = tl.load(LSE + pid_bh * n + offs_m, mask=row_valid, other=float("inf"))
@@ -173,7 +173,8 @@ def _recon_loss_bwd_kernel(
 
     # dO = -2 g diff / numel
     coef = -2.0 * tl.load(GRAD_LOSS).to(tl.float32) * inv_numel
-    out_offs = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    # the gradients are contiguous [B, nc, H, D]
+    out_offs = ((b * nc + offs_n[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     tl.store(D_COMP_K + out_offs, (dk * (coef * sm_scale)).to(D_COMP_K.dtype.element_ty), mask=kv_mask)
     tl.store(D_COMP_V + out_offs, (dv * coef).to(D_COMP_V.dtype.element_ty), mask=kv_mask)
 
@@ -184,7 +185,8 @@ def _unit_last_stride(t):
 
 
 def _block_d(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
+    """Head dim padded to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def _dot_precision(dtype):
@@ -195,12 +197,13 @@ def _dot_precision(dtype):
 
 
 MAX_HEAD_DIM = 128
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen to fit sm_90 registers without spills
-# in the loops (ptxas -v); float32 tiles take twice the registers and shared memory. The
-# forward holds two fp32 [BLOCK_M, D] tiles (O_old while O_comp accumulates): at D = 128
-# part of O_old spills, once per program.
-FWD_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 2)}
-BWD_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 8, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). D = 128: the fastest of the configurations timed
+# on the H200 by benchmarks/bench_recon_loss.py:sweep (benchmarks/NOTES.md); smaller head
+# dims: chosen to fit sm_90 registers without spills (ptxas -v). The forward holds two fp32
+# [BLOCK_M, D] tiles (O_old while O_comp accumulates). float32 tiles take twice the
+# registers and shared memory.
+FWD_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
+BWD_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 128, 8, 2)}
 FP32_FWD_CONFIG = (16, 32, 8, 2)
 FP32_BWD_CONFIG = (32, 32, 8, 2)
 
@@ -223,10 +226,9 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
     """(loss, diff, lse, delta); the last three are None unless save_for_backward.
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages), default ``_fwd_config``."""
     B, n, H, D = q.shape
-    ns, nc = old_k.shape[1], comp_k.shape[1]
     block_d = _block_d(D)
     block_m, block_n, num_warps, num_stages = config or _fwd_config(block_d, q.dtype)
-    grid = (triton.cdiv(n, block_m), B * H)
+    grid = (-(-n // block_m), B * H)
     partial = _empty((B * H * grid[0],), torch.float32, q.device)
     if save_for_backward:
         diff = _empty(q.shape, q.dtype, q.device)
@@ -236,37 +238,30 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
         diff, lse, delta = q, partial, partial
     _recon_loss_fwd_kernel[grid](
         q, old_k, old_v, comp_k, comp_v, partial, diff, lse, delta,
-        q.stride(0), q.stride(1), q.stride(2), diff.stride(0), diff.stride(1), diff.stride(2),
-        old_k.stride(0), old_k.stride(1), old_k.stride(2),
-        old_v.stride(0), old_v.stride(1), old_v.stride(2),
-        comp_k.stride(0), comp_k.stride(1), comp_k.stride(2),
-        comp_v.stride(0), comp_v.stride(1), comp_v.stride(2),
-        H, n, ns, nc, scale * LOG2E,
+        *q.stride()[:3], *old_k.stride()[:3], *old_v.stride()[:3],
+        *comp_k.stride()[:3], *comp_v.stride()[:3],
+        H, n, old_k.shape[1], comp_k.shape[1], scale * LOG2E, 1.0 / q.numel(),
         HEAD_DIM=D, SAVE_FOR_BACKWARD=save_for_backward, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
-    loss = (partial.sum() / q.numel()).to(q.dtype)
+    loss = partial.sum().to(q.dtype)
     if not save_for_backward:
         return loss, None, None, None
     return loss, diff, lse, delta
 
 
 def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, config=None):
-    """(d comp_k, d comp_v) in the layout of comp_k. config as ``_bwd_config`` returns."""
+    """(d comp_k, d comp_v), contiguous. config as ``_bwd_config`` returns."""
     B, n, H, D = q.shape
     nc = comp_k.shape[1]
     block_d = _block_d(D)
     block_m, block_n, num_warps, num_stages = config or _bwd_config(block_d, q.dtype)
     d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
     d_comp_v = _empty(comp_k.shape, comp_k.dtype, q.device)
-    grid = (triton.cdiv(nc, block_n), B * H)
-    _recon_loss_bwd_kernel[grid](
+    _recon_loss_bwd_kernel[(-(-nc // block_n), B * H)](
         q, comp_k, comp_v, diff, lse, delta, grad_loss, d_comp_k, d_comp_v,
-        q.stride(0), q.stride(1), q.stride(2), diff.stride(0), diff.stride(1), diff.stride(2),
-        comp_k.stride(0), comp_k.stride(1), comp_k.stride(2),
-        comp_v.stride(0), comp_v.stride(1), comp_v.stride(2),
-        d_comp_k.stride(0), d_comp_k.stride(1), d_comp_k.stride(2),
+        *q.stride()[:3], *comp_k.stride()[:3], *comp_v.stride()[:3],
         H, n, nc, scale * LOG2E, scale, 1.0 / q.numel(),
         HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -289,8 +284,8 @@ class ReconLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         q, comp_k, comp_v, diff, lse, delta = ctx.saved_tensors
-        d_comp_k, d_comp_v = recon_loss_backward(grad_loss.contiguous(), q, comp_k, comp_v,
-                                                 diff, lse, delta, ctx.scale)
+        d_comp_k, d_comp_v = recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta,
+                                                 ctx.scale)
         # q, old_k and old_v are constants of the loss
         return (None, None, None,
                 d_comp_k if ctx.needs_input_grad[3] else None,
