@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from ct_kernels import dispatch
+# the bf16-safe dot of the attention kernels (fp32 accumulation; exact in the CPU interpreter)
+from ct_kernels.ops.attention import _dot, _dot_precision
 
 
 @triton.jit
@@ -49,10 +51,7 @@ def _autoencoding_loss_fwd_kernel(
                     mask=row_valid[:, None] & k_valid[None, :], other=0.0)
         w = tl.load(W + ks[:, None] * stride_wk + offs_n[None, :],
                     mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-        if DOT_PRECISION == "upcast":  # the CPU interpreter multiplies bfloat16 as raw bits
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, w, input_precision=DOT_PRECISION)
+        acc += _dot(a, w, DOT_PRECISION)
     if HAS_BIAS:  # column k*d + i takes bias[i]
         acc += tl.load(BIAS + offs_n % d, mask=col_valid, other=0.0).to(tl.float32)[None, :]
 
@@ -71,12 +70,6 @@ def _config(dtype):
     if dtype == torch.float32:
         return 64, 64, 32, 4, 2
     return 128, 128, 64, 8, 3
-
-
-def _dot_precision(dtype):
-    if dtype == torch.float32:
-        return "ieee"
-    return "upcast" if dispatch.triton_interpreted() and dtype == torch.bfloat16 else "tf32"
 
 
 def _empty(shape, dtype, device):

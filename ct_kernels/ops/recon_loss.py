@@ -7,17 +7,19 @@ comp_v receive gradients.
 
 Forward, one program per (batch, head, query tile): both attentions run as online softmaxes
 over their keys (old first, then compressed), the tile's squared difference is summed into
-one partial per program, and neither attention output is written. The partials are summed
-on the host side in a fixed order (deterministic).
+one partial per program, and neither attention output is written. One torch reduction sums
+the partials in a fixed order (deterministic).
 
 Backward needs, per query row, dO = -2 g (O_old - O_comp) / numel, the compressed
 attention's log-sum-exp and delta = dO . O_comp. Recomputing O_old in the backward would
 cost 4·n·ns·D FLOPs per head (as much as the old half of the forward); saving the
 difference costs one [B, n, H, D] write and read. At the paper shapes the bytes take about a
-tenth of the time of the FLOPs, so when a gradient is needed the forward also stores
+fifth of the time of the FLOPs, so when a gradient is needed the forward also stores
 diff = O_old - O_comp (in the input dtype), the log2-domain LSE and diff . O_comp. The
 backward is one program per (batch, head, compressed-key tile) that loops over all query
-tiles, so dK/dV accumulate in registers without atomics, and no dQ is computed.
+tiles, so dK/dV accumulate in registers without atomics, and no dQ is computed. Its
+probabilities are recomputed from the LSE (a quarter of the backward's FLOPs) rather than
+saved: the [B, H, n, nc] matrix would cost about as much time in bytes, plus its memory.
 The factor -2 g / numel is applied to the fp32 accumulators at the end: diff is stored
 unscaled, which keeps it representable in float16.
 """
@@ -28,19 +30,10 @@ import triton
 import triton.language as tl
 
 from ct_kernels import dispatch
+# the bf16-safe dot of the attention kernels (fp32 accumulation; exact in the CPU interpreter)
+from ct_kernels.ops.attention import _dot, _dot_precision
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation. DOT_PRECISION "upcast": both operands go to float32
-    first (the CPU interpreter multiplies bfloat16 operands as raw bits)."""
-    if DOT_PRECISION == "upcast":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision=DOT_PRECISION)
-    return out
 
 
 @triton.jit
@@ -187,13 +180,6 @@ def _unit_last_stride(t):
 def _block_d(head_dim):
     """Head dim padded to a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, 1 << (head_dim - 1).bit_length())
-
-
-def _dot_precision(dtype):
-    # float32 inputs keep full precision (no TF32) so they match the float32 reference
-    if dtype == torch.float32:
-        return "ieee"
-    return "upcast" if dispatch.triton_interpreted() and dtype == torch.bfloat16 else "tf32"
 
 
 MAX_HEAD_DIM = 128
