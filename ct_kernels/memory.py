@@ -126,6 +126,9 @@ class LayerMemory:
             got = tuple(compressed.shape) if isinstance(compressed, torch.Tensor) else type(compressed).__name__
             raise ValueError(f"compressed must have shape [B, n // rate, d] = {expected}, got {got}")
         compressed = compressed.detach().to(device=self.mem.device, dtype=self.mem.dtype)
+        buffers = {t.untyped_storage().data_ptr() for t in (self.mem, self.cmem)}
+        if compressed.untyped_storage().data_ptr() in buffers:
+            compressed = compressed.clone()  # the update overwrites the rows it is read from
         self._apply(h, None, backend, compressed=compressed)
 
     def update(self, h, method, *, weight=None, bias=None, usage=None, backend="auto", **options):
