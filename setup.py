@@ -69,7 +69,7 @@ setup(
     packages=find_packages(include=["ct_kernels", "ct_kernels.*"])
     + find_packages("python", include=["compressive_transformer", "compressive_transformer.*"]),
     package_dir={"compressive_transformer": "python/compressive_transformer"},
-    install_requires=["torch>=2.4", "triton>=3.2", "ninja", "pybind11"],
+    install_requires=["torch>=2.4", "triton>=3.2", "ninja", "pybind11", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib"],

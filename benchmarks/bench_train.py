@@ -1,0 +1,93 @@
+"""train_step: one optimizer step over one segment with full memories (bf16 autocast, Adam,
+gradient clipping), ours (``ct``) vs the PyPI package compressive-transformer-pytorch 0.4.0
+(``ctpytorch_0.4.0``) at the two configurations of DESIGN.md §3. Same width, layers, heads,
+n, m, cm, rate and batch; both without dropout. tokens/s = B * n / (ms / 1e3).
+Rows go to benchmarks/results/train.csv."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import append_rows, failed_row, measure, plot
+from compressive_transformer import CompressiveTransformer, preset
+
+CONFIGS = ("d512-L8", "d1024-L4")
+SEED_PROVIDER = "ctpytorch_0.4.0"
+
+
+def _optimizer_step(model, optimizer, loss):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+
+
+def ct_step(name, tokens):
+    """One training step of our model; memories carry over from step to step."""
+    config, _ = preset(name, dropout=0.0)
+    model = CompressiveTransformer(config).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    memories = model.init_memories(tokens.shape[0], dtype=torch.bfloat16)
+
+    def step():
+        nonlocal memories
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, memories, aux = model(tokens[:, :-1], memories)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        _optimizer_step(model, optimizer, loss + aux)
+
+    return step
+
+
+def seed_step(config, tokens):
+    """The same step with compressive-transformer-pytorch 0.4.0 (its defaults otherwise:
+    GRU-gated residuals, pre-LN, absolute learned positions)."""
+    from compressive_transformer_pytorch import CompressiveTransformer as SeedModel
+    model = SeedModel(num_tokens=config.vocab_size, dim=config.dim, seq_len=config.seg_len,
+                      depth=config.layers, mem_len=config.mem_len, cmem_len=config.cmem_len,
+                      cmem_ratio=config.rate, heads=config.heads).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    memories = None
+
+    def step():
+        nonlocal memories
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, memories, aux = model(tokens[:, :-1], memories=memories)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        _optimizer_step(model, optimizer, loss + aux)
+
+    return step
+
+
+def run():
+    if not torch.cuda.is_available():
+        print("bench_train: no GPU, skipped")
+        return []
+    rows = []
+    for name in CONFIGS:
+        config, train_config = preset(name)
+        B, n = train_config.batch, config.seg_len
+        tokens = torch.randint(0, config.vocab_size, (B, n + 1), device="cuda")
+        fill = math.ceil((config.mem_len + config.cmem_len * config.rate) / n) + 1
+        makers = {"ct": lambda: ct_step(name, tokens), SEED_PROVIDER: lambda: seed_step(config, tokens)}
+        for provider, make in makers.items():
+            step = None
+            try:
+                step = make()
+                for _ in range(fill):  # memories full from here on
+                    step()
+                row = measure("train_step", name, provider, "fwd+bwd", step)
+                print(f"{'':18s} {name:28s} {provider:16s} {B * n / float(row['ms']) * 1e3:,.0f} tokens/s",
+                      flush=True)
+                rows.append(row)
+            except (ImportError, RuntimeError) as error:  # seed not installed, out of memory
+                failed_row("train_step", name, provider, "fwd+bwd", error)
+            del step
+            torch.cuda.empty_cache()
+    append_rows(rows, "train.csv")
+    plot(rows, "train_step", value="ms", filename="train_step.png")
+    return rows
+
+
+if __name__ == "__main__":
+    run()
