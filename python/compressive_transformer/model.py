@@ -82,14 +82,21 @@ class Compressor(nn.Module):
             self.dec_weight = nn.Parameter(identity.clone())
             self.dec_bias = nn.Parameter(torch.zeros(d))
 
-    def forward(self, old, usage=None):
+    def options(self, usage=None):
+        """Keyword arguments of ``ct_kernels.compress`` besides the rows to compress."""
         options = {}
         if self.method in LEARNED_METHODS:
-            options.update(weight=self.weight.to(old.dtype), bias=self.bias.to(old.dtype))
+            options.update(weight=self.weight, bias=self.bias)
         if self.method == "dilated_conv":
             options["dilation"] = self.dilation
         if self.method == "most_used":
             options["usage"] = usage
+        return options
+
+    def forward(self, old, usage=None):
+        options = self.options(usage)
+        if self.method in LEARNED_METHODS:
+            options.update(weight=self.weight.to(old.dtype), bias=self.bias.to(old.dtype))
         return ct_kernels.compress(old, self.rate, self.method, backend=self.backend, **options)
 
 
@@ -162,24 +169,31 @@ class CompressiveLayer(nn.Module):
         return ((k[:, cm:], v[:, cm:]) if m else none, (k[:, :cm], v[:, :cm]) if cm else none,
                 memory.mem_lens.clone() if m else None, memory.cmem_lens.clone() if cm else None)
 
-    def push_memory(self, memory: LayerMemory, usage, x, key_usage):
+    def push_memory(self, memory: LayerMemory, usage, x, key_usage, keep_evicted=False):
         """Append the segment's attention inputs x [B, n, d] to the memory, compressing the
         rows it evicts. key_usage [B, m + n]: attention mass received this segment by the
-        memory slots and the segment's rows (most-used only). Returns (old, compressed):
-        the evicted rows and their compression (None, None without compressed memory)."""
+        memory slots and the segment's rows (most-used only). ``keep_evicted``: return
+        (old, compressed), the evicted rows and their compression with its graph, for the
+        compressor's loss; otherwise the update runs fused in place and returns (None, None)."""
         B, n, d = x.shape
+        backend = self.config.backend
         if self.compressor is None:  # Transformer-XL: evicted rows are discarded
-            memory.push(x, x.new_empty(B, n // memory.rate, d))
+            memory.push(x, x.new_empty(B, n // memory.rate, d), backend=backend)
             return None, None
-        old = memory.evicted(x).clone()  # may be a view of the buffer push() rewrites
         evicted_usage = None
         if usage is not None:
             m = usage.shape[1]
             stream = torch.cat([usage + key_usage[:, :m].float(), key_usage[:, m:].float()], dim=1)
             evicted_usage = stream[:, :n]
             usage.copy_(stream[:, n:])
+        if not keep_evicted:
+            with torch.no_grad():
+                memory.update(x, self.compressor.method, backend=backend,
+                              **self.compressor.options(evicted_usage))
+            return None, None
+        old = memory.evicted(x).clone()  # a view of the buffer that push() rewrites
         compressed = self.compressor(old, evicted_usage)
-        memory.push(x, compressed)
+        memory.push(x, compressed, backend=backend)
         return old, compressed
 
     def compressor_loss(self, old, compressed, q):
@@ -213,9 +227,12 @@ class CompressiveLayer(nn.Module):
             cm = memory.cmem.shape[1]
             # the loss counts once every sample's evicted rows hold data (no host sync)
             full = (memory.mem_lens == memory.mem.shape[1]).all()
+            train_compressor = (self.compressor is not None and self.compressor.loss != "none"
+                                and torch.is_grad_enabled())
             old, compressed = self.push_memory(memory, usage, x,
-                                               None if key_usage is None else key_usage[:, cm:])
-            if compressed is not None and self.compressor.loss != "none":
+                                               None if key_usage is None else key_usage[:, cm:],
+                                               keep_evicted=train_compressor)
+            if train_compressor:
                 aux = self.compressor_loss(old, compressed, q) * full
         return self.residual(h, attn_out), aux
 
