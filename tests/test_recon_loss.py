@@ -211,3 +211,16 @@ def test_autoencoding_loss_old_gets_no_gradient():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_autoencoding_loss_gpu(dtype):
     check_autoencoding(8, 768, 1024, 3, 1024, True, dtype)
+
+
+def test_autoencoding_loss_without_grad_writes_no_residual(monkeypatch):
+    allocated = []
+    empty = ae_module._empty
+    monkeypatch.setattr(ae_module, "_empty",
+                        lambda shape, dtype, device: allocated.append(shape) or empty(shape, dtype, device))
+    tensors = _autoencoding_inputs(2, 8, 16, 4, 12, True, seed=8)
+    with torch.no_grad():
+        loss = triton_autoencoding_loss(*tensors)
+    assert len(allocated) == 1  # only the per-program partial sums
+    expected = reference.autoencoding_loss(*(t.double() for t in tensors))
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
