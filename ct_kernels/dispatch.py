@@ -54,15 +54,18 @@ def available_backends() -> list:
     """Backends this machine can run: "reference" always, "triton" where Triton runs
     (a CUDA GPU, or the CPU interpreter with TRITON_INTERPRET=1), "cuda" where the
     C++/CUDA extension loaded and a GPU is present."""
+    return list(_available(triton_interpreted()))
+
+
+@functools.lru_cache(maxsize=None)
+def _available(interpreted: bool) -> tuple:
     backends = []
     if _cuda_extension_loaded() and torch.cuda.is_available():
         backends.append("cuda")
-    if importlib.util.find_spec("triton") is not None and (
-        torch.cuda.is_available() or triton_interpreted()
-    ):
+    if importlib.util.find_spec("triton") is not None and (torch.cuda.is_available() or interpreted):
         backends.append("triton")
     backends.append("reference")
-    return backends
+    return tuple(backends)
 
 
 def _runs_on(backend: str, device: torch.device) -> bool:
@@ -77,9 +80,10 @@ def resolve(op: str, backend: str, device: torch.device, **inputs) -> Callable:
     """The implementation of ``op`` that runs ``inputs`` (keyword facts about them)."""
     impls = _REGISTRY.get(op, {})
     if backend == "auto":
+        available = _available(triton_interpreted())
         for name in PREFERENCE:
             impl = impls.get(name)
-            if (impl is not None and name in available_backends() and _runs_on(name, device)
+            if (impl is not None and name in available and _runs_on(name, device)
                     and (impl.unsupported is None or impl.unsupported(**inputs) is None)):
                 return impl.fn
         raise AssertionError("the reference backend accepts every valid input")  # unreachable
