@@ -28,13 +28,29 @@ def _ours():
     return [(f"ct_{b}", b) for b in ("cuda", "triton") if b in have]
 
 
+def _record(rows, op, shape, provider, mode, fn, **counts):
+    """Measure one case into rows; a provider that cannot run it (e.g. out of memory) is
+    printed and skipped, so the other rows still land in the CSV."""
+    try:
+        rows.append(harness.measure(op, shape, provider, mode, fn, **counts))
+        return rows[-1]
+    except Exception as error:  # noqa: BLE001 - any failure of one case
+        harness.failed_row(op, shape, provider, mode, error)
+        return None
+
+
 def _fwd_bwd(fn, x, *params):
+    """fn's forward and backward with one fixed random output gradient (drawn on first use,
+    so a failing provider fails inside _record)."""
+    grad = []
+
     def step():
         out = fn()
-        out.backward(grad)
+        if not grad:
+            grad.append(torch.randn_like(out))
+        out.backward(grad[0])
         for p in (x, *params):
             p.grad = None
-    grad = torch.randn_like(fn())
     return step
 
 
@@ -52,9 +68,9 @@ def _pooling(rows, B, ns, d, rate, dtype, device):
         bwd_bytes = size * (ns + T) + (size * ns if method == "max" else 0)  # grad, dx (+ x)
         for provider, fn in providers:
             with torch.no_grad():
-                rows.append(harness.measure(op, name, provider, "fwd", fn, nbytes=fwd_bytes))
-            rows.append(harness.measure(op, name, provider, "fwd+bwd", _fwd_bwd(fn, x),
-                                        nbytes=fwd_bytes + bwd_bytes))
+                _record(rows, op, name, provider, "fwd", fn, nbytes=fwd_bytes)
+            _record(rows, op, name, provider, "fwd+bwd", _fwd_bwd(fn, x),
+                    nbytes=fwd_bytes + bwd_bytes)
 
 
 def _conv(rows, B, ns, d, rate, dtype, device):
@@ -68,9 +84,9 @@ def _conv(rows, B, ns, d, rate, dtype, device):
                   for p, b in _ours()]
     for provider, fn in providers:
         with torch.no_grad():
-            rows.append(harness.measure("compress_conv", name, provider, "fwd", fn, flops=flops))
-        rows.append(harness.measure("compress_conv", name, provider, "fwd+bwd",
-                                    _fwd_bwd(fn, x, conv.weight, conv.bias), flops=3 * flops))
+            _record(rows, "compress_conv", name, provider, "fwd", fn, flops=flops)
+        _record(rows, "compress_conv", name, provider, "fwd+bwd",
+                _fwd_bwd(fn, x, conv.weight, conv.bias), flops=3 * flops)
 
 
 def _memory_update(rows, dtype, device):
@@ -115,11 +131,11 @@ def _memory_update(rows, dtype, device):
     for method in ("mean", "conv"):
         providers = [("torch_cat", torch_cat(method))] + [(p, ours(method, b)) for p, b in _ours()]
         for provider, fn in providers:
-            row = harness.measure("memory_update", "enwik8-24L", provider, method, fn,
-                                  nbytes=nbytes if method == "mean" else None)
-            rows.append(row)
-            print(f"    = {100 * float(row['ms']) / attention_ms:.1f}% of the 24 layers' "
-                  f"attention fwd+bwd (~{attention_ms:.2f} ms at 400 TF/s)")
+            row = _record(rows, "memory_update", "enwik8-24L", provider, method, fn,
+                          nbytes=nbytes if method == "mean" else None)
+            if row:
+                    print(f"    = {100 * float(row['ms']) / attention_ms:.1f}% of the 24 layers' "
+                      f"attention fwd+bwd (~{attention_ms:.2f} ms at 400 TF/s)")
 
 
 def _estimated_attention_ms(tflops=400.0):
@@ -135,11 +151,14 @@ def run():
         print("bench_compress: no GPU, skipped")
         return []
     rows = []
-    for B, ns, d, rate in SHAPES:
-        _pooling(rows, B, ns, d, rate, torch.bfloat16, "cuda")
-        _conv(rows, B, ns, d, rate, torch.bfloat16, "cuda")
-    _memory_update(rows, torch.bfloat16, "cuda")
-    harness.append_rows(rows, CSV)
+    sections = [lambda r, s=s: _pooling(r, *s, torch.bfloat16, "cuda") for s in SHAPES]
+    sections += [lambda r, s=s: _conv(r, *s, torch.bfloat16, "cuda") for s in SHAPES]
+    sections += [lambda r: _memory_update(r, torch.bfloat16, "cuda")]
+    for section in sections:  # rows land in the CSV section by section
+        new = []
+        section(new)
+        harness.append_rows(new, CSV)
+        rows += new
     for op, value in (("compress_mean", "gbps"), ("compress_max", "gbps"),
                       ("compress_conv", "tflops"), ("memory_update", "ms")):
         harness.plot(rows, op, value)

@@ -90,6 +90,7 @@ class LayerMemory:
         self.cmem = torch.zeros(batch, cmem_len, dim, dtype=dtype, device=device)
         self.mem_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.cmem_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._impls = {}  # (method, backend) -> resolved update; device and dtype are fixed
 
     @property
     def batch(self):
@@ -107,7 +108,10 @@ class LayerMemory:
                              f"of the compression rate ({self.rate})")
         if h.device != self.mem.device:
             raise ValueError(f"h must be on device {self.mem.device}, got {h.device}")
-        h = h.detach().to(self.mem.dtype)
+        if h.requires_grad:
+            h = h.detach()
+        if h.dtype != self.mem.dtype:
+            h = h.to(self.mem.dtype)
         return h if h.stride(2) == 1 else h.contiguous()
 
     def evicted(self, h):
@@ -157,8 +161,11 @@ class LayerMemory:
         self._apply(h, method, backend, weight=weight, bias=bias, usage=usage, **options)
 
     def _apply(self, h, method, backend, **kwargs):
-        impl = dispatch.resolve("memory_update", backend, self.mem.device, method=method,
-                                dtype=self.mem.dtype)
+        impl = self._impls.get((method, backend))
+        if impl is None:
+            impl = dispatch.resolve("memory_update", backend, self.mem.device, method=method,
+                                    dtype=self.mem.dtype)
+            self._impls[(method, backend)] = impl
         with torch.no_grad():
             impl(self.mem, self.cmem, self.mem_lens, self.cmem_lens, h, self.rate, method,
                  **kwargs)

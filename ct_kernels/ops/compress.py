@@ -221,6 +221,8 @@ def dilated_conv(x, rate, weight, bias, dilation):
 def _compress_with(pool_kernels):
     def compress(x, rate, method, *, weight=None, bias=None, usage=None, dilation=2):
         if method in ("mean", "max"):
+            if not (torch.is_grad_enabled() and x.requires_grad):  # no autograd node needed
+                return pool_kernels[0](x, rate, method == "max")
             return _Pool.apply(x, rate, method == "max", pool_kernels)
         if method == "conv":
             return _ConvGemm.apply(x, weight, bias, rate)
@@ -264,15 +266,15 @@ def _memory_update_kernel(mem_ptr, cmem_ptr, h_ptr, given_ptr, mem_lens_ptr, cme
         for k in tl.static_range(RATE):
             s = j * RATE + k
             if s < m:
-                row = tl.load(mem + s * mem_sr, mask=ok).to(ACC)
+                old_row = tl.load(mem + s * mem_sr, mask=ok).to(ACC)
             else:
-                row = tl.load(h + (s - m) * h_sr, mask=ok).to(ACC)
+                old_row = tl.load(h + (s - m) * h_sr, mask=ok).to(ACC)
             if k == 0:
-                acc = row
+                acc = old_row
             elif POOL == 2:
-                acc = tl.maximum(acc, row, propagate_nan=tl.PropagateNan.ALL)
+                acc = tl.maximum(acc, old_row, propagate_nan=tl.PropagateNan.ALL)
             else:
-                acc += row
+                acc += old_row
         if POOL == 1:
             acc = acc / RATE
         slot = acc
@@ -285,8 +287,8 @@ def _memory_update_kernel(mem_ptr, cmem_ptr, h_ptr, given_ptr, mem_lens_ptr, cme
         last = cm - nc + j
         if cm > nc:
             for t in range(last % nc, cm - nc, nc):
-                row = tl.load(cmem + (t + nc) * cmem_sr, mask=ok)
-                tl.store(cmem + t * cmem_sr, row, mask=ok)
+                kept_row = tl.load(cmem + (t + nc) * cmem_sr, mask=ok)
+                tl.store(cmem + t * cmem_sr, kept_row, mask=ok)
         if POOL != 0:
             if last >= 0:
                 tl.store(cmem + last * cmem_sr,
@@ -298,10 +300,10 @@ def _memory_update_kernel(mem_ptr, cmem_ptr, h_ptr, given_ptr, mem_lens_ptr, cme
             for t in range(j * RATE + k, m, n):
                 s = t + n
                 if s < m:
-                    row = tl.load(mem + s * mem_sr, mask=ok)
+                    moved_row = tl.load(mem + s * mem_sr, mask=ok)
                 else:
-                    row = tl.load(h + (s - m) * h_sr, mask=ok)
-                tl.store(mem + t * mem_sr, row, mask=ok)
+                    moved_row = tl.load(h + (s - m) * h_sr, mask=ok)
+                tl.store(mem + t * mem_sr, moved_row, mask=ok)
         if (j == 0) & (tl.program_id(1) == 0):  # fill lengths, once per sample
             filled = tl.load(mem_lens_ptr + b)
             evicted = tl.maximum(filled + n - m, 0)
