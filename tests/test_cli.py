@@ -140,6 +140,9 @@ def test_train_resume_eval_generate(tmp_path, capsys):
     main(["eval", "--checkpoint", str(out / "last.pt"), "--data", str(text), "--streams", "2"])
     printed = capsys.readouterr().out.strip()
     assert printed.startswith("bpc=") and 0 < float(printed[4:]) < 5.0
+    main(["eval", "--checkpoint", str(out / "last.pt"), "--streams", "2"])  # held-out part
+    held_out = float(capsys.readouterr().out.strip()[4:])
+    assert held_out == pytest.approx(state["val_bpc"], abs=1e-3)
 
     main(["generate", "--checkpoint", str(out / "last.pt"), "--prompt", "the king", "--length", "40",
           "--backend", "reference"])

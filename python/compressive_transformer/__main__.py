@@ -59,7 +59,8 @@ def _run_train(args):
 def _add_eval(sub):
     p = sub.add_parser("eval", help="bits per byte of a whole file, memories carried across")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="a text or byte file")
+    p.add_argument("--data", help="a text or byte file (default: the held-out validation "
+                                  "documents of the checkpoint's training data)")
     p.add_argument("--streams", type=int, default=8,
                    help="contiguous slices read in parallel (each starts with empty memories)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -69,12 +70,17 @@ def _add_eval(sub):
 
 def _run_eval(args):
     from compressive_transformer.checkpoint import load_model
-    from compressive_transformer.data import as_tensor
+    from compressive_transformer.data import as_tensor, load_documents, split_documents
     from compressive_transformer.evaluate import bits_per_byte
     if args.streams < 1:
         raise ValueError(f"--streams must be >= 1, got {args.streams}")
-    model, _ = load_model(args.checkpoint, args.device, args.backend)
-    data = as_tensor(open(args.data, "rb").read())
+    model, state = load_model(args.checkpoint, args.device, args.backend)
+    if args.data is None:
+        _, text = split_documents(load_documents(state.get("data")),
+                                  state["train_config"]["val_fraction"])
+    else:
+        text = open(args.data, "rb").read()
+    data = as_tensor(text)
     if data.numel() < 2:
         raise ValueError(f"{args.data} must hold at least 2 bytes")
     bpc = bits_per_byte(model, data, streams=args.streams, device=args.device, amp=args.amp)

@@ -162,7 +162,7 @@ def train(model_config: ModelConfig, config: TrainConfig, *, data=None, out="run
         log.write(step=step, split="val", bpc=bpc, segments=max_segments)
         if rank == 0:
             checkpoint.save(ckpt_path, model, optimizer, step, model_config, config, val_bpc=bpc,
-                            world=world)
+                            world=world, data=data)
             log.plot()
         return bpc
 
