@@ -7,6 +7,10 @@ partially filled memories, n = 1, a query-chunk tail (n = 5) and n = 16, head di
 128, fp16 and bf16, key padding and relative positions, forced split counts, strided views
 and misaligned inputs. The CPU tests check that the "cuda" backend is refused clearly.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,6 +22,7 @@ GPU = pytest.mark.skipif(
     not torch.cuda.is_available() or "cuda" not in ct_kernels.available_backends(),
     reason="needs a CUDA GPU and the ct_kernels._C extension")
 B, H = 3, 4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (m, cm, partial lengths, key padding)
 CACHES = [
@@ -142,28 +147,35 @@ def test_public_api_routes_to_cuda():
     assert error <= allowed
 
 
+# Each bad call runs in a fresh interpreter: should the op crash instead of raising, this
+# test fails and the rest of the suite still runs.
+BAD_CALL = """
+import torch, ct_kernels._C
+x = lambda *shape, dtype=torch.float16: torch.randn(*shape, device="cuda", dtype=dtype)
+def call(q, k, v, mem_k=None, mem_v=None):
+    torch.ops.ct_kernels.decode_attention(q, k, v, mem_k, mem_v, None, None, None, None, None,
+                                          True, 0.125, None, None, None)
+try:
+    {statement}
+except RuntimeError as error:
+    print(error)
+"""
+
+
 @GPU
-@pytest.mark.parametrize("bad, message", [
-    (dict(q=torch.float32), "q must be float16 or bfloat16"),
-    (dict(D=96), "head dim"),
-    (dict(n=17), "1..16 queries"),
+@pytest.mark.parametrize("statement, message", [
+    ("q = x(3, 1, 4, 64, dtype=torch.float32); call(q, q, q)", "q must be float16 or bfloat16"),
+    ("q = x(3, 1, 4, 96); call(q, q, q)", "head dim (q.shape[3]) must be 64 or 128"),
+    ("q = x(3, 17, 4, 64); call(q, q, q)", "q must hold 1..16 queries"),
+    ("q = x(3, 1, 4, 64); call(q, q, q, x(3, 10, 4, 64), x(3, 5, 4, 64))", "mem_v must have shape"),
 ])
-def test_op_rejects_bad_inputs(bad, message):
-    n, D = bad.get("n", 1), bad.get("D", 64)
-    dtype = bad.get("q", torch.float16)
-    q = torch.randn(B, n, H, D, device="cuda", dtype=dtype)
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.ct_kernels.decode_attention(q, q, q, None, None, None, None, None, None, None,
-                                              True, 0.125, None, None, None)
-
-
-@GPU
-def test_op_rejects_mismatched_memory():
-    args = inputs(1, 64, 10, 0, torch.float16)
-    with pytest.raises(RuntimeError, match="mem_v must have shape"):
-        torch.ops.ct_kernels.decode_attention(
-            args["q"], args["k"], args["v"], args["mem_k"], args["mem_v"][:, :5], None, None,
-            None, None, None, True, 0.125, None, None, None)
+def test_op_rejects_bad_inputs(statement, message):
+    result = subprocess.run([sys.executable, "-c", BAD_CALL.format(statement=statement)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
+    assert result.returncode == 0, f"the op crashed (rc {result.returncode}): {result.stderr[-2000:]}"
+    assert message in result.stdout, result.stdout + result.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------- CPU
