@@ -13,12 +13,15 @@ Peers get the concatenated K/V: the torch.cat is part of their time, as for a us
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 
 import ct_kernels
 from benchmarks import harness
 from ct_kernels import reference, testing
+from ct_kernels.ops import attention
 
 # name -> (B, H, n, m, cm, D)
 SHAPES = {
@@ -129,6 +132,9 @@ def cases(shapes, dtype, device, rel_pos):
 
 def run():
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # one compiled flex_attention per shape, mode and score_mod
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.accumulated_recompile_limit = 1024
     shapes = SHAPES if device == "cuda" else CPU_SHAPES
     rows = []
     for op, rel_pos, names in (("attention", False, shapes),
@@ -147,5 +153,55 @@ def run():
     return rows
 
 
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass for ``--tune``.
+TUNE_CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    "dq": [(128, 32, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
+    "dkdv": [(32, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
+    "fwd_rel": [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    "dq_rel": [(64, 64, 8, 1), (64, 32, 4, 2), (32, 64, 4, 2)],
+    "dkdv_rel": [(64, 64, 8, 1), (32, 64, 4, 2), (64, 32, 4, 2)],
+}
+TUNE_SHAPES = {128: "pg19-like", 64: "d64"}
+
+
+def tune():
+    """Time every candidate configuration of each pass on the GPU (the other passes at
+    their current setting), print the timings and keep the fastest in
+    ``attention.GPU_CONFIGS`` for the rest of the process."""
+    for head_dim, shape_name in TUNE_SHAPES.items():
+        for rel_pos in (False, True):
+            if rel_pos and head_dim != 128:
+                continue
+            args = make_inputs(SHAPES[shape_name], torch.bfloat16, "cuda", rel_pos)
+            grad = torch.randn_like(args["q"])
+
+            def forward():
+                with torch.no_grad():
+                    ct_kernels.compressive_attention(**args, backend="triton")
+
+            def forward_backward():
+                ct_kernels.compressive_attention(**args, backend="triton").backward(grad)
+            for pass_name in ("fwd", "dq", "dkdv"):
+                key = (pass_name + ("_rel" if rel_pos else ""), head_dim)
+                timings = {}
+                for config in TUNE_CANDIDATES[key[0]]:
+                    attention.GPU_CONFIGS[key] = config
+                    try:
+                        timings[config] = harness.time_ms(
+                            forward if pass_name == "fwd" else forward_backward, rep_ms=100)
+                    except Exception as error:  # e.g. out of shared memory
+                        print(f"tune {key} {config}: {type(error).__name__}")
+                best = min(timings, key=timings.get) if timings else None
+                attention.GPU_CONFIGS[key] = best
+                print(f"tune {key}: " + ", ".join(f"{c}={t:.4f}ms" for c, t in timings.items())
+                      + f" -> {best}", flush=True)
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tune", action="store_true",
+                        help="first re-measure the launch configurations (GPU)")
+    if parser.parse_args().tune:
+        tune()
     run()

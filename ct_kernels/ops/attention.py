@@ -32,20 +32,26 @@ from ct_kernels import dispatch
 
 LOG2E = 1.4426950408889634
 
-# Launch configurations tuned on the H200 (sm_90), for 16-bit inputs:
-# (pass, head_dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). "rel" passes use
-# BLOCK_M == BLOCK_N so that the position band is a power of two wide.
+# Launch configurations for 16-bit inputs on the H200 (sm_90):
+# (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
+# "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions, whose position
+# band is next_power_of_2(BLOCK_M + BLOCK_N - 1) distances wide.
+# ``python -m benchmarks.bench_attention --tune`` re-measures the candidates.
 GPU_CONFIGS = {
     ("fwd", 16): (128, 64, 4, 3), ("fwd", 32): (128, 64, 4, 3),
     ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (128, 64, 8, 3),
-    ("bwd", 16): (64, 64, 4, 2), ("bwd", 32): (64, 64, 4, 2),
-    ("bwd", 64): (64, 64, 4, 2), ("bwd", 128): (64, 64, 8, 2),
+    ("dq", 16): (128, 32, 4, 3), ("dq", 32): (128, 32, 4, 3),
+    ("dq", 64): (128, 32, 4, 3), ("dq", 128): (128, 32, 8, 2),
+    ("dkdv", 16): (32, 128, 4, 3), ("dkdv", 32): (32, 128, 4, 3),
+    ("dkdv", 64): (32, 128, 4, 3), ("dkdv", 128): (32, 128, 8, 2),
     ("fwd_rel", 16): (64, 64, 4, 2), ("fwd_rel", 32): (64, 64, 4, 2),
     ("fwd_rel", 64): (64, 64, 4, 2), ("fwd_rel", 128): (64, 64, 8, 2),
-    ("bwd_rel", 16): (64, 64, 4, 2), ("bwd_rel", 32): (64, 64, 4, 2),
-    ("bwd_rel", 64): (64, 64, 4, 2), ("bwd_rel", 128): (64, 64, 8, 2),
+    ("dq_rel", 16): (64, 64, 4, 1), ("dq_rel", 32): (64, 64, 4, 1),
+    ("dq_rel", 64): (64, 64, 4, 1), ("dq_rel", 128): (64, 64, 8, 1),
+    ("dkdv_rel", 16): (64, 64, 4, 1), ("dkdv_rel", 32): (64, 64, 4, 1),
+    ("dkdv_rel", 64): (64, 64, 4, 1), ("dkdv_rel", 128): (64, 64, 8, 1),
 }
-FP32_CONFIG = (32, 32, 4, 2)          # fp32 tiles take twice the registers / shared memory
+FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
 HEAD_DIMS = (16, 32, 64, 128)
 
@@ -82,60 +88,78 @@ def _biased_queries(q, U, VB, h, offs_d, REL_POS: tl.constexpr):
 @triton.jit
 def _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """r^T [D, BLOCK_R] for the distances a tile spans: column c holds distance
-    query_pos0 - key_pos0 - (BLOCK_N - 1) + c (zeros outside [0, R)). Also the rows."""
+    """r [BLOCK_R, D] for the distances a tile spans: row c holds distance
+    query_pos0 - key_pos0 - (BLOCK_N - 1) + c (zeros outside [0, R)); also those distances."""
     rows = query_pos0 - key_pos0 - (BLOCK_N - 1) + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
     in_r = (rows >= 0) & (rows < R_rows)
-    r_t = tl.load(R_h + rows[None, :] * sr_n + offs_d[:, None],
-                  mask=in_r[None, :], other=0.0)
-    return r_t, rows, in_r
+    r = tl.load(R_h + rows[:, None] * sr_n + tl.arange(0, BLOCK_D)[None, :],
+                mask=in_r[:, None], other=0.0)
+    return r, rows, in_r
 
 
 @triton.jit
-def _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_mask,
-            scale_log2, CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """Scores of a [BLOCK_M, BLOCK_N] tile in the log2 domain, -inf where masked.
+def _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_mask,
+            scale_log2, KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores in the log2 domain, -inf where masked, of BLOCK_M queries x BLOCK_N keys:
+    [BLOCK_M, BLOCK_N] from k^T [D, BLOCK_N], or with KEY_MAJOR the transpose
+    [BLOCK_N, BLOCK_M] from k [BLOCK_N, D].
 
     query_pos0 / key_pos0: global positions of the tile's first query / key.
     """
-    s = _dot(q_c, kt, PRECISION)
+    i = tl.arange(0, BLOCK_M)
+    j = tl.arange(0, BLOCK_N)
+    if KEY_MAJOR:
+        s = _dot(k, tl.trans(q_c), PRECISION)
+    else:
+        s = _dot(q_c, k, PRECISION)
     if REL_POS:
-        # band[i, c] = (q_i + v) . r_{delta_min + c}; key j of row i sits at c = i + BN-1-j
-        r_t, _, _ = _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
-                                   BLOCK_N, BLOCK_D, BLOCK_R)
-        band = _dot(q_p, r_t, PRECISION)
-        col = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]
-        s += tl.gather(band, col, 1)
+        # band[c] = r_{delta_min + c} . (q_i + v); key j of query i sits at c = i + BN-1-j
+        r, _, _ = _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
+                                 BLOCK_N, BLOCK_D, BLOCK_R)
+        if KEY_MAJOR:
+            band = _dot(r, tl.trans(q_p), PRECISION)  # [BLOCK_R, BLOCK_M]
+            s += tl.gather(band, i[None, :] + (BLOCK_N - 1 - j)[:, None], 0)
+        else:
+            band = _dot(q_p, tl.trans(r), PRECISION)  # [BLOCK_M, BLOCK_R]
+            s += tl.gather(band, i[:, None] + (BLOCK_N - 1 - j)[None, :], 1)
     s = s * scale_log2
     if apply_mask:
-        keep = key_ok[None, :]
-        if CAUSAL:
-            query_pos = query_pos0 + tl.arange(0, BLOCK_M)
-            key_pos = key_pos0 + tl.arange(0, BLOCK_N)
-            keep = keep & (key_pos[None, :] <= query_pos[:, None])
+        if KEY_MAJOR:
+            keep = key_ok[:, None]
+            if CAUSAL:
+                keep = keep & (key_pos0 + j[:, None] <= query_pos0 + i[None, :])
+        else:
+            keep = key_ok[None, :]
+            if CAUSAL:
+                keep = keep & (key_pos0 + j[None, :] <= query_pos0 + i[:, None])
         s = tl.where(keep, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
+def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, KEY_MAJOR: tl.constexpr,
               HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """K^T [D, BLOCK_N] of slots start.. of a source, which of them hold data, and
-    whether the tile needs masking for it (partial memory, source tail, padding)."""
+    """Keys start.. of a source (K^T [D, BLOCK_N], or K [BLOCK_N, D] with KEY_MAJOR),
+    which of them hold data, and whether the tile needs masking for it (partial memory,
+    source tail, padding)."""
     offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
-    kt = tl.load(Kp + offs_n[None, :] * sk_n + tl.arange(0, BLOCK_D)[:, None],
-                 mask=in_src[None, :], other=0.0)
+    if KEY_MAJOR:
+        k = tl.load(Kp + offs_n[:, None] * sk_n + offs_d[None, :], mask=in_src[:, None],
+                    other=0.0)
+    else:
+        k = tl.load(Kp + offs_n[None, :] * sk_n + offs_d[:, None], mask=in_src[None, :],
+                    other=0.0)
     key_ok = in_src & (offs_n >= valid_lo)
     partial = (start < valid_lo) | (start + BLOCK_N > size)
     if HAS_PAD:
         padded = tl.load(Pad + offs_n * spad_n, mask=in_src, other=1)
         key_ok = key_ok & (padded == 0)
         partial = partial | (start >= 0)
-    return kt, key_ok, partial
+    return k, key_ok, partial
 
 
 # ----------------------------------------------------------------------------- forward
@@ -149,12 +173,12 @@ def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, 
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
-                                           HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+                                           False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
         if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
         s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
-                    apply_mask, scale_log2, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D,
-                    BLOCK_R, PRECISION)
+                    apply_mask, scale_log2, False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N,
+                    BLOCK_D, BLOCK_R, PRECISION)
         # rescale the running state; a row with no key yet keeps m = -inf, l = 0, acc = 0
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -241,12 +265,12 @@ def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
-                                           HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+                                           False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
         if IS_SEGMENT and CAUSAL:
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
         s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
-                    apply_mask, scale_log2, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D,
-                    BLOCK_R, PRECISION)
+                    apply_mask, scale_log2, False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N,
+                    BLOCK_D, BLOCK_R, PRECISION)
         p = tl.math.exp2(s - lse[:, None])
         offs_n = start + tl.arange(0, BLOCK_N)
         vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
@@ -261,9 +285,9 @@ def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad
             in_tile = (j >= 0) & (j < BLOCK_N)
             dband = tl.where(in_tile, tl.gather(ds, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), 1),
                              0.0).to(kt.dtype)
-            r_t, rows, in_r = _position_band(R_h, sr_n, R_rows, query_pos0, key_base + start,
-                                             BLOCK_N, BLOCK_D, BLOCK_R)
-            dq_p += _dot(dband, tl.trans(r_t), PRECISION)
+            r, rows, in_r = _position_band(R_h, sr_n, R_rows, query_pos0, key_base + start,
+                                           BLOCK_N, BLOCK_D, BLOCK_R)
+            dq_p += _dot(dband, r, PRECISION)
             dr = _dot(tl.trans(dband), q_p, PRECISION)  # [BLOCK_R, D]
             tl.atomic_add(DR_h + rows[:, None] * D + offs_d[None, :], dr,
                           mask=in_r[:, None], sem="relaxed")
@@ -355,11 +379,12 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
-    kt, key_ok, partial = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
-                                    HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+    # key-major tiles ([keys, queries]): P^T and dS^T feed the dV / dK products directly
+    k, key_ok, partial = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
+                                   HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
     if not USAGE:
-        vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
-                     mask=in_src[None, :], other=0.0)
+        v = tl.load(Vp + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_src[:, None],
+                    other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     usage = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -378,20 +403,20 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
         apply_mask = partial
         if IS_SEGMENT and CAUSAL:
             apply_mask = apply_mask | (start + BLOCK_N - 1 > qs)
-        s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_base + qs, key_base + start,
-                    key_ok, apply_mask, scale_log2, CAUSAL, REL_POS, BLOCK_M, BLOCK_N,
-                    BLOCK_D, BLOCK_R, PRECISION)
-        p = tl.math.exp2(s - lse[:, None])
+        s_t = _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_base + qs, key_base + start,
+                      key_ok, apply_mask, scale_log2, True, CAUSAL, REL_POS, BLOCK_M,
+                      BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        p_t = tl.math.exp2(s_t - lse[None, :])
         if USAGE:
-            usage += tl.sum(p, 0)
+            usage += tl.sum(p_t, 1)
         else:
             do = tl.load(DO + offs_m[:, None] * sdo_n + offs_d[None, :], mask=row_ok[:, None],
                          other=0.0)
             delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
-            dp = _dot(do, vt, PRECISION)
-            ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
-            dk += _dot(tl.trans(ds), q_c, PRECISION)
+            dv += _dot(p_t.to(do.dtype), do, PRECISION)
+            dp_t = _dot(v, tl.trans(do), PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :]) * scale).to(q.dtype)
+            dk += _dot(ds_t, q_c, PRECISION)
 
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
@@ -483,7 +508,7 @@ class _Call:
     sources, which are never read), strides, sizes, constexpr flags and launch config."""
 
     def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                 key_padding_mask, r, u, v_bias, causal, scale, pass_name):
+                 key_padding_mask, r, u, v_bias, causal, scale):
         self.q = _last_dim_contiguous(q)
         self.B, self.n, self.H, self.D = q.shape
         self.m = 0 if mem_k is None else mem_k.shape[1]
@@ -509,16 +534,20 @@ class _Call:
             self.r_strides, self.R_rows = (r.stride(0), r.stride(1)), r.shape[1]
         else:
             self.rel, self.r_strides, self.R_rows = (self.q, self.q, self.q), (0, 0), 0
-        self.scale = scale
-        block_m, block_n, warps, stages = launch_config(pass_name + ("_rel" if rel_pos else ""),
-                                                        self.D, q.dtype)
-        self.meta = dict(
+        self.dtype = q.dtype
+        self.flags = dict(
             HAS_MEM_LENS=mem_lens is not None, HAS_CMEM_LENS=cmem_lens is not None,
             HAS_PAD=key_padding_mask is not None, CAUSAL=causal, REL_POS=rel_pos,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=self.D,
-            BLOCK_R=triton.next_power_of_2(block_m + block_n - 1) if rel_pos else 16,
-            PRECISION=_dot_precision(q.dtype),
-            num_warps=warps, num_stages=stages)
+            BLOCK_D=self.D, PRECISION=_dot_precision(q.dtype))
+
+    def meta(self, pass_name):
+        """Constexpr flags and launch configuration of one pass."""
+        rel_pos = self.flags["REL_POS"]
+        block_m, block_n, warps, stages = launch_config(pass_name + ("_rel" if rel_pos else ""),
+                                                        self.D, self.dtype)
+        return dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n,
+                    BLOCK_R=triton.next_power_of_2(block_m + block_n - 1) if rel_pos else 16,
+                    num_warps=warps, num_stages=stages)
 
     @property
     def sizes(self):
@@ -528,26 +557,26 @@ class _Call:
 def _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
              r, u, v_bias, causal, scale):
     c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
-              r, u, v_bias, causal, scale, "fwd")
+              r, u, v_bias, causal, scale)
     out = _empty((c.B, c.n, c.H, c.D), q.dtype, q.device)
     lse = _empty((c.B, c.H, c.n), torch.float32, q.device)
-    grid = (triton.cdiv(c.n, c.meta["BLOCK_M"]), c.B * c.H)
+    meta = c.meta("fwd")
+    grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
     _fwd_kernel[grid](
         c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
-        *c.sizes, scale * LOG2E, **c.meta)
+        *c.sizes, scale * LOG2E, **meta)
     return out, lse
 
 
-def _key_tiles(c):
-    block_n = c.meta["BLOCK_N"]
+def _key_tiles(c, block_n):
     return triton.cdiv(c.cm, block_n), triton.cdiv(c.m, block_n), triton.cdiv(c.n, block_n)
 
 
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
               key_padding_mask, r, u, v_bias, causal, scale):
     c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
-              r, u, v_bias, causal, scale, "bwd")
+              r, u, v_bias, causal, scale)
     B, n, H, D, m, cm = c.B, c.n, c.H, c.D, c.m, c.cm
     grad_out, out = _last_dim_contiguous(grad_out), _last_dim_contiguous(out)
     dq = _empty((B, n, H, D), q.dtype, q.device)
@@ -562,18 +591,20 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_len
     dvb = torch.zeros((H, D) if rel_pos else (0,), dtype=torch.float32, device=q.device)
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
 
-    grid = (triton.cdiv(n, c.meta["BLOCK_M"]), B * H)
+    meta = c.meta("dq")
+    grid = (triton.cdiv(n, meta["BLOCK_M"]), B * H)
     _bwd_dq_kernel[grid](
         c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel,
         *(t if rel_pos else c.q for t in (dr, du, dvb)),
         *_strides(c.q), *c.source_strides, *_strides(out), *_strides(grad_out),
-        *c.pad_strides, *c.r_strides, *c.sizes, scale * LOG2E, scale, **c.meta)
-    tiles_c, tiles_m, tiles_s = _key_tiles(c)
+        *c.pad_strides, *c.r_strides, *c.sizes, scale * LOG2E, scale, **meta)
+    meta = c.meta("dkdv")
+    tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, B * H)](
         c.q, *c.sources, grad_out, lse, delta, dk, dv, grad_ptr(dmk), grad_ptr(dmv),
         grad_ptr(dck), grad_ptr(dcv), lse, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
-        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=False, **c.meta)
+        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=False, **meta)
     if rel_pos:
         dr, du, dvb = dr.to(q.dtype), du.to(q.dtype), dvb.to(q.dtype)
     return dq, dk, dv, dmk, dmv, dck, dcv, dr, du, dvb
@@ -582,13 +613,14 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_len
 def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, r, u, v_bias,
                causal, scale):
     c = _Call(q, k, k, mem_k, mem_k, cmem_k, cmem_k, mem_lens, cmem_lens, key_padding_mask,
-              r, u, v_bias, causal, scale, "bwd")
+              r, u, v_bias, causal, scale)
     usage = _empty((c.B, c.H, c.cm + c.m + c.n), torch.float32, q.device)
-    tiles_c, tiles_m, tiles_s = _key_tiles(c)
+    meta = c.meta("dkdv")
+    tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
         c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
-        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=True, **c.meta)
+        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=True, **meta)
     return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
 
 
