@@ -184,7 +184,7 @@ def tune():
                 ct_kernels.compressive_attention(**args, backend="triton").backward(grad)
             for pass_name in ("fwd", "dq", "dkdv"):
                 key = (pass_name + ("_rel" if rel_pos else ""), head_dim)
-                timings = {}
+                timings, current = {}, attention.GPU_CONFIGS[key]
                 for config in TUNE_CANDIDATES[key[0]]:
                     attention.GPU_CONFIGS[key] = config
                     try:
@@ -192,7 +192,7 @@ def tune():
                             forward if pass_name == "fwd" else forward_backward, rep_ms=100)
                     except Exception as error:  # e.g. out of shared memory
                         print(f"tune {key} {config}: {type(error).__name__}")
-                best = min(timings, key=timings.get) if timings else None
+                best = min(timings, key=timings.get) if timings else current
                 attention.GPU_CONFIGS[key] = best
                 print(f"tune {key}: " + ", ".join(f"{c}={t:.4f}ms" for c, t in timings.items())
                       + f" -> {best}", flush=True)
