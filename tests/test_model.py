@@ -1,4 +1,5 @@
 """The model layer: shapes, memories, stop-gradients, positions, cached generation."""
+import copy
 import dataclasses
 
 import pytest
@@ -106,6 +107,21 @@ def test_stop_gradients():
     for layer in model.layers:
         assert all(p.grad is None for p in layer.compressor.parameters())
     assert model.layers[0].kv_proj.weight.grad.abs().sum() > 0
+
+
+def test_full_memories_pass_no_lengths():
+    model = make_model()
+    memories = None
+    for step in range(3):
+        assert memories is None or not memories.full
+        _, memories, _ = model(tokens(2, 8, seed=step), memories)
+    assert memories.check_full()
+    known, checked = copy.deepcopy(memories), copy.deepcopy(memories)
+    checked.check_full = lambda: False  # pass the lengths anyway
+    x = tokens(2, 8, seed=9)
+    torch.testing.assert_close(model(x, known)[0], model(x, checked)[0])
+    memories.reset(torch.tensor([True, False]))
+    assert not memories.full and not memories.check_full()
 
 
 def test_compressor_loss_waits_for_full_memories():

@@ -70,6 +70,7 @@ class DecodeState:
     def _feed_chunk(self, tokens):
         model, t = self.model, self.t
         k = tokens.shape[1]
+        full = self.memories.check_full()
         with autocast(self.device, self.amp):
             h = model.embed(tokens)
             for layer, memory, usage, cache in zip(model.layers, self.memories.layers,
@@ -84,8 +85,8 @@ class DecodeState:
                 past = cache.kv[:, :cache.m + t]
                 mem_kv = (past[:, :, 0], past[:, :, 1]) if cache.m + t else (None, None)
                 cmem_kv = (cache.ckv[:, :, 0], cache.ckv[:, :, 1]) if cache.cm else (None, None)
-                mem_lens = memory.mem_lens + t if memory is not None and cache.m + t else None
-                cmem_lens = memory.cmem_lens if cache.cm else None
+                mem_lens = memory.mem_lens + t if memory is not None and cache.m + t and not full else None
+                cmem_lens = memory.cmem_lens if cache.cm and not full else None
                 attn_out, key_usage = layer.attend(q, new[:, :, 0], new[:, :, 1], mem_kv, cmem_kv,
                                                    mem_lens, cmem_lens, cache.rel_pos,
                                                    want_usage=usage is not None)

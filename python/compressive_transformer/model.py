@@ -47,6 +47,17 @@ class Memories:
     def __init__(self, layers: List[Optional[LayerMemory]], usage: List[Optional[torch.Tensor]]):
         self.layers = layers
         self.usage = usage
+        # known on the host: every buffer of every sample is full, so the ops get no lengths
+        # (and need no device-to-host read to check them)
+        self.full = False
+
+    def check_full(self):
+        """Set ``full`` once every buffer is full (one host sync per call until then)."""
+        if not self.full:
+            flags = [(mem.mem_lens == mem.mem.shape[1]).all() & (mem.cmem_lens == mem.cmem.shape[1]).all()
+                     for mem in self.layers if mem is not None]
+            self.full = bool(torch.stack(flags).all()) if flags else True
+        return self.full
 
     @property
     def batch(self):
@@ -57,6 +68,7 @@ class Memories:
         for memory in self.layers:
             if memory is not None:
                 memory.reset(which)
+        self.full = False
 
 
 class Compressor(nn.Module):
@@ -156,8 +168,9 @@ class CompressiveLayer(nn.Module):
         h = self.attn_norm(h + attn_out)
         return self.ff_norm(h + self.dropout(self.ff(h)))
 
-    def memory_kv(self, memory: Optional[LayerMemory]):
-        """((mem_k, mem_v), (cmem_k, cmem_v), mem_lens, cmem_lens) for compressive_attention.
+    def memory_kv(self, memory: Optional[LayerMemory], full=False):
+        """((mem_k, mem_v), (cmem_k, cmem_v), mem_lens, cmem_lens) for compressive_attention;
+        no lengths when the buffers are known to be ``full``.
 
         Keys/values come from one projection of a copy of [cmem | mem], and the lengths are
         copies too: push() rewrites the buffers in place while autograd still needs them."""
@@ -166,8 +179,9 @@ class CompressiveLayer(nn.Module):
             return none, none, None, None
         cm, m = memory.cmem.shape[1], memory.mem.shape[1]
         k, v = self.project_kv(torch.cat([memory.cmem, memory.mem], dim=1))
-        return ((k[:, cm:], v[:, cm:]) if m else none, (k[:, :cm], v[:, :cm]) if cm else none,
-                memory.mem_lens.clone() if m else None, memory.cmem_lens.clone() if cm else None)
+        lens = (None, None) if full else (memory.mem_lens.clone() if m else None,
+                                          memory.cmem_lens.clone() if cm else None)
+        return ((k[:, cm:], v[:, cm:]) if m else none, (k[:, :cm], v[:, :cm]) if cm else none, *lens)
 
     def push_memory(self, memory: LayerMemory, usage, x, key_usage, keep_evicted=False):
         """Append the segment's attention inputs x [B, n, d] to the memory, compressing the
@@ -212,12 +226,13 @@ class CompressiveLayer(nn.Module):
         return None
 
     # ---- one whole segment
-    def forward(self, h, memory: Optional[LayerMemory], usage, sinusoid):
-        """h [B, n, d] -> (layer output [B, n, d], compressor loss or None); updates memory."""
+    def forward(self, h, memory: Optional[LayerMemory], usage, sinusoid, full=False):
+        """h [B, n, d] -> (layer output [B, n, d], compressor loss or None); updates memory.
+        ``full``: the memory buffers are known to be full."""
         x = self.attention_input(h)
         q = self.project_q(x)
         k, v = self.project_kv(x)
-        mem_kv, cmem_kv, mem_lens, cmem_lens = self.memory_kv(memory)
+        mem_kv, cmem_kv, mem_lens, cmem_lens = self.memory_kv(memory, full)
         L = x.shape[1] + sum(t.shape[1] for t in (mem_kv[0], cmem_kv[0]) if t is not None)
         rel_pos = self.relative_position(sinusoid[:L], q.dtype)
         attn_out, key_usage = self.attend(q, k, v, mem_kv, cmem_kv, mem_lens, cmem_lens, rel_pos,
@@ -226,14 +241,14 @@ class CompressiveLayer(nn.Module):
         if memory is not None:
             cm = memory.cmem.shape[1]
             # the loss counts once every sample's evicted rows hold data (no host sync)
-            full = (memory.mem_lens == memory.mem.shape[1]).all()
+            evicted_valid = full or (memory.mem_lens == memory.mem.shape[1]).all()
             train_compressor = (self.compressor is not None and self.compressor.loss != "none"
                                 and torch.is_grad_enabled())
             old, compressed = self.push_memory(memory, usage, x,
                                                None if key_usage is None else key_usage[:, cm:],
                                                keep_evicted=train_compressor)
             if train_compressor:
-                aux = self.compressor_loss(old, compressed, q) * full
+                aux = self.compressor_loss(old, compressed, q) * evicted_valid
         return self.residual(h, attn_out), aux
 
 
@@ -300,8 +315,9 @@ class CompressiveTransformer(nn.Module):
         sinusoid = sinusoids(self.max_distance(n), self.config.dim, tokens.device)
         h = self.dropout(self.embed(tokens))
         aux = torch.zeros((), device=tokens.device)
+        full = memories.check_full()
         for layer, memory, usage in zip(self.layers, memories.layers, memories.usage):
-            h, layer_aux = layer(h, memory, usage, sinusoid)
+            h, layer_aux = layer(h, memory, usage, sinusoid, full)
             if layer_aux is not None:
                 aux = aux + layer_aux.float()
         return self.head(self.norm(h)), memories, aux
