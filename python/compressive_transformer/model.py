@@ -76,9 +76,14 @@ class Compressor(nn.Module):
 
     The convolutions start as mean pooling (weight = identity / rate), so compressed
     memories carry information from the first step while the compressor learns. The
-    auto-encoding decoder g (``dec_weight``, nn.ConvTranspose1d layout, kernel = stride =
-    rate) mirrors the convolution: each compressed slot reconstructs exactly the ``rate``
-    rows it summarises; it starts as "repeat the slot".
+    dilated convolution (the paper gives no setting) uses ``dilation`` (default 2, the
+    smallest that reaches across window boundaries): slot t ends at the last row of its own
+    window and reaches (rate - 1) * dilation rows back, so neighbouring slots overlap.
+    The auto-encoding decoder g (also unspecified by the paper; ``dec_weight``,
+    nn.ConvTranspose1d layout, kernel = stride = rate) mirrors the convolution: each
+    compressed slot reconstructs exactly the ``rate`` rows it summarises. It is linear, so
+    the loss rewards what the compressor keeps rather than what a deep decoder could
+    invent, and it starts as "repeat the slot".
     """
 
     def __init__(self, config: ModelConfig):
