@@ -50,6 +50,7 @@ def _cuda_extension_loaded() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly, traces no import
 def available_backends() -> list:
     """Backends this machine can run: "reference" always, "triton" where Triton runs
     (a CUDA GPU, or the CPU interpreter with TRITON_INTERPRET=1), "cuda" where the
