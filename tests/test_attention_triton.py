@@ -250,3 +250,15 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(usage, eager_usage)
     for k, grad in zip(names, grads):
         torch.testing.assert_close(grad, a[k].grad, msg=k)
+
+
+@pytest.mark.parametrize("config,rel_pos", [((128, 128, 8, 3), False), ((128, 32, 8, 2), False),
+                                            ((32, 64, 4, 2), True)])
+def test_gpu_tile_sizes(monkeypatch, config, rel_pos):
+    # the tile logic at the tuned GPU block sizes (also in the interpreter): several query
+    # and key tiles per source, partial tiles, the causal band
+    monkeypatch.setattr(attention, "launch_config", lambda *_: config)
+    g = torch.Generator().manual_seed(12)
+    args = testing.random_attention_inputs(2, 140, 1, 16, 70, 45, device=DEVICE, generator=g,
+                                           partial=True, padding=True, rel_pos=rel_pos)
+    check(args, usage=True)
