@@ -151,6 +151,15 @@ def test_train_resume_eval_generate(tmp_path, capsys):
     assert "tokens/s" in result.err
 
 
+def test_time_limit_stops_training_and_validates(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_bytes(english_like(6_000))
+    main(["train", "--data", str(text), "--out", str(tmp_path), "--steps", "1000", "--batch", "2",
+          "--log-every", "3", "--max-minutes", "1e-6", *SMALL_MODEL])
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["step"] == 3 and math.isfinite(state["val_bpc"])
+
+
 def test_bad_command_lines(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", __file__])

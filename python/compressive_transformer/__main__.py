@@ -30,7 +30,8 @@ def _add_train(sub):
     for flag, kind in (("steps", int), ("batch", int), ("lr", float), ("min-lr", float),
                        ("warmup", int), ("clip", float), ("weight-decay", float),
                        ("eval-every", int), ("eval-batch", int), ("eval-segments", int),
-                       ("log-every", int), ("val-fraction", float), ("seed", int)):
+                       ("log-every", int), ("val-fraction", float), ("seed", int),
+                       ("max-minutes", float)):
         g.add_argument(f"--{flag}", type=kind)
     g.add_argument("--no-amp", dest="amp", action="store_false", default=None,
                    help="no bf16 autocast on GPU")

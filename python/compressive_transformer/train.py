@@ -99,6 +99,16 @@ def parameters_identical(model):
     return bool(same.item())
 
 
+def out_of_time(started, max_minutes, device):
+    """True once ``max_minutes`` have passed since ``started`` (on any rank: all agree)."""
+    if max_minutes is None:
+        return False
+    late = torch.tensor([float(time.perf_counter() - started > 60 * max_minutes)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
 def load_data(path, val_fraction, rank):
     """(train, validation) uint8 tensors; rank 0 fetches the default corpus first."""
     if rank != 0 and dist.is_initialized():
@@ -168,7 +178,8 @@ def train(model_config: ModelConfig, config: TrainConfig, *, data=None, out="run
 
     memories = model.init_memories(config.batch, device, memory_dtype)
     sums = torch.zeros(3, device=device)  # [loss, aux, steps] since the last log line
-    last_time, last_step, val_bpc = time.perf_counter(), start, None
+    started = last_time = time.perf_counter()
+    done, val_bpc = start, None
     net.train()
     for step in range(start, config.steps):
         lr = learning_rate(step, config)
@@ -200,18 +211,19 @@ def train(model_config: ModelConfig, config: TrainConfig, *, data=None, out="run
             sums.zero_()
             last_time = now
         if bar is not None:
-            bar.update(done - last_step)
-        last_step = done
+            bar.update(1)
+        if done % config.log_every == 0 and out_of_time(started, config.max_minutes, device):
+            break
         if done % config.eval_every == 0 and done < config.steps:
             val_bpc = validate(done, config.eval_segments)
             last_time = time.perf_counter()  # validation time is not training throughput
 
     if bar is not None:
         bar.close()
-    val_bpc = validate(config.steps, None) if start < config.steps else None
+    val_bpc = validate(done, None) if done > start else None
     if rank == 0 and val_bpc is not None:
-        print(f"step {config.steps}: validation bpc={val_bpc:.4f} (all held-out documents); "
-              f"checkpoint {ckpt_path}", flush=True)
+        print(f"step {done}: validation bpc={val_bpc:.4f} (all held-out documents); "
+              f"checkpoint {ckpt_path}; {(time.perf_counter() - started) / 60:.1f} minutes", flush=True)
     if world > 1:
         same = parameters_identical(model)
         if rank == 0:
