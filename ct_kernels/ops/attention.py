@@ -516,7 +516,7 @@ class _Call:
         self.cm = 0 if cmem_k is None else cmem_k.shape[1]
         present = lambda t: _last_dim_contiguous(t) if t is not None and t.numel() else None  # noqa: E731
         sources = [present(t) for t in (k, v, mem_k, mem_v, cmem_k, cmem_v)]
-        if any(t is not None and t.shape[1] * t.stride(1) >= 2**31 for t in sources):
+        if any(t is not None and t.shape[1] * t.stride(1) >= 2**31 for t in sources + [q]):
             raise ValueError("a key/value tensor spans 2**31 elements or more along its "
                              "sequence dimension (per batch and head); split the batch")
         self.sources = [self.q if t is None else t for t in sources]
