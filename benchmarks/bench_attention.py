@@ -113,6 +113,12 @@ def providers(args, rel_pos, device):
     return fns
 
 
+def leaves(args):
+    """Every input that gets a gradient (q, k, v, both memories, r, u, v)."""
+    tensors = [t for t in args.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    return tensors + list(args.get("rel_pos") or ())
+
+
 def cases(shapes, dtype, device, rel_pos):
     """(shape name, provider, mode, callable, flops) for every benchmark case."""
     for name, shape in shapes.items():
@@ -124,8 +130,8 @@ def cases(shapes, dtype, device, rel_pos):
                 with torch.no_grad():
                     return fwd()
 
-            def forward_backward(fwd=fwd):
-                fwd().backward(grad)
+            def forward_backward(fwd=fwd):  # gradients returned, not accumulated in .grad
+                torch.autograd.grad(fwd(), leaves(args), grad)
             yield name, provider, "fwd", forward, flops
             yield name, provider, "fwd+bwd", forward_backward, 3.5 * flops
 
@@ -181,7 +187,8 @@ def tune():
                     ct_kernels.compressive_attention(**args, backend="triton")
 
             def forward_backward():
-                ct_kernels.compressive_attention(**args, backend="triton").backward(grad)
+                torch.autograd.grad(ct_kernels.compressive_attention(**args, backend="triton"),
+                                    leaves(args), grad)
             for pass_name in ("fwd", "dq", "dkdv"):
                 key = (pass_name + ("_rel" if rel_pos else ""), head_dim)
                 timings, current = {}, attention.GPU_CONFIGS[key]
