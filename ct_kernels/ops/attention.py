@@ -140,11 +140,11 @@ def _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_
 
 
 @triton.jit
-def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, KEY_MAJOR: tl.constexpr,
+def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, pad_on, KEY_MAJOR: tl.constexpr,
               HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Keys start.. of a source (K^T [D, BLOCK_N], or K [BLOCK_N, D] with KEY_MAJOR),
     which of them hold data, and whether the tile needs masking for it (partial memory,
-    source tail, padding)."""
+    source tail, key padding where ``pad_on``: the segment's keys)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
@@ -157,9 +157,9 @@ def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, KEY_MAJOR: tl.conste
     key_ok = in_src & (offs_n >= valid_lo)
     partial = (start < valid_lo) | (start + BLOCK_N > size)
     if HAS_PAD:
-        padded = tl.load(Pad + offs_n * spad_n, mask=in_src, other=1)
+        padded = tl.load(Pad + offs_n * spad_n, mask=tl.where(pad_on, in_src, False), other=0)
         key_ok = key_ok & (padded == 0)
-        partial = partial | (start >= 0)
+        partial = partial | pad_on
     return k, key_ok, partial
 
 
@@ -173,7 +173,7 @@ def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, 
     """Online softmax over slots [first tile with valid slots, hi) of one key source."""
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-        kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
+        kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
                                            False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
         if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
@@ -265,7 +265,7 @@ def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad
     """dQ (and dr) contributions of one key source, tiles as in the forward."""
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-        kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo,
+        kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
                                            False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
         if IS_SEGMENT and CAUSAL:
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
@@ -368,9 +368,9 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------- backward: dK/dV
 @triton.jit
 def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
-               row_stride, Pad, spad_n, size, valid_lo, key_base, start, n, query_base, U, VB, h,
-               R_h, sr_n, R_rows, scale_log2, scale,
-               IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+               row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n,
+               query_base, U, VB, h, R_h, sr_n, R_rows, scale_log2, scale,
+               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                REL_POS: tl.constexpr, USAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                PRECISION: tl.constexpr):
@@ -381,8 +381,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
     # key-major tiles ([keys, queries]): P^T and dS^T feed the dV / dK products directly
-    k, key_ok, partial = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
-                                   HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+    k, key_ok, partial = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, is_segment,
+                                   True, HAS_PAD, BLOCK_N, BLOCK_D)
     if not USAGE:
         v = tl.load(Vp + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_src[:, None],
                     other=0.0)
@@ -392,7 +392,9 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
 
     # memory keys are seen by every query; segment key s by queries i >= s (causal);
     # a tile without any valid key is skipped (its gradients are zero)
-    q_lo = (start // BLOCK_M * BLOCK_M) if (IS_SEGMENT and CAUSAL) else 0
+    q_lo = start * 0
+    if CAUSAL:
+        q_lo = tl.where(is_segment, start // BLOCK_M * BLOCK_M, q_lo)
     q_lo = tl.where(start + BLOCK_N <= valid_lo, n, q_lo)
     for qs in range(q_lo, n, BLOCK_M):
         offs_m = qs + tl.arange(0, BLOCK_M)
@@ -402,8 +404,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
         q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
         lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
         apply_mask = partial
-        if IS_SEGMENT and CAUSAL:
-            apply_mask = apply_mask | (start + BLOCK_N - 1 > qs)
+        if CAUSAL:  # the diagonal band: some segment key after some query
+            apply_mask = apply_mask | (is_segment & (start + BLOCK_N - 1 > qs))
         s_t = _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_base + qs, key_base + start,
                       key_ok, apply_mask, scale_log2, True, CAUSAL, REL_POS, BLOCK_M,
                       BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
@@ -427,7 +429,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
         tl.store(DVp + tile, dv.to(DVp.dtype.element_ty), mask=in_src[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sk_n", "sv_n", "smk_n", "smv_n", "sck_n", "scv_n", "n", "m", "cm",
+                               "tiles_c", "tiles_m"])
 def _bwd_dkdv_kernel(
     Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage,
     MemLens, CmemLens, Pad, R, U, VB,
@@ -453,33 +456,31 @@ def _bwd_dkdv_kernel(
     R_h = R + h * sr_h
     Pad_b = Pad + b * spad_b
     head = h * BLOCK_D  # offset of this (b, h) in a contiguous [B, S, H, D] gradient
-    # the program's key tile lies in exactly one source
+    # the program's key tile lies in exactly one source: pick its tensors and bounds with
+    # scalar selects, so that the tile code (and its shared memory) exists once
+    is_segment = pid_n >= tiles_c + tiles_m
+    Kp, Vp, sk, sv = K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, sk_n, sv_n
+    DKp, DVp = DK + b * n * H * BLOCK_D + head, DV + b * n * H * BLOCK_D + head
+    size, valid_lo, key_base = n, n * 0, cm + m
+    start = (pid_n - tiles_c - tiles_m) * BLOCK_N
     if pid_n < tiles_c:
-        valid_lo = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
-        _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, CK + b * sck_b + h * sck_h,
-                   CV + b * scv_b + h * scv_h, sck_n, scv_n,
-                   DCK + b * cm * H * BLOCK_D + head,
-                   DCV + b * cm * H * BLOCK_D + head, H * BLOCK_D,
-                   Pad_b, spad_n, cm, valid_lo, 0, pid_n * BLOCK_N, n, cm + m, U, VB, h,
-                   R_h, sr_n, R_rows, scale_log2, scale, False, HAS_PAD, CAUSAL, REL_POS,
-                   USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        Kp, Vp, sk, sv = CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h, sck_n, scv_n
+        DKp, DVp = DCK + b * cm * H * BLOCK_D + head, DCV + b * cm * H * BLOCK_D + head
+        size, valid_lo, key_base = cm, cm * 0, cm * 0
+        if HAS_CMEM_LENS:
+            valid_lo = cm - tl.load(CmemLens + b)
+        start = pid_n * BLOCK_N
     elif pid_n < tiles_c + tiles_m:
-        valid_lo = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
-        _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, MK + b * smk_b + h * smk_h,
-                   MV + b * smv_b + h * smv_h, smk_n, smv_n,
-                   DMK + b * m * H * BLOCK_D + head,
-                   DMV + b * m * H * BLOCK_D + head, H * BLOCK_D,
-                   Pad_b, spad_n, m, valid_lo, cm, (pid_n - tiles_c) * BLOCK_N, n, cm + m,
-                   U, VB, h, R_h, sr_n, R_rows, scale_log2, scale, False, HAS_PAD, CAUSAL,
-                   REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
-    else:
-        _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, K + b * sk_b + h * sk_h,
-                   V + b * sv_b + h * sv_h, sk_n, sv_n,
-                   DK + b * n * H * BLOCK_D + head,
-                   DV + b * n * H * BLOCK_D + head, H * BLOCK_D,
-                   Pad_b, spad_n, n, 0, cm + m, (pid_n - tiles_c - tiles_m) * BLOCK_N, n,
-                   cm + m, U, VB, h, R_h, sr_n, R_rows, scale_log2, scale, True, HAS_PAD,
-                   CAUSAL, REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        Kp, Vp, sk, sv = MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h, smk_n, smv_n
+        DKp, DVp = DMK + b * m * H * BLOCK_D + head, DMV + b * m * H * BLOCK_D + head
+        size, valid_lo, key_base = m, m * 0, cm
+        if HAS_MEM_LENS:
+            valid_lo = m - tl.load(MemLens + b)
+        start = (pid_n - tiles_c) * BLOCK_N
+    _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
+               H * BLOCK_D, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
+               cm + m, U, VB, h, R_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
+               REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
 
 
 # ----------------------------------------------------------------------------- host side
