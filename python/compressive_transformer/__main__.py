@@ -31,7 +31,7 @@ def _add_train(sub):
                        ("warmup", int), ("clip", float), ("weight-decay", float),
                        ("eval-every", int), ("eval-batch", int), ("eval-segments", int),
                        ("log-every", int), ("val-fraction", float), ("seed", int),
-                       ("max-minutes", float)):
+                       ("max-minutes", float), ("cpu-threads", int)):
         g.add_argument(f"--{flag}", type=kind)
     g.add_argument("--no-amp", dest="amp", action="store_false", default=None,
                    help="no bf16 autocast on GPU")

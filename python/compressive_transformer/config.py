@@ -105,6 +105,7 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
     max_minutes: Optional[float] = None  # stop training after this long (then validate)
+    cpu_threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch's default)
 
     def __post_init__(self):
         for name in ("steps", "batch", "eval_every", "eval_batch", "log_every"):
@@ -113,6 +114,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.warmup < 0 or self.lr <= 0 or self.min_lr < 0 or self.clip <= 0:
             raise ValueError("warmup must be >= 0, lr and clip > 0, min_lr >= 0")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -126,13 +129,14 @@ class Preset:
 
 
 PRESETS = {
-    # the main command's model: about 4 minutes on 2 idle CPU cores; on a busy machine the
-    # training stops after 4 minutes and validates, so the command ends within 5
+    # the main command's model, for a 2-core CPU: training stops after 3.75 minutes at the
+    # latest, then validates. One thread: its matrices are small, and two OpenMP threads
+    # slow down many times over as soon as another process shares the two cores.
     "tiny": Preset(
         ModelConfig(dim=128, layers=4, heads=4, seg_len=64, mem_len=64, cmem_len=32, rate=2,
                     dropout=0.0),
-        TrainConfig(steps=1500, batch=16, lr=2e-3, warmup=60, eval_every=500, eval_batch=32,
-                    eval_segments=40, log_every=10, max_minutes=4.0)),
+        TrainConfig(steps=800, batch=16, lr=2e-3, warmup=60, eval_every=400, eval_batch=64,
+                    eval_segments=20, log_every=10, max_minutes=3.75, cpu_threads=1)),
     # paper §5 enwik8: 24 layers, d 1024, 8 x 128 heads, n = m = 768, cm = 1152, c = 3
     "enwik8": Preset(
         ModelConfig(dim=1024, layers=24, heads=8, seg_len=768, mem_len=768, cmem_len=1152, rate=3),

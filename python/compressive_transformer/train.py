@@ -125,6 +125,8 @@ def train(model_config: ModelConfig, config: TrainConfig, *, data=None, out="run
     OUT/loss.png (rank 0). ``resume``: continue from OUT/last.pt (its model configuration
     wins over ``model_config``)."""
     rank, world, device = setup_distributed(device)
+    if device.type == "cpu" and config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
     os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "last.pt")
     state = checkpoint.load(ckpt_path, device) if resume and os.path.exists(ckpt_path) else None
