@@ -12,7 +12,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?" | tee -a "$OUT/build.log"
 tail -n 5 "$OUT/build.log"
 
-python3 -m pytest ${SUITE_TESTS:-tests} -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -n 40
+eval "tests=(${SUITE_TESTS:-tests})"  # keeps quoted pytest arguments such as -k "a or b"
+python3 -m pytest "${tests[@]}" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -n 40
 
 if [ "${SUITE_BENCH:-}" != "none" ]; then
   python3 -m benchmarks ${SUITE_BENCH:+--only $SUITE_BENCH} 2>&1 | tee "$OUT/bench.log"
