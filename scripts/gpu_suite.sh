@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root: build the extension, run the whole test suite
 # on the GPU and every benchmark, then pack logs and results into $OUT.
-#   SUITE_TESTS  pytest arguments (default: tests)
+#   SUITE_TESTS  pytest arguments (default: tests; "none" skips)
 #   SUITE_BENCH  benchmark modules for `python -m benchmarks --only` (default: all; "none" skips)
+#   SUITE_TEST_SECONDS / SUITE_BENCH_SECONDS  time limits of the two stages (default 300 / 420)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-$(mktemp -d)}
+pack() { tar czf "$OUT/results.tar.gz" benchmarks/results; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?" | tee -a "$OUT/build.log"
-tail -n 5 "$OUT/build.log"
+start=$(date +%s)
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
+tail -n 3 "$OUT/build.log"
 
-eval "tests=(${SUITE_TESTS:-tests})"  # keeps quoted pytest arguments such as -k "a or b"
-python3 -m pytest "${tests[@]}" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -n 40
+if [ "${SUITE_TESTS:-}" != "none" ]; then
+  eval "tests=(${SUITE_TESTS:-tests})"  # keeps quoted pytest arguments such as -k "a or b"
+  timeout "${SUITE_TEST_SECONDS:-300}" python3 -m pytest "${tests[@]}" -q -p no:cacheprovider -rfE \
+    2>&1 | tee "$OUT/tests.log" | tail -n 40
+  echo "tests done after $(( $(date +%s) - start )) s"
+fi
 
 if [ "${SUITE_BENCH:-}" != "none" ]; then
-  python3 -m benchmarks ${SUITE_BENCH:+--only $SUITE_BENCH} 2>&1 | tee "$OUT/bench.log"
+  timeout "${SUITE_BENCH_SECONDS:-420}" python3 -m benchmarks ${SUITE_BENCH:+--only $SUITE_BENCH} \
+    2>&1 | tee "$OUT/bench.log"
+  echo "benchmarks done after $(( $(date +%s) - start )) s"
 fi
-tar czf "$OUT/results.tar.gz" benchmarks/results
+pack
