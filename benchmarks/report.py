@@ -1,0 +1,55 @@
+"""Markdown tables of the latest benchmark rows: ``python -m benchmarks.report``.
+
+For every op, the newest row of each (shape, provider, mode) across benchmarks/results/*.csv
+(later rows of a file are newer), one table per op: shapes down, providers across, each
+cell ``fwd / fwd+bwd`` (or the single mode) in the op's headline unit.
+"""
+import csv
+import glob
+import os
+
+from benchmarks.harness import RESULTS_DIR
+
+UNIT = {"attention": "tflops", "relpos_attention": "tflops", "compress_conv": "tflops",
+        "compress_mean": "gbps", "compress_max": "gbps", "memory_update": "ms",
+        "decode_attention": "gbps", "recon_loss": "ms", "train_step": "ms"}
+LABEL = {"tflops": "TF/s", "gbps": "GB/s", "ms": "ms"}
+
+
+def latest_rows():
+    latest = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.csv"))):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                latest[(row["op"], row["shape"], row["provider"], row["mode"])] = row
+    return list(latest.values())
+
+
+def tables(rows):
+    out = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        op_rows = [r for r in rows if r["op"] == op]
+        unit = UNIT.get(op, "ms")
+        shapes = list(dict.fromkeys(r["shape"] for r in op_rows))
+        providers = list(dict.fromkeys(r["provider"] for r in op_rows))
+        modes = list(dict.fromkeys(r["mode"] for r in op_rows))
+        first = op_rows[0]
+        out.append(f"**{op}** ({LABEL[unit]}, {' / '.join(modes)}; {first['gpu']}, torch "
+                   f"{first['torch']}, triton {first['triton']}, {first['date']})\n")
+        out.append("| shape | " + " | ".join(providers) + " |")
+        out.append("|---" * (len(providers) + 1) + "|")
+        for shape in shapes:
+            cells = []
+            for provider in providers:
+                values = []
+                for mode in modes:
+                    match = [r for r in op_rows if (r["shape"], r["provider"], r["mode"]) == (shape, provider, mode)]
+                    values.append(match[0][unit] if match and match[0][unit] else "–")
+                cells.append(" / ".join(values))
+            out.append(f"| {shape} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(tables(latest_rows()))
