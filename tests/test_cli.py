@@ -108,8 +108,10 @@ def test_learning_rate_warm_up_then_cosine():
 
 
 def test_presets_and_overrides():
-    model, train = preset("tiny", steps=7, dim=64, compress_method="mean", compress_loss="none")
-    assert (train.steps, model.dim, model.compress_method) == (7, 64, "mean")
+    model, train = preset("tiny", steps=7, dim=64, compress_method="mean")
+    assert (train.steps, model.dim, model.compress_method, model.compress_loss) == (7, 64, "mean", "none")
+    assert preset("tiny", compress_method="dilated_conv")[0].compress_loss == "attention"
+    assert preset("tiny", compress_loss="autoencoding")[0].compress_method == "conv"
     with pytest.raises(ValueError, match="preset"):
         preset("huge")
     with pytest.raises(TypeError, match="unknown"):

@@ -1,7 +1,8 @@
 """Command line: ``python -m compressive_transformer {train,eval,generate} ...``.
 
     train    --preset tiny [--data PATH] [--out DIR] [--steps N] [--resume] ...
-    eval     --checkpoint DIR/last.pt --data FILE          prints bpc=<value>
+    eval     --checkpoint DIR/last.pt [--data FILE]        prints bpc=<value> (default: the
+                                                           held-out documents)
     generate --checkpoint DIR/last.pt --prompt TEXT --length N
 Under ``torchrun --nproc_per_node N -m compressive_transformer train ...`` training is
 data-parallel (DDP).

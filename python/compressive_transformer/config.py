@@ -154,7 +154,9 @@ PRESETS = {
 
 
 def preset(name, **overrides):
-    """(ModelConfig, TrainConfig) of a preset with fields overridden (None = keep)."""
+    """(ModelConfig, TrainConfig) of a preset with fields overridden (None = keep). A new
+    compress_method without a compress_loss gets its natural one (attention reconstruction
+    for the convolutions, none for the others)."""
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
     base = PRESETS[name]
@@ -164,5 +166,7 @@ def preset(name, **overrides):
     if unknown:
         raise TypeError(f"unknown configuration fields {sorted(unknown)}")
     model = {k: v for k, v in overrides.items() if k in model_fields and v is not None}
+    if "compress_method" in model and "compress_loss" not in model:  # the method's natural loss
+        model["compress_loss"] = "attention" if model["compress_method"] in LEARNED_METHODS else "none"
     train = {k: v for k, v in overrides.items() if k in train_fields and v is not None}
     return dataclasses.replace(base.model, **model), dataclasses.replace(base.train, **train)
