@@ -228,3 +228,19 @@ def test_bad_inputs():
 def test_config_round_trips_through_a_dict():
     config = ModelConfig(**{**TINY, "memory_layers": [0]})
     assert ModelConfig(**dataclasses.asdict(config)) == config
+
+
+def test_compiles_with_no_graph_break_in_the_model_layer():
+    """torch.compile gives the eager results; with full memories no graph break starts in
+    this package (aot_eager: dynamo and autograd tracing without code generation)."""
+    model = make_model()
+    segments = [tokens(2, 8, seed=i) for i in range(4)]
+    compiled = torch.compile(model, backend="aot_eager")
+    eager_memories = compiled_memories = None
+    for x in segments:
+        expected, eager_memories, _ = model(x, eager_memories)
+        got, compiled_memories, _ = compiled(x, compiled_memories)
+        torch.testing.assert_close(got, expected)
+    explained = torch._dynamo.explain(model)(segments[0], eager_memories)
+    causes = [r.user_stack[-1].filename for r in explained.break_reasons if r.user_stack]
+    assert not [f for f in causes if "compressive_transformer" in f], causes
