@@ -130,8 +130,10 @@ class LayerMemory:
             got = tuple(compressed.shape) if isinstance(compressed, torch.Tensor) else type(compressed).__name__
             raise ValueError(f"compressed must have shape [B, n // rate, d] = {expected}, got {got}")
         compressed = compressed.detach().to(device=self.mem.device, dtype=self.mem.dtype)
-        buffers = {t.untyped_storage().data_ptr() for t in (self.mem, self.cmem)}
-        if compressed.untyped_storage().data_ptr() in buffers:
+        if torch.compiler.is_compiling():  # storages are not inspectable while tracing
+            compressed = compressed.clone()
+        elif compressed.untyped_storage().data_ptr() in {
+                t.untyped_storage().data_ptr() for t in (self.mem, self.cmem)}:
             compressed = compressed.clone()  # the update overwrites the rows it is read from
         self._apply(h, None, backend, compressed=compressed)
 

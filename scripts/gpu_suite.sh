@@ -8,6 +8,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-$(mktemp -d)}
 pack() { tar czf "$OUT/results.tar.gz" benchmarks/results; }
+trap pack EXIT  # results come back even when a stage is cut short
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
@@ -27,4 +28,3 @@ if [ "${SUITE_BENCH:-}" != "none" ]; then
     2>&1 | tee "$OUT/bench.log"
   echo "benchmarks done after $(( $(date +%s) - start )) s"
 fi
-pack

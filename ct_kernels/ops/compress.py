@@ -150,6 +150,8 @@ _WEIGHT_MATRICES = WeakIdKeyDictionary()  # weight -> (its _version, [rate * d, 
 def weight_matrix(weight):
     """nn.Conv1d weight [d_out, d, rate] as the GEMM operand [rate * d, d_out], permuted once
     per weight version (optimizer steps bump the version)."""
+    if torch.compiler.is_compiling():  # no cache while tracing: the compiled graph permutes
+        return reference.conv_weight_as_matrix(weight.detach()).contiguous()
     cached = _WEIGHT_MATRICES.get(weight)
     if cached is None or cached[0] != weight._version:
         cached = (weight._version, reference.conv_weight_as_matrix(weight.detach()).contiguous())
