@@ -8,8 +8,11 @@ Ops (CSV benchmarks/results/compress.csv):
       c = 3, d = 1024, bf16) vs concatenate-and-slice (torch_cat); mode = compression method,
       eager or "+graph" (replayed from a CUDA graph: the GPU time without host launch work).
 Ours: ct_cuda (the C++/CUDA extension) and ct_triton.
+BENCH_COMPRESS_ONLY=pooling|conv|memory_update runs one section.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +137,10 @@ def _memory_update(rows, dtype, device):
         for provider, step in providers:
             # eager (host launch work included), then the GPU time alone (CUDA graph), which
             # is what the update costs when it is queued behind the layer's other kernels
-            for mode, fn in ((method, step), (f"{method}+graph", _graph_replay(step))):
+            modes = [(method, step)]
+            if provider != "torch_cat":  # rebinds its state to fresh tensors: not graph-safe
+                modes.append((f"{method}+graph", _graph_replay(step)))
+            for mode, fn in modes:
                 row = _record(rows, "memory_update", "enwik8-24L", provider, mode, fn,
                               nbytes=nbytes if method == "mean" else None)
                 if row:
@@ -173,9 +179,13 @@ def run():
         print("bench_compress: no GPU, skipped")
         return []
     rows = []
-    sections = [lambda r, s=s: _pooling(r, *s, torch.bfloat16, "cuda") for s in SHAPES]
-    sections += [lambda r, s=s: _conv(r, *s, torch.bfloat16, "cuda") for s in SHAPES]
-    sections += [lambda r: _memory_update(r, torch.bfloat16, "cuda")]
+    sections = []
+    if os.environ.get("BENCH_COMPRESS_ONLY", "") in ("", "pooling"):
+        sections += [lambda r, s=s: _pooling(r, *s, torch.bfloat16, "cuda") for s in SHAPES]
+    if os.environ.get("BENCH_COMPRESS_ONLY", "") in ("", "conv"):
+        sections += [lambda r, s=s: _conv(r, *s, torch.bfloat16, "cuda") for s in SHAPES]
+    if os.environ.get("BENCH_COMPRESS_ONLY", "") in ("", "memory_update"):
+        sections += [lambda r: _memory_update(r, torch.bfloat16, "cuda")]
     for section in sections:  # rows land in the CSV section by section
         new = []
         section(new)
