@@ -81,7 +81,7 @@ def resolve(op: str, backend: str, device: torch.device, **inputs) -> Callable:
     """The implementation of ``op`` that runs ``inputs`` (keyword facts about them)."""
     impls = _REGISTRY.get(op, {})
     if backend == "auto":
-        available = _available(triton_interpreted())
+        available = available_backends()
         for name in PREFERENCE:
             impl = impls.get(name)
             if (impl is not None and name in available and _runs_on(name, device)
