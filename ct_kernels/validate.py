@@ -149,7 +149,7 @@ def check(case: Case, backend: str, dtype: torch.dtype, device: str, seed: int):
         exact = _forward_backward(lambda **kw: case.run("reference", **kw), _cast(base, torch.float64, device), seed)
         for name, ref in exact.items():
             factor = 2 if name == "out" else 3
-            err, allowed = testing.error_rule(actual[name].float(), lowp[name], ref, factor)
+            err, allowed = testing.error_rule(actual[name], lowp[name], ref, factor)
             rows.append((name, err, allowed))
     return [(case.op, backend, case.shape, name, err, allowed, err <= allowed) for name, err, allowed in rows]
 
