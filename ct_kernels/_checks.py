@@ -57,7 +57,7 @@ def lengths(name, lens, batch, size, buffer):
     shape(name, lens, (batch,), "[B]")
     if torch.compiler.is_compiling():  # the value check needs a host sync
         return
-    lo, hi = int(lens.min()) if batch else 0, int(lens.max()) if batch else 0
+    lo, hi = torch.stack(torch.aminmax(lens)).tolist() if batch else (0, 0)  # one host sync
     if lo < 0 or hi > size:
         raise ValueError(f"{name} must lie in [0, {size}] (the size of {buffer}), "
                          f"got values in [{lo}, {hi}]")
