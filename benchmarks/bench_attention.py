@@ -159,56 +159,123 @@ def run():
     return rows
 
 
-# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass for ``--tune``.
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per (pass, head dim) for ``--tune``.
 TUNE_CANDIDATES = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    "dq": [(128, 32, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
-    "dkdv": [(32, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
-    "fwd_rel": [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
-    "dq_rel": [(64, 64, 8, 1), (64, 32, 4, 2), (32, 64, 4, 2)],
-    "dkdv_rel": [(64, 64, 8, 1), (32, 64, 4, 2), (64, 32, 4, 2)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2),
+                   (64, 64, 4, 3), (64, 128, 4, 3)],
+    ("fwd", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                  (64, 128, 4, 3)],
+    ("dq", 128): [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+                  (128, 32, 8, 3), (64, 32, 4, 3)],
+    ("dq", 64): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3),
+                 (64, 32, 4, 3)],
+    ("dkdv", 128): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2),
+                    (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2)],
+    ("dkdv", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3),
+                   (64, 64, 8, 3), (128, 64, 8, 2)],
+    ("fwd_rel", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+    ("dq_rel", 128): [(32, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (64, 64, 8, 2)],
+    ("dkdv_rel", 128): [(64, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 2), (64, 64, 8, 2)],
 }
-TUNE_SHAPES = {128: "pg19-like", 64: "d64"}
 
 
-def tune():
-    """Time every candidate configuration of each pass on the GPU (the other passes at
-    their current setting), print the timings and keep the fastest in
-    ``attention.GPU_CONFIGS`` for the rest of the process."""
-    for head_dim, shape_name in TUNE_SHAPES.items():
-        for rel_pos in (False, True):
-            if rel_pos and head_dim != 128:
-                continue
-            args = make_inputs(SHAPES[shape_name], torch.bfloat16, "cuda", rel_pos)
-            grad = torch.randn_like(args["q"])
+def pass_launchers(args):
+    """pass name -> callable that launches only that pass's kernel on prepared inputs
+    (forward output, LSE, delta computed once at the current configuration)."""
+    r, u, v_bias = args.get("rel_pos") or (None, None, None)
+    tensors = {k: (t.detach() if isinstance(t, torch.Tensor) else t) for k, t in args.items()
+               if k != "rel_pos"}
+    q = tensors["q"]
+    call = attention._Call(q, tensors["k"], tensors["v"], tensors.get("mem_k"),
+                           tensors.get("mem_v"), tensors.get("cmem_k"), tensors.get("cmem_v"),
+                           None, None, None, *(None if t is None else t.detach() for t in (r, u, v_bias)),
+                           True, q.shape[-1] ** -0.5)
+    out, lse = torch.empty_like(q), q.new_empty(call.B, call.H, call.n, dtype=torch.float32)
+    attention._launch_fwd(call, out, lse)
+    grad_out = torch.randn_like(q)
+    delta = torch.empty_like(lse)
+    dq = torch.empty_like(q)
+    rel_grads = [torch.zeros(t.shape, device=q.device) for t in (r, u, v_bias)] if r is not None else [q] * 3
+    attention._launch_dq(call, out, grad_out, lse, delta, dq, *rel_grads)
+    grads = [torch.empty_like(tensors[k]) if tensors.get(k) is not None else dq
+             for k in ("k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v")]
+    scratch_out, scratch_lse, scratch_delta = torch.empty_like(out), torch.empty_like(lse), torch.empty_like(delta)
+    return {"fwd": lambda: attention._launch_fwd(call, scratch_out, scratch_lse),
+            "dq": lambda: attention._launch_dq(call, out, grad_out, lse, scratch_delta, dq, *rel_grads),
+            "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads)}
 
-            def forward():
-                with torch.no_grad():
-                    ct_kernels.compressive_attention(**args, backend="triton")
 
-            def forward_backward():
-                torch.autograd.grad(ct_kernels.compressive_attention(**args, backend="triton"),
-                                    leaves(args), grad)
-            for pass_name in ("fwd", "dq", "dkdv"):
-                key = (pass_name + ("_rel" if rel_pos else ""), head_dim)
-                timings, current = {}, attention.GPU_CONFIGS[key]
-                for config in TUNE_CANDIDATES[key[0]]:
-                    attention.GPU_CONFIGS[key] = config
-                    try:
-                        timings[config] = harness.time_ms(
-                            forward if pass_name == "fwd" else forward_backward, rep_ms=100)
-                    except Exception as error:  # e.g. out of shared memory
-                        print(f"tune {key} {config}: {type(error).__name__}")
-                best = min(timings, key=timings.get) if timings else current
-                attention.GPU_CONFIGS[key] = best
-                print(f"tune {key}: " + ", ".join(f"{c}={t:.4f}ms" for c, t in timings.items())
-                      + f" -> {best}", flush=True)
+def _tune_jobs():
+    """(config key, candidate, shape names, relative positions) of every tuning case."""
+    for (pass_name, head_dim), candidates in TUNE_CANDIDATES.items():
+        rel_pos = pass_name.endswith("_rel")
+        names = [name for name, shape in SHAPES.items() if shape[-1] == head_dim
+                 and (not rel_pos or name in RELPOS_SHAPES)]
+        for config in candidates:
+            yield (pass_name, head_dim), config, names, rel_pos
+
+
+def _compile_job(job):
+    """Compile one candidate into Triton's on-disk cache (run in a worker process)."""
+    key, config, names, rel_pos = job
+    attention.GPU_CONFIGS[key] = config
+    try:
+        launch = pass_launchers(make_inputs(SHAPES[names[0]], torch.bfloat16, "cuda", rel_pos))
+        launch[key[0].replace("_rel", "")]()
+        torch.cuda.synchronize()
+        return None
+    except Exception as error:  # e.g. out of shared memory: reported by the timing pass too
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+
+
+def tune(workers: int = 8):
+    """Time every candidate of every pass, kernel only, on every shape of its head dim;
+    print the table and keep the candidate with the best geometric mean over the shapes in
+    ``attention.GPU_CONFIGS`` for the rest of the process. Candidates are compiled first
+    by ``workers`` processes in parallel (Triton's cache then serves the timing process)."""
+    import concurrent.futures
+    import math
+    import multiprocessing
+    jobs = list(_tune_jobs())
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for job, error in zip(jobs, pool.map(_compile_job, jobs)):
+            if error:
+                print(f"tune compile {job[0]} {job[1]}: {error}", flush=True)
+    inputs = {}
+    timings = {}
+    for key, config, names, rel_pos in jobs:
+        current = attention.GPU_CONFIGS[key]
+        attention.GPU_CONFIGS[key] = config
+        for name in names:
+            if (name, rel_pos) not in inputs:
+                inputs[(name, rel_pos)] = pass_launchers(make_inputs(SHAPES[name], torch.bfloat16, "cuda", rel_pos))
+            try:
+                ms = harness.time_ms(inputs[(name, rel_pos)][key[0].replace("_rel", "")], rep_ms=100)
+            except Exception:  # noqa: BLE001  (out of resources: not a candidate)
+                ms = float("inf")
+            timings.setdefault(key, {}).setdefault(config, {})[name] = ms
+        attention.GPU_CONFIGS[key] = current
+    for key, per_config in timings.items():
+        names = list(next(iter(per_config.values())))
+        print(f"tune {key}: ms per shape " + " | ".join(names), flush=True)
+        score = {c: math.exp(sum(math.log(t[n]) for n in names) / len(names)) for c, t in per_config.items()}
+        for config, per_shape in per_config.items():
+            print(f"  {str(config):18s} " + " | ".join(f"{per_shape[n]:.4f}" for n in names)
+                  + f"  geomean {score[config]:.4f}", flush=True)
+        best = min(score, key=score.get)
+        if math.isfinite(score[best]):
+            attention.GPU_CONFIGS[key] = best
+        print(f"  -> {best}; per shape best: "
+              + ", ".join(f"{n} {min(per_config, key=lambda c: per_config[c][n])}" for n in names), flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tune", action="store_true",
                         help="first re-measure the launch configurations (GPU)")
-    if parser.parse_args().tune:
+    parser.add_argument("--tune-only", action="store_true", help="re-measure them, nothing else")
+    options = parser.parse_args()
+    if options.tune or options.tune_only:
         tune()
-    run()
+    if not options.tune_only:
+        run()

@@ -536,7 +536,7 @@ class _Call:
             self.r_strides, self.R_rows = (r.stride(0), r.stride(1)), r.shape[1]
         else:
             self.rel, self.r_strides, self.R_rows = (self.q, self.q, self.q), (0, 0), 0
-        self.dtype = q.dtype
+        self.dtype, self.scale = q.dtype, scale
         self.flags = dict(
             HAS_MEM_LENS=mem_lens is not None, HAS_CMEM_LENS=cmem_lens is not None,
             HAS_PAD=key_padding_mask is not None, CAUSAL=causal, REL_POS=rel_pos,
@@ -556,23 +556,47 @@ class _Call:
         return (self.H, self.n, self.m, self.cm, self.R_rows)
 
 
+def _launch_fwd(c, out, lse):
+    """The forward pass: writes out and lse."""
+    meta = c.meta("fwd")
+    _fwd_kernel[(triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)](
+        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
+        *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
+        *c.sizes, c.scale * LOG2E, **meta)
+
+
 def _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
              r, u, v_bias, causal, scale):
     c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
               r, u, v_bias, causal, scale)
     out = _empty((c.B, c.n, c.H, c.D), q.dtype, q.device)
     lse = _empty((c.B, c.H, c.n), torch.float32, q.device)
-    meta = c.meta("fwd")
-    grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
-    _fwd_kernel[grid](
-        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
-        *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
-        *c.sizes, scale * LOG2E, **meta)
+    _launch_fwd(c, out, lse)
     return out, lse
 
 
 def _key_tiles(c, block_n):
     return triton.cdiv(c.cm, block_n), triton.cdiv(c.m, block_n), triton.cdiv(c.n, block_n)
+
+
+def _launch_dq(c, out, grad_out, lse, delta, dq, dr, du, dvb):
+    """The dQ pass (also stores delta; with relative positions adds into dr, du, dv)."""
+    meta = c.meta("dq")
+    rel = (dr, du, dvb) if c.flags["REL_POS"] else (c.q, c.q, c.q)
+    _bwd_dq_kernel[(triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)](
+        c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel, *rel,
+        *_strides(c.q), *c.source_strides, *_strides(out), *_strides(grad_out),
+        *c.pad_strides, *c.r_strides, *c.sizes, c.scale * LOG2E, c.scale, **meta)
+
+
+def _launch_dkdv(c, grad_out, lse, delta, grads):
+    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v)."""
+    meta = c.meta("dkdv")
+    tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
+    _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
+        c.q, *c.sources, grad_out, lse, delta, *grads, lse, *c.lens, c.pad, *c.rel,
+        *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
+        *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale, USAGE=False, **meta)
 
 
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
@@ -593,20 +617,9 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_len
     dvb = torch.zeros((H, D) if rel_pos else (0,), dtype=torch.float32, device=q.device)
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
 
-    meta = c.meta("dq")
-    grid = (triton.cdiv(n, meta["BLOCK_M"]), B * H)
-    _bwd_dq_kernel[grid](
-        c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel,
-        *(t if rel_pos else c.q for t in (dr, du, dvb)),
-        *_strides(c.q), *c.source_strides, *_strides(out), *_strides(grad_out),
-        *c.pad_strides, *c.r_strides, *c.sizes, scale * LOG2E, scale, **meta)
-    meta = c.meta("dkdv")
-    tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
-    _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, B * H)](
-        c.q, *c.sources, grad_out, lse, delta, dk, dv, grad_ptr(dmk), grad_ptr(dmv),
-        grad_ptr(dck), grad_ptr(dcv), lse, *c.lens, c.pad, *c.rel,
-        *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
-        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=False, **meta)
+    _launch_dq(c, out, grad_out, lse, delta, dq, dr, du, dvb)
+    _launch_dkdv(c, grad_out, lse, delta, (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck),
+                                           grad_ptr(dcv)))
     if rel_pos:
         dr, du, dvb = dr.to(q.dtype), du.to(q.dtype), dvb.to(q.dtype)
     return dq, dk, dv, dmk, dmv, dck, dcv, dr, du, dvb
