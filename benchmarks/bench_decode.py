@@ -37,19 +37,6 @@ def cache_inputs(L, dtype=torch.bfloat16, device="cuda", rel_pos=False):
                                            rel_pos=rel_pos, extra_rows=0)
 
 
-def graphed(fn):
-    """fn captured as a CUDA graph of one call; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up: compiles Triton kernels, fills the allocator
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _measure(rows, shape, provider, make_fn, nbytes, flops, keep=True):
     try:
         row = harness.measure(OP, shape, provider, "fwd", make_fn(), flops=flops, nbytes=nbytes)
@@ -71,11 +58,11 @@ def run():
         flops = 4 * B * H * D * L * N_QUERIES
         args = cache_inputs(L)
         call = lambda backend, a=args: ct_kernels.compressive_attention(**a, backend=backend)  # noqa: E731
-        _measure(rows, shape, "ct_cuda", lambda: graphed(lambda: call("cuda")), nbytes, flops)
+        _measure(rows, shape, "ct_cuda", lambda: harness.graphed(lambda: call("cuda")), nbytes, flops)
         _measure(rows, shape, "ct_cuda-eager", lambda: (lambda: call("cuda")), nbytes, flops)
         rel_args = cache_inputs(L, rel_pos=True)
         _measure(rows, shape, "ct_cuda-relpos",
-                 lambda: graphed(lambda: ct_kernels.compressive_attention(**rel_args, backend="cuda")),
+                 lambda: harness.graphed(lambda: ct_kernels.compressive_attention(**rel_args, backend="cuda")),
                  nbytes, flops)
         del rel_args
 
@@ -83,15 +70,15 @@ def run():
         values = torch.cat([args["cmem_v"], args["mem_v"], args["v"]], 1).transpose(1, 2).contiguous()
         query = args["q"].transpose(1, 2)
         _measure(rows, shape, "sdpa",
-                 lambda: graphed(lambda: F.scaled_dot_product_attention(query, keys, values)),
+                 lambda: harness.graphed(lambda: F.scaled_dot_product_attention(query, keys, values)),
                  nbytes, flops)
         del keys, values
-        _measure(rows, shape, "ct_triton", lambda: graphed(lambda: call("triton")), nbytes, flops)
+        _measure(rows, shape, "ct_triton", lambda: harness.graphed(lambda: call("triton")), nbytes, flops)
 
         if L == 4096:  # how the split count trades parallelism against combine work
             for splits in SPLIT_SWEEP:
                 _measure(rows, shape, f"ct_cuda-splits{splits}",
-                         lambda: graphed(lambda: decode_attention.decode_attention(**args, num_splits=splits)),
+                         lambda: harness.graphed(lambda: decode_attention.decode_attention(**args, num_splits=splits)),
                          nbytes, flops, keep=False)
         del args
         torch.cuda.empty_cache()

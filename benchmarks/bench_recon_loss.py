@@ -3,7 +3,9 @@
 Rows (benchmarks/results/recon_loss.csv), op ``recon_loss``, the shapes of issue 6 named
 B{B}-H{H}-n{n}-ns{ns}-c{rate}-D{D}; providers ct_triton (the fused kernels), sdpa
 (attention over old and over compressed K/V with F.scaled_dot_product_attention, then
-F.mse_loss), naive (the reference einsum). Modes fwd (no grad) and fwd+bwd (gradients of
+F.mse_loss), naive (the reference einsum); on the GPU also ct_triton-graph and sdpa-graph,
+the same calls timed as CUDA graph replays (GPU time without the Python and launch work per
+call, which a training step overlaps with the GPU work queued before it). Modes fwd (no grad) and fwd+bwd (gradients of
 comp_k and comp_v only, as the loss defines). FLOPs counted for every provider alike:
 fwd 4 B H n D (ns + nc), bwd 8 B H n nc D (scores, dV, dP, dK of the compressed attention).
 
@@ -76,6 +78,9 @@ def cases(shapes, dtype, device):
                 return torch.autograd.grad(loss_fn(*tensors), tensors[3:])
             yield name, provider, "fwd", forward, fwd_flops
             yield name, provider, "fwd+bwd", forward_backward, fwd_bwd_flops
+            if device == "cuda" and provider != "naive":  # captured when measured
+                yield name, f"{provider}-graph", "fwd", forward, fwd_flops
+                yield name, f"{provider}-graph", "fwd+bwd", forward_backward, fwd_bwd_flops
 
 
 def run():
@@ -84,7 +89,10 @@ def run():
     rows = []
     for name, provider, mode, fn, flops in cases(shapes, torch.bfloat16, device):
         try:
-            rows.append(harness.measure("recon_loss", name, provider, mode, fn, flops=flops))
+            graph = provider.endswith("-graph")
+            rows.append(harness.measure("recon_loss", name, provider, mode,
+                                        harness.graphed(fn) if graph else fn, flops=flops,
+                                        memory=not graph))
         except Exception as error:  # e.g. out of memory
             harness.failed_row("recon_loss", name, provider, mode, error)
         if device == "cuda":

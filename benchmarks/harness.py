@@ -65,6 +65,21 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 50, rep_ms: float = 300
     return statistics.median(samples)
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured as a CUDA graph of one call (after a warm-up call on a side stream, which
+    compiles kernels and fills the allocator); returns the replay, whose time is GPU time
+    without Python or launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def peak_extra_mib(fn: Callable[[], object]) -> Optional[float]:
     """Peak memory allocated during one call of ``fn`` beyond what was allocated before it."""
     if not torch.cuda.is_available():
@@ -79,10 +94,12 @@ def peak_extra_mib(fn: Callable[[], object]) -> Optional[float]:
 
 
 def measure(op: str, shape: str, provider: str, mode: str, fn: Callable[[], object], *,
-            flops: Optional[float] = None, nbytes: Optional[float] = None) -> dict:
-    """Time ``fn`` and return one CSV row (tflops/gbps left empty where not counted)."""
+            flops: Optional[float] = None, nbytes: Optional[float] = None,
+            memory: bool = True) -> dict:
+    """Time ``fn`` and return one CSV row (tflops/gbps left empty where not counted;
+    peak memory too without ``memory``, e.g. for graph replays, whose memory is the graph's)."""
     ms = time_ms(fn)
-    peak = peak_extra_mib(fn)
+    peak = peak_extra_mib(fn) if memory else None
     row = {"op": op, "shape": shape, "provider": provider, "mode": mode, "ms": f"{ms:.4f}",
            "tflops": f"{flops / ms / 1e9:.1f}" if flops else "",
            "gbps": f"{nbytes / ms / 1e6:.1f}" if nbytes else "",

@@ -43,8 +43,12 @@ def profile(name, steps=3, rows=25):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("configs", nargs="*", default=list(CONFIGS), choices=CONFIGS)
-    for name in parser.parse_args().configs:
+    parser.add_argument("configs", nargs="*", help=f"any of {', '.join(CONFIGS)} (default: all)")
+    names = parser.parse_args().configs or CONFIGS
+    for name in names:
+        if name not in CONFIGS:
+            parser.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+    for name in names:
         profile(name)
 
 
