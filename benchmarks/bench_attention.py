@@ -33,6 +33,9 @@ SHAPES = {
 RELPOS_SHAPES = ("pg19-like", "enwik8-like")
 CPU_SHAPES = {"cpu-small": (1, 2, 24, 16, 32, 16)}
 CSV = "attention.csv"
+# also timed as CUDA graph replays (provider "<name>-graph"): GPU time without the Python,
+# autograd and launch work per call, which a training step overlaps with earlier GPU work
+GRAPH_PROVIDERS = ("ct_triton", "sdpa_flash", "flex")
 
 
 def attention_flops(B, H, n, m, cm, D):
@@ -147,11 +150,18 @@ def run():
                                ("relpos_attention", True,
                                 {k: v for k, v in shapes.items() if k in RELPOS_SHAPES or device != "cuda"})):
         for name, provider, mode, fn, flops in cases(names, torch.bfloat16, device, rel_pos):
-            try:
-                rows.append(harness.measure(op, name, provider, mode, fn, flops=flops))
-                harness.append_rows(rows[-1:], CSV)  # row by row: a cut-short run keeps its rows
-            except Exception as error:  # e.g. out of memory, unsupported by a peer
-                harness.failed_row(op, name, provider, mode, error)
+            labels = [provider]
+            if device == "cuda" and provider in GRAPH_PROVIDERS:
+                labels.append(f"{provider}-graph")
+            for label in labels:
+                graph = label.endswith("-graph")
+                try:
+                    rows.append(harness.measure(op, name, label, mode,
+                                                harness.graphed(fn) if graph else fn,
+                                                flops=flops, memory=not graph))
+                    harness.append_rows(rows[-1:], CSV)  # row by row: a cut-short run keeps its rows
+                except Exception as error:  # e.g. out of memory, unsupported by a peer
+                    harness.failed_row(op, name, label, mode, error)
             if device == "cuda":
                 torch.cuda.empty_cache()
     for op in ("attention", "relpos_attention"):
@@ -173,9 +183,12 @@ TUNE_CANDIDATES = {
                     (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2)],
     ("dkdv", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3),
                    (64, 64, 8, 3), (128, 64, 8, 2)],
-    ("fwd_rel", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
-    ("dq_rel", 128): [(32, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (64, 64, 8, 2)],
-    ("dkdv_rel", 128): [(64, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 2), (64, 64, 8, 2)],
+    ("fwd_rel", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1),
+                       (32, 64, 4, 2), (64, 32, 8, 2)],
+    ("dq_rel", 128): [(32, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (32, 32, 4, 2),
+                      (32, 64, 8, 1), (64, 32, 8, 1)],
+    ("dkdv_rel", 128): [(64, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 2), (64, 32, 8, 1),
+                        (32, 64, 8, 1)],
 }
 
 
@@ -195,19 +208,25 @@ def pass_launchers(args):
     grad_out = torch.randn_like(q)
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q)
-    rel_grads = [torch.zeros(t.shape, device=q.device) for t in (r, u, v_bias)] if r is not None else [q] * 3
-    attention._launch_dq(call, out, grad_out, lse, delta, dq, *rel_grads)
+    dr, du_dv = ((torch.zeros(r.shape, device=q.device), torch.zeros(2, *u.shape, device=q.device))
+                 if r is not None else (None, None))
+    attention._launch_dq(call, out, grad_out, lse, delta, dq, dr, None if du_dv is None else du_dv[1])
     grads = [torch.empty_like(tensors[k]) if tensors.get(k) is not None else dq
              for k in ("k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v")]
     scratch_out, scratch_lse, scratch_delta = torch.empty_like(out), torch.empty_like(lse), torch.empty_like(delta)
     return {"fwd": lambda: attention._launch_fwd(call, scratch_out, scratch_lse),
-            "dq": lambda: attention._launch_dq(call, out, grad_out, lse, scratch_delta, dq, *rel_grads),
-            "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads)}
+            "dq": lambda: attention._launch_dq(call, out, grad_out, lse, scratch_delta, dq, dr,
+                                               None if du_dv is None else du_dv[1]),
+            "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads,
+                                                   None if du_dv is None else du_dv[0])}
 
 
-def _tune_jobs():
-    """(config key, candidate, shape names, relative positions) of every tuning case."""
+def _tune_jobs(passes=None):
+    """(config key, candidate, shape names, relative positions) of every tuning case (of the
+    named passes only, if given)."""
     for (pass_name, head_dim), candidates in TUNE_CANDIDATES.items():
+        if passes and pass_name not in passes:
+            continue
         rel_pos = pass_name.endswith("_rel")
         names = [name for name, shape in SHAPES.items() if shape[-1] == head_dim
                  and (not rel_pos or name in RELPOS_SHAPES)]
@@ -228,7 +247,7 @@ def _compile_job(job):
         return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
 
 
-def tune(workers: int = 8):
+def tune(passes=None, workers: int = 8):
     """Time every candidate of every pass, kernel only, on every shape of its head dim;
     print the table and keep the candidate with the best geometric mean over the shapes in
     ``attention.GPU_CONFIGS`` for the rest of the process. Candidates are compiled first
@@ -236,7 +255,7 @@ def tune(workers: int = 8):
     import concurrent.futures
     import math
     import multiprocessing
-    jobs = list(_tune_jobs())
+    jobs = list(_tune_jobs(passes))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for job, error in zip(jobs, pool.map(_compile_job, jobs)):
             if error:
@@ -274,8 +293,9 @@ if __name__ == "__main__":
     parser.add_argument("--tune", action="store_true",
                         help="first re-measure the launch configurations (GPU)")
     parser.add_argument("--tune-only", action="store_true", help="re-measure them, nothing else")
+    parser.add_argument("--passes", nargs="*", help="tune only these passes (e.g. fwd dq_rel)")
     options = parser.parse_args()
     if options.tune or options.tune_only:
-        tune()
+        tune(options.passes)
     if not options.tune_only:
         run()

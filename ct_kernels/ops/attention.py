@@ -10,9 +10,9 @@ Kernels (one program per (tile, batch*head)):
     scores), fp32 accumulators; stores the output and the log2-sum-exp (LSE, +inf for a
     row that sees no key, whose output is zero).
   - ``_bwd_dq_kernel``: delta = rowsum(dO * O), then dQ over the three sources (and, with
-    relative positions, dr by fp32 atomics plus du / dv).
+    relative positions, dr by fp32 atomics and the row sum of dQ, which is du + dv).
   - ``_bwd_dkdv_kernel``: one key tile of one source against every query tile that sees it:
-    dK, dV. With ``USAGE`` it instead sums the softmax mass each key receives (a pass over
+    dK, dV (with relative positions also du). With ``USAGE`` it instead sums the softmax mass each key receives (a pass over
     K only, recomputing probabilities from the saved LSE; heads are reduced on the host, so
     the usage is deterministic).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
@@ -256,13 +256,14 @@ def _fwd_kernel(
 
 # ----------------------------------------------------------------------------- backward: dQ
 @triton.jit
-def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size,
+def _dq_source(dq, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size,
                valid_lo, hi, key_base, query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale,
                D: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
                CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                PRECISION: tl.constexpr):
-    """dQ (and dr) contributions of one key source, tiles as in the forward."""
+    """dQ (content and position parts in one accumulator) and dr contributions of one key
+    source, tiles as in the forward."""
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
@@ -288,17 +289,17 @@ def _dq_source(dq, dq_p, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad
                              0.0).to(kt.dtype)
             r, rows, in_r = _position_band(R_h, sr_n, R_rows, query_pos0, key_base + start,
                                            BLOCK_N, BLOCK_D, BLOCK_R)
-            dq_p += _dot(dband, r, PRECISION)
+            dq += _dot(dband, r, PRECISION)
             dr = _dot(tl.trans(dband), q_p, PRECISION)  # [BLOCK_R, D]
             tl.atomic_add(DR_h + rows[:, None] * D + offs_d[None, :], dr,
                           mask=in_r[:, None], sem="relaxed")
-    return dq, dq_p
+    return dq
 
 
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, MK, MV, CK, CV, Out, DO, DQ, Lse, Delta, MemLens, CmemLens, Pad, R, U, VB,
-    DR, DU, DVB,
+    DR, DQSUM,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
     so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n,
@@ -338,36 +339,34 @@ def _bwd_dq_kernel(
     Pad_b = Pad + b * spad_b
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq_p = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq, dq_p = _dq_source(
-        dq, dq_p, q_c, q_p, do, lse, delta, CK + b * sck_b + h * sck_h,
+    dq = _dq_source(
+        dq, q_c, q_p, do, lse, delta, CK + b * sck_b + h * sck_h,
         CV + b * scv_b + h * scv_h, sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0,
         query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD,
         CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
-    dq, dq_p = _dq_source(
-        dq, dq_p, q_c, q_p, do, lse, delta, MK + b * smk_b + h * smk_h,
+    dq = _dq_source(
+        dq, q_c, q_p, do, lse, delta, MK + b * smk_b + h * smk_h,
         MV + b * smv_b + h * smv_h, smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm,
         query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD,
         CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
-    dq, dq_p = _dq_source(
-        dq, dq_p, q_c, q_p, do, lse, delta, K + b * sk_b + h * sk_h,
+    dq = _dq_source(
+        dq, q_c, q_p, do, lse, delta, K + b * sk_b + h * sk_h,
         V + b * sv_b + h * sv_h, sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m,
         query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, True, HAS_PAD,
         CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
 
-    # dq = content part + position part; du / dv are their sums over rows (fp32 atomics)
-    dq_total = dq + dq_p
+    # dq = content part + position part. Its sum over rows is du + dv: added into DQSUM
+    # (fp32 atomics); the dK/dV pass adds du, the host takes dv = DQSUM - du
     tl.store(DQ + b * n * H * BLOCK_D + h * BLOCK_D + offs_m[:, None] * H * BLOCK_D
              + offs_d[None, :],
-             dq_total.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     if REL_POS:
-        tl.atomic_add(DU + h * BLOCK_D + offs_d, tl.sum(dq, 0), sem="relaxed")
-        tl.atomic_add(DVB + h * BLOCK_D + offs_d, tl.sum(dq_p, 0), sem="relaxed")
+        tl.atomic_add(DQSUM + h * BLOCK_D + offs_d, tl.sum(dq, 0), sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- backward: dK/dV
 @triton.jit
-def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
+def _dkdv_tile(Q, DO, Lse, Delta, Usage, DU, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
                row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n,
                query_base, U, VB, h, R_h, sr_n, R_rows, scale_log2, scale,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
@@ -376,7 +375,9 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
                PRECISION: tl.constexpr):
     """One key tile (slots start.. of a source) against every query tile that sees it:
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
-    USAGE the per-key softmax mass into Usage (this head's row of [B, H, L])."""
+    USAGE the per-key softmax mass into Usage (this head's row of [B, H, L]). With relative
+    positions it also adds this tile's share of du = sum over queries and keys of dS k into
+    DU (this head's row of [H, D])."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
@@ -389,6 +390,7 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     usage = tl.zeros([BLOCK_N], dtype=tl.float32)
+    ds_sum = tl.zeros([BLOCK_N], dtype=tl.float32)  # per key: sum of dS over its queries
 
     # memory keys are seen by every query; segment key s by queries i >= s (causal);
     # a tile without any valid key is skipped (its gradients are zero)
@@ -418,8 +420,10 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
             delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
             dv += _dot(p_t.to(do.dtype), do, PRECISION)
             dp_t = _dot(v, tl.trans(do), PRECISION)
-            ds_t = (p_t * (dp_t - delta[None, :]) * scale).to(q.dtype)
-            dk += _dot(ds_t, q_c, PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :]) * scale
+            if REL_POS:
+                ds_sum += tl.sum(ds_t, 1)
+            dk += _dot(ds_t.to(q.dtype), q_c, PRECISION)
 
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
@@ -427,12 +431,15 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
         tile = offs_n[:, None] * row_stride + offs_d[None, :]
         tl.store(DKp + tile, dk.to(DKp.dtype.element_ty), mask=in_src[:, None])
         tl.store(DVp + tile, dv.to(DVp.dtype.element_ty), mask=in_src[:, None])
+        if REL_POS:
+            tl.atomic_add(DU + h * BLOCK_D + offs_d, tl.sum(k.to(tl.float32) * ds_sum[:, None], 0),
+                          sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["sk_n", "sv_n", "smk_n", "smv_n", "sck_n", "scv_n", "n", "m", "cm",
                                "tiles_c", "tiles_m"])
 def _bwd_dkdv_kernel(
-    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage,
+    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage, DU,
     MemLens, CmemLens, Pad, R, U, VB,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
@@ -477,7 +484,7 @@ def _bwd_dkdv_kernel(
         if HAS_MEM_LENS:
             valid_lo = m - tl.load(MemLens + b)
         start = (pid_n - tiles_c) * BLOCK_N
-    _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
+    _dkdv_tile(Qb, DOb, stats, delta, usage, DU, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
                H * BLOCK_D, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
                cm + m, U, VB, h, R_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
                REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
@@ -579,22 +586,25 @@ def _key_tiles(c, block_n):
     return triton.cdiv(c.cm, block_n), triton.cdiv(c.m, block_n), triton.cdiv(c.n, block_n)
 
 
-def _launch_dq(c, out, grad_out, lse, delta, dq, dr, du, dvb):
-    """The dQ pass (also stores delta; with relative positions adds into dr, du, dv)."""
+def _launch_dq(c, out, grad_out, lse, delta, dq, dr, dq_sum):
+    """The dQ pass (also stores delta; with relative positions adds into dr and into dq_sum,
+    the sum of dq over rows)."""
     meta = c.meta("dq")
-    rel = (dr, du, dvb) if c.flags["REL_POS"] else (c.q, c.q, c.q)
+    rel = (dr, dq_sum) if c.flags["REL_POS"] else (c.q, c.q)
     _bwd_dq_kernel[(triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)](
         c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel, *rel,
         *_strides(c.q), *c.source_strides, *_strides(out), *_strides(grad_out),
         *c.pad_strides, *c.r_strides, *c.sizes, c.scale * LOG2E, c.scale, **meta)
 
 
-def _launch_dkdv(c, grad_out, lse, delta, grads):
-    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v)."""
+def _launch_dkdv(c, grad_out, lse, delta, grads, du):
+    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v); with relative
+    positions adds into du."""
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
-        c.q, *c.sources, grad_out, lse, delta, *grads, lse, *c.lens, c.pad, *c.rel,
+        c.q, *c.sources, grad_out, lse, delta, *grads, lse, du if c.flags["REL_POS"] else c.q,
+        *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
         *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale, USAGE=False, **meta)
 
@@ -605,24 +615,22 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_len
               r, u, v_bias, causal, scale)
     B, n, H, D, m, cm = c.B, c.n, c.H, c.D, c.m, c.cm
     grad_out, out = _last_dim_contiguous(grad_out), _last_dim_contiguous(out)
-    dq = _empty((B, n, H, D), q.dtype, q.device)
-    dk, dv = _empty((B, n, H, D), q.dtype, q.device), _empty((B, n, H, D), q.dtype, q.device)
-    dmk, dmv = _empty((B, m, H, D), q.dtype, q.device), _empty((B, m, H, D), q.dtype, q.device)
-    dck, dcv = _empty((B, cm, H, D), q.dtype, q.device), _empty((B, cm, H, D), q.dtype, q.device)
+    empty = lambda S: _empty((B, S, H, D), q.dtype, q.device)  # noqa: E731
+    dq, dk, dv, dmk, dmv, dck, dcv = empty(n), empty(n), empty(n), empty(m), empty(m), empty(cm), empty(cm)
     delta = _empty((B, H, n), torch.float32, q.device)
-    rel_pos = r is not None
-    # relative-position gradients are accumulated by atomics in fp32
-    dr = torch.zeros((H, c.R_rows, D) if rel_pos else (0,), dtype=torch.float32, device=q.device)
-    du = torch.zeros((H, D) if rel_pos else (0,), dtype=torch.float32, device=q.device)
-    dvb = torch.zeros((H, D) if rel_pos else (0,), dtype=torch.float32, device=q.device)
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
-
-    _launch_dq(c, out, grad_out, lse, delta, dq, dr, du, dvb)
-    _launch_dkdv(c, grad_out, lse, delta, (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck),
-                                           grad_ptr(dcv)))
-    if rel_pos:
-        dr, du, dvb = dr.to(q.dtype), du.to(q.dtype), dvb.to(q.dtype)
-    return dq, dk, dv, dmk, dmv, dck, dcv, dr, du, dvb
+    grads = (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck), grad_ptr(dcv))
+    if r is None:
+        _launch_dq(c, out, grad_out, lse, delta, dq, None, None)
+        _launch_dkdv(c, grad_out, lse, delta, grads, None)
+        return dq, dk, dv, dmk, dmv, dck, dcv, q.new_empty(0), q.new_empty(0), q.new_empty(0)
+    # relative-position gradients are accumulated by fp32 atomics
+    dr = torch.zeros((H, c.R_rows, D), dtype=torch.float32, device=q.device)
+    du_dv = torch.zeros((2, H, D), dtype=torch.float32, device=q.device)  # du, sum of dq
+    _launch_dq(c, out, grad_out, lse, delta, dq, dr, du_dv[1])
+    _launch_dkdv(c, grad_out, lse, delta, grads, du_dv[0])
+    du, dvb = du_dv[0], du_dv[1] - du_dv[0]  # sum of dq = du + dv
+    return dq, dk, dv, dmk, dmv, dck, dcv, dr.to(q.dtype), du.to(q.dtype), dvb.to(q.dtype)
 
 
 def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, r, u, v_bias,
@@ -633,7 +641,7 @@ def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, 
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
-        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, *c.lens, c.pad, *c.rel,
+        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, c.q, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
         *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=True, **meta)
     return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
