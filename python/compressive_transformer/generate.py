@@ -53,6 +53,21 @@ class DecodeState:
                                       layer.relative_position(sinusoid, dtype))
                            for layer, memory in zip(model.layers, self.memories.layers)]
         self.t = 0  # tokens of the current segment so far
+        self._read_lengths()
+
+    def _read_lengths(self):
+        """Per layer, (valid memory slots, valid compressed slots), read from the device once
+        per segment. Every stream is fed the same tokens, so the lengths are the same for
+        all samples, and the valid slots are the newest: the caches are attended as the
+        slices of their valid slots, without per-sample lengths (whose check is a
+        device-to-host read per call). Distances are unchanged, because the compressed
+        memory only fills once the memory is full."""
+        lengths = [torch.stack([memory.mem_lens[0], memory.cmem_lens[0]])
+                   for memory in self.memories.layers if memory is not None]
+        lengths = iter(torch.stack(lengths).tolist() if lengths else [])
+        # a layer without memory attends over the segment only
+        self.valid = [(0, 0) if memory is None else tuple(next(lengths))
+                      for memory in self.memories.layers]
 
     @torch.no_grad()
     def feed(self, tokens):
@@ -70,11 +85,10 @@ class DecodeState:
     def _feed_chunk(self, tokens):
         model, t = self.model, self.t
         k = tokens.shape[1]
-        full = self.memories.check_full()
         with autocast(self.device, self.amp):
             h = model.embed(tokens)
-            for layer, memory, usage, cache in zip(model.layers, self.memories.layers,
-                                                   self.memories.usage, self.caches):
+            for layer, usage, cache, valid in zip(model.layers, self.memories.usage, self.caches,
+                                                  self.valid):
                 x = layer.attention_input(h)
                 if cache.x is None:
                     cache.x = x.new_zeros(x.shape[0], model.config.seg_len, x.shape[2])
@@ -82,16 +96,18 @@ class DecodeState:
                 q = layer.project_q(x)
                 new = cache.kv[:, cache.m + t:cache.m + t + k]
                 new.copy_(layer.kv_proj(x).unflatten(-1, (2, layer.heads, layer.head_dim)))
-                past = cache.kv[:, :cache.m + t]
-                mem_kv = (past[:, :, 0], past[:, :, 1]) if cache.m + t else (None, None)
-                cmem_kv = (cache.ckv[:, :, 0], cache.ckv[:, :, 1]) if cache.cm else (None, None)
-                mem_lens = memory.mem_lens + t if memory is not None and cache.m + t and not full else None
-                cmem_lens = memory.cmem_lens if cache.cm and not full else None
+                # the valid slices of [memory | segment so far] and of the compressed memory
+                mem_valid, cmem_valid = valid
+                past = cache.kv[:, cache.m - mem_valid:cache.m + t]
+                cmem = cache.ckv[:, cache.cm - cmem_valid:]
+                mem_kv = (past[:, :, 0], past[:, :, 1]) if past.shape[1] else (None, None)
+                cmem_kv = (cmem[:, :, 0], cmem[:, :, 1]) if cmem.shape[1] else (None, None)
                 attn_out, key_usage = layer.attend(q, new[:, :, 0], new[:, :, 1], mem_kv, cmem_kv,
-                                                   mem_lens, cmem_lens, cache.rel_pos,
+                                                   None, None, cache.rel_pos,
                                                    want_usage=usage is not None)
-                if key_usage is not None:
-                    cache.key_usage[:, :cache.m + t + k] += key_usage[:, cache.cm:].float()
+                if key_usage is not None:  # usage [B, cmem | memory | segment so far]
+                    cache.key_usage[:, cache.m - mem_valid:cache.m + t + k] += \
+                        key_usage[:, cmem.shape[1]:].float()
                 h = layer.residual(h, attn_out)
             logits = model.head(model.norm(h)).float()
         self.t += k
@@ -118,6 +134,7 @@ class DecodeState:
                         -1, (2, layer.heads, layer.head_dim))
                 cache.key_usage.zero_()
         self.t = 0
+        self._read_lengths()
 
 
 def sample(logits, temperature=1.0, top_k=None, generator=None):
