@@ -75,6 +75,8 @@ def _recon_loss_fwd_kernel(
     HEAD_DIM: tl.constexpr, SAVE_FOR_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # float32 scalars whoever launches (torch.compile passes Python floats as float64)
+    qk_scale, inv_numel = tl.full([], qk_scale, tl.float32), tl.full([], inv_numel, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -123,6 +125,9 @@ def _recon_loss_bwd_kernel(
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # float32 scalars whoever launches (torch.compile passes Python floats as float64)
+    qk_scale, sm_scale = tl.full([], qk_scale, tl.float32), tl.full([], sm_scale, tl.float32)
+    inv_numel = tl.full([], inv_numel, tl.float32)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
