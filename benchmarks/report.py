@@ -12,7 +12,7 @@ from benchmarks.harness import RESULTS_DIR
 
 UNIT = {"attention": "tflops", "relpos_attention": "tflops", "compress_conv": "tflops",
         "compress_mean": "gbps", "compress_max": "gbps", "memory_update": "ms",
-        "decode_attention": "gbps", "recon_loss": "ms", "train_step": "ms"}
+        "decode_attention": "gbps", "recon_loss": "ms", "train_step": "ms", "generate": "ms"}
 LABEL = {"tflops": "TF/s", "gbps": "GB/s", "ms": "ms"}
 
 
