@@ -4,9 +4,12 @@ Compiles each pass at its launch configuration (or the one given) for an H100/H2
 with Triton's own compiler and reads the cubin's resource usage with cuobjdump:
 
     python scripts/kernel_resources.py [--rel-pos] [--head-dim 128] [--config fwd=64,64,4,3 ...]
+    python scripts/kernel_resources.py --check   # every head dim, with and without positions
 
 Needs a CUDA build of torch and Triton (the GPU itself is not used). Shapes are multiples
 of 16, as in the benchmarks, so the compiled specialisation is the one the GPU runs.
+``--check`` exits with status 1 if a pass at its launch configuration does not compile or
+needs more shared memory than an sm_90 block may have (CI runs it).
 """
 import argparse
 import os
@@ -61,12 +64,42 @@ def resource_usage(compiled):
     return int(fields.get("REG", 0)), int(fields.get("STACK", 0))
 
 
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may opt in to on sm_90
+
+
+def report(head_dim, rel_pos, compiled):
+    """Compile the three passes for one head dim; print their resources; True if all fit."""
+    suffix = "_rel" if rel_pos else ""
+    args = bench_attention.make_inputs((1, 1, 128, 128, 128, head_dim), torch.bfloat16, "cpu",
+                                       rel_pos)
+    fits = True
+    for pass_name, launch in bench_attention.pass_launchers(args).items():
+        config = attention.GPU_CONFIGS[(pass_name + suffix, head_dim)]
+        del compiled[:]
+        try:
+            launch()
+        except Exception as error:  # noqa: BLE001  (reported, and fails --check)
+            print(f"{pass_name + suffix:9s} D={head_dim} {config}: does not compile: "
+                  f"{type(error).__name__}: {str(error).splitlines()[0][:120]}", flush=True)
+            fits = False
+            continue
+        kernel = compiled[-1]
+        regs, stack = resource_usage(kernel)
+        shared = kernel.metadata.shared
+        fits &= shared <= SM90_MAX_SHARED
+        print(f"{pass_name + suffix:9s} D={head_dim} {config}: {regs} registers, {stack} B stack, "
+              f"{shared} B shared{'' if shared <= SM90_MAX_SHARED else ' (too much)'}", flush=True)
+    return fits
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rel-pos", action="store_true")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--config", nargs="*", default=[],
                         help="pass=BLOCK_M,BLOCK_N,warps,stages overrides, e.g. dq=64,64,4,2")
+    parser.add_argument("--check", action="store_true",
+                        help="every head dim with and without relative positions; exit 1 on failure")
     options = parser.parse_args()
     suffix = "_rel" if options.rel_pos else ""
     for item in options.config:
@@ -77,16 +110,11 @@ def main():
     for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
         setattr(attention, name, _CompileOnly(getattr(attention, name), compiled))
     attention.dispatch.triton_interpreted = lambda: False
-    args = bench_attention.make_inputs((1, 1, 128, 128, 128, options.head_dim), torch.bfloat16,
-                                       "cpu", options.rel_pos)
-    for pass_name, launch in bench_attention.pass_launchers(args).items():
-        del compiled[:]
-        launch()
-        kernel = compiled[-1]
-        regs, stack = resource_usage(kernel)
-        config = attention.GPU_CONFIGS[(pass_name + suffix, options.head_dim)]
-        print(f"{pass_name + suffix:9s} D={options.head_dim} {config}: {regs} registers, "
-              f"{stack} B stack, {kernel.metadata.shared} B shared", flush=True)
+    cases = ([(d, rel) for d in attention.HEAD_DIMS for rel in (False, True)] if options.check
+             else [(options.head_dim, options.rel_pos)])
+    fits = [report(head_dim, rel_pos, compiled) for head_dim, rel_pos in cases]
+    if not all(fits):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
