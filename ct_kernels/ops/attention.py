@@ -774,7 +774,13 @@ def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=N
     """Same arguments and results as ``reference.compressive_attention``."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     r, u, v_bias = rel_pos if rel_pos is not None else (None, None, None)
-    attention = attention_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
+    if torch.compiler.is_compiling():
+        attention = attention_fwd
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                         (q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias)):
+        attention = _EagerAttention.apply
+    else:  # nothing to differentiate: no autograd node
+        attention = _forward
     out, lse = attention(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
                          key_padding_mask, r, u, v_bias, causal, scale)
     if not return_key_usage:
