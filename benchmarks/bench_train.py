@@ -1,7 +1,8 @@
 """train_step: one optimizer step over one segment with full memories (bf16 autocast, Adam,
-gradient clipping), ours (``ct``) vs the PyPI package compressive-transformer-pytorch 0.4.0
-(``ctpytorch_0.4.0``) at the two configurations of DESIGN.md §3. Same width, layers, heads,
-n, m, cm, rate and batch; both without dropout. tokens/s = B * n / (ms / 1e3).
+gradient clipping), ours (``ct``; ``ct_compiled``: the model under torch.compile) vs the PyPI
+package compressive-transformer-pytorch 0.4.0 (``ctpytorch_0.4.0``) at the two configurations
+of DESIGN.md §3. Same width, layers, heads, n, m, cm, rate and batch; both without dropout.
+tokens/s = B * n / (ms / 1e3).
 Rows go to benchmarks/results/train.csv."""
 import math
 
@@ -22,17 +23,19 @@ def _optimizer_step(model, optimizer, loss):
     optimizer.step()
 
 
-def ct_step(name, tokens):
-    """One training step of our model; memories carry over from step to step."""
+def ct_step(name, tokens, compiled=False):
+    """One training step of our model (``compiled``: under torch.compile, which removes most
+    of the per-layer host work); memories carry over from step to step."""
     config, _ = preset(name, dropout=0.0)
     model = CompressiveTransformer(config).cuda()
+    forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     memories = model.init_memories(tokens.shape[0], dtype=torch.bfloat16)
 
     def step():
         nonlocal memories
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, memories, aux = model(tokens[:, :-1], memories)
+            logits, memories, aux = forward(tokens[:, :-1], memories)
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         _optimizer_step(model, optimizer, loss + aux)
 
@@ -69,7 +72,9 @@ def run():
         B, n = train_config.batch, config.seg_len
         tokens = torch.randint(0, config.vocab_size, (B, n + 1), device="cuda")
         fill = math.ceil((config.mem_len + config.cmem_len * config.rate) / n) + 1
-        makers = {"ct": lambda: ct_step(name, tokens), SEED_PROVIDER: lambda: seed_step(config, tokens)}
+        makers = {"ct": lambda: ct_step(name, tokens),
+                  "ct_compiled": lambda: ct_step(name, tokens, compiled=True),
+                  SEED_PROVIDER: lambda: seed_step(config, tokens)}
         for provider, make in makers.items():
             step = None
             try:
