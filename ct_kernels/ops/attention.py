@@ -37,7 +37,9 @@ LOG2E = 1.4426950408889634
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64):
 # (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions, whose position
-# band is next_power_of_2(BLOCK_M + BLOCK_N - 1) distances wide.
+# band is next_power_of_2(BLOCK_M + BLOCK_N - 1) distances wide. "fwd_rel" and "dq_rel"
+# take an optional fifth element, True: re-align the band through a scratch tile in memory
+# instead of tl.gather (see _realign_band).
 GPU_CONFIGS = {
     ("fwd", 16): (64, 64, 4, 3), ("fwd", 32): (64, 64, 4, 3),
     ("fwd", 64): (64, 64, 4, 3), ("fwd", 128): (64, 64, 4, 3),
@@ -99,15 +101,47 @@ def _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
 
 
 @triton.jit
+def _realign_band(band, Scratch, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] out[i, j] = band[i, i + BN-1-j] of band [BLOCK_M, BLOCK_R], through
+    this program's scratch tile (a store, a barrier, a sheared load) instead of tl.gather,
+    whose register-level shuffles cost registers and shared memory."""
+    i = tl.arange(0, BLOCK_M)[:, None]
+    tl.store(Scratch + i * BLOCK_R + tl.arange(0, BLOCK_R)[None, :], band)
+    tl.debug_barrier()
+    out = tl.load(Scratch + i * (BLOCK_R + 1) + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :],
+                  volatile=True)
+    tl.debug_barrier()  # the next tile's store waits for every thread's load
+    return out
+
+
+@triton.jit
+def _unalign_band(ds, Scratch, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """The inverse re-alignment through the scratch tile: dband [BLOCK_M, BLOCK_R] with
+    dband[i, c] = ds[i, i + BN-1-c] inside the tile and 0 outside, of ds [BLOCK_M, BLOCK_N]."""
+    i = tl.arange(0, BLOCK_M)[:, None]
+    tl.store(Scratch + i * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], ds)
+    tl.debug_barrier()
+    j = i + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
+    out = tl.load(Scratch + i * BLOCK_N + j, mask=(j >= 0) & (j < BLOCK_N), other=0.0,
+                  volatile=True)
+    tl.debug_barrier()
+    return out
+
+
+@triton.jit
 def _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_mask,
-            scale_log2, KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
+            scale_log2, Scratch, KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr,
+            REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """Scores in the log2 domain, -inf where masked, of BLOCK_M queries x BLOCK_N keys:
     [BLOCK_M, BLOCK_N] from k^T [D, BLOCK_N], or with KEY_MAJOR the transpose
     [BLOCK_N, BLOCK_M] from k [BLOCK_N, D].
 
-    query_pos0 / key_pos0: global positions of the tile's first query / key.
+    query_pos0 / key_pos0: global positions of the tile's first query / key. With
+    REALIGN_IN_MEMORY (query-major only) the position band goes through Scratch.
     """
     i = tl.arange(0, BLOCK_M)
     j = tl.arange(0, BLOCK_N)
@@ -124,7 +158,10 @@ def _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_
             s += tl.gather(band, i[None, :] + (BLOCK_N - 1 - j)[:, None], 0)
         else:
             band = _dot(q_p, tl.trans(r), PRECISION)  # [BLOCK_M, BLOCK_R]
-            s += tl.gather(band, i[:, None] + (BLOCK_N - 1 - j)[None, :], 1)
+            if REALIGN_IN_MEMORY:
+                s += _realign_band(band, Scratch, BLOCK_M, BLOCK_N, BLOCK_R)
+            else:
+                s += tl.gather(band, i[:, None] + (BLOCK_N - 1 - j)[None, :], 1)
     s = s * scale_log2
     if apply_mask:
         if KEY_MAJOR:
@@ -166,10 +203,11 @@ def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, pad_on, KEY_MAJOR: t
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo,
-                hi, key_base, query_pos0, R_h, sr_n, R_rows, scale_log2,
+                hi, key_base, query_pos0, R_h, sr_n, R_rows, scale_log2, Scratch,
                 IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Online softmax over slots [first tile with valid slots, hi) of one key source."""
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
@@ -178,8 +216,8 @@ def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, 
         if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
         s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
-                    apply_mask, scale_log2, False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N,
-                    BLOCK_D, BLOCK_R, PRECISION)
+                    apply_mask, scale_log2, Scratch, False, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
+                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
         # rescale the running state; a row with no key yet keeps m = -inf, l = 0, acc = 0
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -196,13 +234,14 @@ def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, MK, MV, CK, CV, Out, Lse, MemLens, CmemLens, Pad, R, U, VB,
+    Q, K, V, MK, MV, CK, CV, Out, Lse, MemLens, CmemLens, Pad, R, U, VB, Scratch,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
     so_b, so_n, so_h, spad_b, spad_n, sr_h, sr_n,
     H, n, m, cm, R_rows, scale_log2,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -224,6 +263,8 @@ def _fwd_kernel(
     seg_hi = tl.minimum(n, pid_m * BLOCK_M + BLOCK_M) if CAUSAL else n
     R_h = R + h * sr_h
     Pad_b = Pad + b * spad_b
+    # this program's scratch tile for re-aligning position bands (REALIGN_IN_MEMORY)
+    Scratch = Scratch + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M * BLOCK_R
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -232,17 +273,20 @@ def _fwd_kernel(
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q_c, q_p, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
         sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, sr_n, R_rows,
-        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        scale_log2, Scratch, False, HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
         PRECISION)
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q_c, q_p, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
         smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, sr_n, R_rows,
-        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        scale_log2, Scratch, False, HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
         PRECISION)
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q_c, q_p, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
         sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, sr_n, R_rows,
-        scale_log2, True, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        scale_log2, Scratch, True, HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
         PRECISION)
 
     # epilogue: normalise; rows that saw no key output zeros and store LSE = +inf
@@ -258,8 +302,9 @@ def _fwd_kernel(
 @triton.jit
 def _dq_source(dq, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size,
                valid_lo, hi, key_base, query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale,
-               D: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
-               CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+               Scratch, D: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
+               CAUSAL: tl.constexpr, REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr,
+               BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                PRECISION: tl.constexpr):
     """dQ (content and position parts in one accumulator) and dr contributions of one key
@@ -271,8 +316,8 @@ def _dq_source(dq, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, si
         if IS_SEGMENT and CAUSAL:
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
         s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
-                    apply_mask, scale_log2, False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N,
-                    BLOCK_D, BLOCK_R, PRECISION)
+                    apply_mask, scale_log2, Scratch, False, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
+                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
         p = tl.math.exp2(s - lse[:, None])
         offs_n = start + tl.arange(0, BLOCK_N)
         vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
@@ -283,10 +328,13 @@ def _dq_source(dq, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, si
         dq += _dot(ds, tl.trans(kt), PRECISION)
         if REL_POS:
             # band gradient: dband[i, c] = ds[i, j] for j = i + BN-1-c inside the tile
-            j = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
-            in_tile = (j >= 0) & (j < BLOCK_N)
-            dband = tl.where(in_tile, tl.gather(ds, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), 1),
-                             0.0).to(kt.dtype)
+            if REALIGN_IN_MEMORY:
+                dband = _unalign_band(ds, Scratch, BLOCK_M, BLOCK_N, BLOCK_R).to(kt.dtype)
+            else:
+                j = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
+                in_tile = (j >= 0) & (j < BLOCK_N)
+                dband = tl.where(in_tile, tl.gather(ds, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), 1),
+                                 0.0).to(kt.dtype)
             r, rows, in_r = _position_band(R_h, sr_n, R_rows, query_pos0, key_base + start,
                                            BLOCK_N, BLOCK_D, BLOCK_R)
             dq += _dot(dband, r, PRECISION)
@@ -299,13 +347,14 @@ def _dq_source(dq, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, si
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, MK, MV, CK, CV, Out, DO, DQ, Lse, Delta, MemLens, CmemLens, Pad, R, U, VB,
-    DR, DQSUM,
+    DR, DQSUM, Scratch,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
     so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n,
     H, n, m, cm, R_rows, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -337,23 +386,24 @@ def _bwd_dq_kernel(
     R_h = R + h * sr_h
     DR_h = DR + h * R_rows * BLOCK_D
     Pad_b = Pad + b * spad_b
+    Scratch = Scratch + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M * BLOCK_R
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_source(
         dq, q_c, q_p, do, lse, delta, CK + b * sck_b + h * sck_h,
         CV + b * scv_b + h * scv_h, sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0,
-        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD,
-        CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, Scratch, BLOCK_D, False,
+        HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
     dq = _dq_source(
         dq, q_c, q_p, do, lse, delta, MK + b * smk_b + h * smk_h,
         MV + b * smv_b + h * smv_h, smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm,
-        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD,
-        CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, Scratch, BLOCK_D, False,
+        HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
     dq = _dq_source(
         dq, q_c, q_p, do, lse, delta, K + b * sk_b + h * sk_h,
         V + b * sv_b + h * sv_h, sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m,
-        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, BLOCK_D, True, HAS_PAD,
-        CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, Scratch, BLOCK_D, True,
+        HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
 
     # dq = content part + position part. Its sum over rows is du + dv: added into DQSUM
     # (fp32 atomics); the dK/dV pass adds du, the host takes dv = DQSUM - du
@@ -409,8 +459,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DU, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DK
         if CAUSAL:  # the diagonal band: some segment key after some query
             apply_mask = apply_mask | (is_segment & (start + BLOCK_N - 1 > qs))
         s_t = _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_base + qs, key_base + start,
-                      key_ok, apply_mask, scale_log2, True, CAUSAL, REL_POS, BLOCK_M,
-                      BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+                      key_ok, apply_mask, scale_log2, R_h, True, CAUSAL, REL_POS, False,
+                      BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if USAGE:
             usage += tl.sum(p_t, 1)
@@ -552,11 +602,22 @@ class _Call:
     def meta(self, pass_name):
         """Constexpr flags and launch configuration of one pass."""
         rel_pos = self.flags["REL_POS"]
-        block_m, block_n, warps, stages = launch_config(pass_name + ("_rel" if rel_pos else ""),
-                                                        self.D, self.dtype)
-        return dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n,
+        block_m, block_n, warps, stages, *realign = launch_config(
+            pass_name + ("_rel" if rel_pos else ""), self.D, self.dtype)
+        meta = dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n,
                     BLOCK_R=triton.next_power_of_2(block_m + block_n - 1) if rel_pos else 16,
                     num_warps=warps, num_stages=stages)
+        if pass_name in ("fwd", "dq"):  # query-major passes: where the band is re-aligned
+            meta["REALIGN_IN_MEMORY"] = rel_pos and realign == [True]
+        return meta
+
+    def scratch(self, meta, programs):
+        """fp32 scratch of one [BLOCK_M, BLOCK_R] tile per program for REALIGN_IN_MEMORY
+        (else a placeholder that is never touched)."""
+        if not meta["REALIGN_IN_MEMORY"]:
+            return self.q
+        return torch.empty(programs * meta["BLOCK_M"] * meta["BLOCK_R"], dtype=torch.float32,
+                           device=self.q.device)
 
     @property
     def sizes(self):
@@ -566,8 +627,9 @@ class _Call:
 def _launch_fwd(c, out, lse):
     """The forward pass: writes out and lse."""
     meta = c.meta("fwd")
-    _fwd_kernel[(triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)](
-        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
+    grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
+    _fwd_kernel[grid](
+        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel, c.scratch(meta, grid[0] * grid[1]),
         *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
         *c.sizes, c.scale * LOG2E, **meta)
 
@@ -591,8 +653,10 @@ def _launch_dq(c, out, grad_out, lse, delta, dq, dr, dq_sum):
     the sum of dq over rows)."""
     meta = c.meta("dq")
     rel = (dr, dq_sum) if c.flags["REL_POS"] else (c.q, c.q)
-    _bwd_dq_kernel[(triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)](
+    grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
+    _bwd_dq_kernel[grid](
         c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel, *rel,
+        c.scratch(meta, grid[0] * grid[1]),
         *_strides(c.q), *c.source_strides, *_strides(out), *_strides(grad_out),
         *c.pad_strides, *c.r_strides, *c.sizes, c.scale * LOG2E, c.scale, **meta)
 
