@@ -18,7 +18,8 @@ Kernels (one program per (tile, batch*head)):
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Transformer-XL relative positions
 are a constexpr branch of the same kernels: a tile loads the BLOCK_M + BLOCK_N - 1 rows of r
-it needs, scores them with one tl.dot and re-aligns the band to (i, j) with tl.gather.
+it needs, scores them with one tl.dot and re-aligns the band to (i, j) with tl.gather, or
+(a launch-configuration option of the query-major passes) through a scratch tile in memory.
 """
 from __future__ import annotations
 
