@@ -22,6 +22,7 @@ VARIANTS = {
     "pre-ln": dict(pre_ln=True),
     "memory-on-layer-1": dict(memory_layers=(1,)),
     "mem-shorter-than-segment": dict(mem_len=4, cmem_len=6),
+    "mem-longer-than-segment": dict(mem_len=20, cmem_len=4),  # memory fills over 3 segments
 }
 
 
