@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root: build the extension, run the whole test suite
 # on the GPU and every benchmark, then pack logs and results into $OUT.
+#   SUITE_TUNE   attention passes to re-time first (e.g. "fwd_rel dq_rel"; default: none)
 #   SUITE_TESTS  pytest arguments (default: tests; "none" skips)
 #   SUITE_BENCH  benchmark modules for `python -m benchmarks --only` (default: all; "none" skips)
 #   SUITE_TEST_SECONDS / SUITE_BENCH_SECONDS  time limits of the two stages (default 300 / 420)
@@ -15,6 +16,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 start=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
 tail -n 3 "$OUT/build.log"
+
+if [ -n "${SUITE_TUNE:-}" ]; then
+  python3 -m benchmarks.bench_attention --tune-only --passes $SUITE_TUNE 2>&1 | tee "$OUT/tune.log"
+fi
 
 if [ "${SUITE_TESTS:-}" != "none" ]; then
   eval "tests=(${SUITE_TESTS:-tests})"  # keeps quoted pytest arguments such as -k "a or b"
