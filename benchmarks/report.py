@@ -2,7 +2,8 @@
 
 For every op, the newest row of each (shape, provider, mode) across benchmarks/results/*.csv
 (later rows of a file are newer), one table per op: shapes down, providers across, each
-cell ``fwd / fwd+bwd`` (or the single mode) in the op's headline unit.
+cell ``fwd / fwd+bwd`` (or the single mode) in the op's headline unit (train_step and
+generate: ms per step and tokens/s).
 """
 import csv
 import glob
@@ -25,6 +26,25 @@ def latest_rows():
     return list(latest.values())
 
 
+def tokens_per_step(op, shape):
+    """Tokens one timed step processes, for the tokens/s of train_step and generate rows."""
+    if op == "train_step":
+        from compressive_transformer import preset
+        config, train_config = preset(shape)
+        return train_config.batch * config.seg_len
+    if op == "generate":  # shape ...-B{batch}-P...: one sampled token per stream and step
+        return int(next(part[1:] for part in shape.split("-") if part[:1] == "B" and part[1:].isdigit()))
+    return None
+
+
+def _cell(op, row, unit):
+    value = row[unit]
+    tokens = tokens_per_step(op, row["shape"]) if unit == "ms" else None
+    if tokens and value:
+        return f"{value} ({tokens * 1e3 / float(value):,.0f} tokens/s)"
+    return value
+
+
 def tables(rows):
     out = []
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -44,7 +64,7 @@ def tables(rows):
                 values = []
                 for mode in modes:
                     match = [r for r in op_rows if (r["shape"], r["provider"], r["mode"]) == (shape, provider, mode)]
-                    values.append(match[0][unit] if match and match[0][unit] else "–")
+                    values.append(_cell(op, match[0], unit) if match and match[0][unit] else "–")
                 cells.append(" / ".join(values))
             out.append(f"| {shape} | " + " | ".join(cells) + " |")
         out.append("")
