@@ -1,0 +1,20 @@
+"""The README's benchmark tables (benchmarks/report.py): newest row per case, tokens/s."""
+from benchmarks import report
+
+
+def row(op, shape, provider, mode, ms, tflops=""):
+    return {"op": op, "shape": shape, "provider": provider, "mode": mode, "ms": ms,
+            "tflops": tflops, "gbps": "", "peak_extra_mib": "", "gpu": "GPU", "torch": "t",
+            "triton": "tr", "date": "2026-11-29"}
+
+
+def test_tables_show_both_modes_and_tokens_per_second():
+    rows = [row("attention", "pg19-like", "ct_triton", "fwd", "0.15", "390.0"),
+            row("attention", "pg19-like", "ct_triton", "fwd+bwd", "0.93", "225.3"),
+            row("train_step", "d512-L8", "ct", "fwd+bwd", "50.0"),
+            row("generate", "d512-L8-B16-P512-T512", "ct", "fwd", "4.0")]
+    text = report.tables(rows)
+    assert "| pg19-like | 390.0 / 225.3 |" in text
+    # d512-L8 trains 16 x 512 tokens per step; generation samples one token per stream
+    assert "| d512-L8 | 50.0 (163,840 tokens/s) |" in text
+    assert "| d512-L8-B16-P512-T512 | 4.0 (4,000 tokens/s) |" in text
