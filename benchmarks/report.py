@@ -28,9 +28,12 @@ def latest_rows():
 
 def tokens_per_step(op, shape):
     """Tokens one timed step processes, for the tokens/s of train_step and generate rows."""
-    if op == "train_step":
+    if op == "train_step":  # shape: a preset name
         from compressive_transformer import preset
-        config, train_config = preset(shape)
+        try:
+            config, train_config = preset(shape)
+        except ValueError:
+            return None
         return train_config.batch * config.seg_len
     if op == "generate":  # shape ...-B{batch}-P...: one sampled token per stream and step
         return int(next(part[1:] for part in shape.split("-") if part[:1] == "B" and part[1:].isdigit()))
