@@ -12,9 +12,9 @@ Kernels (one program per (tile, batch*head)):
   - ``_bwd_dq_kernel``: delta = rowsum(dO * O), then dQ over the three sources (and, with
     relative positions, dr by fp32 atomics and the row sum of dQ, which is du + dv).
   - ``_bwd_dkdv_kernel``: one key tile of one source against every query tile that sees it:
-    dK, dV (with relative positions also du). With ``USAGE`` it instead sums the softmax mass each key receives (a pass over
-    K only, recomputing probabilities from the saved LSE; heads are reduced on the host, so
-    the usage is deterministic).
+    dK, dV (with relative positions also du). With ``USAGE`` it instead sums the softmax
+    mass each key receives (a pass over K only, recomputing probabilities from the saved
+    LSE; heads are reduced on the host, so the usage is deterministic).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Transformer-XL relative positions
 are a constexpr branch of the same kernels: a tile loads the BLOCK_M + BLOCK_N - 1 rows of r
