@@ -201,6 +201,34 @@ def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, pad_on, KEY_MAJOR: t
     return k, key_ok, partial
 
 
+@triton.jit
+def _query_program(Q, MemLens, CmemLens, R, Pad, Scratch, sq_b, sq_n, sq_h, spad_b,
+                   sr_h, H, n, m, cm, HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    """What a query-tile program (forward, dQ) starts from: its batch and head, query rows,
+    the query tile, where each memory's valid slots begin, the tile's global position, the
+    end of the segment keys it sees, and its per-head / per-sample base pointers (r, key
+    padding, this program's scratch tile)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < n
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    valid_lo_c = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
+    valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
+    query_pos0 = cm + m + pid_m * BLOCK_M
+    seg_hi = tl.minimum(n, pid_m * BLOCK_M + BLOCK_M) if CAUSAL else n
+    # the scratch tile re-aligns position bands (REALIGN_IN_MEMORY)
+    scratch = Scratch + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M * BLOCK_R
+    return (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0,
+            seg_hi, R + h * sr_h, Pad + b * spad_b, scratch)
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo,
@@ -246,26 +274,12 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < n
-
     # query tile, with the content / position biases when relative positions are on
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0, seg_hi, R_h,
+     Pad_b, Scratch) = _query_program(
+        Q, MemLens, CmemLens, R, Pad, Scratch, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm,
+        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_R)
     q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
-    valid_lo_c = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
-    valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
-    query_pos0 = cm + m + pid_m * BLOCK_M
-    seg_hi = tl.minimum(n, pid_m * BLOCK_M + BLOCK_M) if CAUSAL else n
-    R_h = R + h * sr_h
-    Pad_b = Pad + b * spad_b
-    # this program's scratch tile for re-aligning position bands (REALIGN_IN_MEMORY)
-    Scratch = Scratch + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M * BLOCK_R
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -359,17 +373,12 @@ def _bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < n
+    (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0, seg_hi, R_h,
+     Pad_b, Scratch) = _query_program(
+        Q, MemLens, CmemLens, R, Pad, Scratch, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm,
+        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_R)
 
     # delta = rowsum(dO * O), stored for the dK/dV pass
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
     o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
@@ -378,16 +387,8 @@ def _bwd_dq_kernel(
     stats = pid_bh.to(tl.int64) * n + offs_m
     tl.store(Delta + stats, delta, mask=row_ok)
     lse = tl.load(Lse + stats, mask=row_ok, other=float("inf"))
-
     q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
-    valid_lo_c = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
-    valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
-    query_pos0 = cm + m + pid_m * BLOCK_M
-    seg_hi = tl.minimum(n, pid_m * BLOCK_M + BLOCK_M) if CAUSAL else n
-    R_h = R + h * sr_h
     DR_h = DR + h * R_rows * BLOCK_D
-    Pad_b = Pad + b * spad_b
-    Scratch = Scratch + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M * BLOCK_R
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_source(
