@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from benchmarks.bench_train import SEED_PROVIDER
+from benchmarks.bench_train import SEED_PROVIDER, seed_model
 from benchmarks.harness import append_rows, environment, failed_row
 from compressive_transformer import CompressiveTransformer, preset
 from compressive_transformer.generate import generate
@@ -27,11 +27,7 @@ def ct_generate(config):
 
 def seed_generate(config):
     from compressive_transformer_pytorch import AutoregressiveWrapper
-    from compressive_transformer_pytorch import CompressiveTransformer as SeedModel
-    model = SeedModel(num_tokens=config.vocab_size, dim=config.dim, seq_len=config.seg_len,
-                      depth=config.layers, mem_len=config.mem_len, cmem_len=config.cmem_len,
-                      cmem_ratio=config.rate, heads=config.heads).cuda().eval()
-    wrapper = AutoregressiveWrapper(model)
+    wrapper = AutoregressiveWrapper(seed_model(config).eval())
 
     def run(prompt, length):
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -42,13 +42,19 @@ def ct_step(name, tokens, compiled=False):
     return step
 
 
-def seed_step(config, tokens):
-    """The same step with compressive-transformer-pytorch 0.4.0 (its defaults otherwise:
-    GRU-gated residuals, pre-LN, absolute learned positions)."""
+def seed_model(config):
+    """compressive-transformer-pytorch 0.4.0's model with our configuration's width, layers,
+    heads, n, m, cm and rate (its defaults otherwise: GRU-gated residuals, pre-LN, absolute
+    learned positions), on the GPU."""
     from compressive_transformer_pytorch import CompressiveTransformer as SeedModel
-    model = SeedModel(num_tokens=config.vocab_size, dim=config.dim, seq_len=config.seg_len,
-                      depth=config.layers, mem_len=config.mem_len, cmem_len=config.cmem_len,
-                      cmem_ratio=config.rate, heads=config.heads).cuda()
+    return SeedModel(num_tokens=config.vocab_size, dim=config.dim, seq_len=config.seg_len,
+                     depth=config.layers, mem_len=config.mem_len, cmem_len=config.cmem_len,
+                     cmem_ratio=config.rate, heads=config.heads).cuda()
+
+
+def seed_step(config, tokens):
+    """The same step with compressive-transformer-pytorch 0.4.0."""
+    model = seed_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     memories = None
 
