@@ -169,8 +169,7 @@ def run():
     return rows
 
 
-# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, band re-aligned in memory]) per
-# (pass, head dim) for ``--tune``.
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per (pass, head dim) for ``--tune``.
 TUNE_CANDIDATES = {
     ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2),
                    (64, 64, 4, 3), (64, 128, 4, 3)],
@@ -184,14 +183,18 @@ TUNE_CANDIDATES = {
                     (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2)],
     ("dkdv", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3),
                    (64, 64, 8, 3), (128, 64, 8, 2)],
-    ("fwd_rel", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1),
-                       (32, 64, 4, 2), (64, 32, 8, 2),
-                       (64, 64, 8, 2, True), (64, 64, 4, 2, True), (64, 64, 8, 3, True)],
-    ("dq_rel", 128): [(32, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (32, 32, 4, 2),
-                      (32, 64, 8, 1), (64, 32, 8, 1),
-                      (32, 32, 4, 2, True), (32, 64, 4, 2, True), (32, 64, 8, 2, True)],
-    ("dkdv_rel", 128): [(64, 64, 8, 1), (64, 64, 4, 1), (32, 64, 4, 2), (64, 32, 8, 1),
-                        (32, 64, 8, 1)],
+    ("fwd_rel", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3),
+                       (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+    ("fwd_rel", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2),
+                      (128, 64, 8, 2)],
+    ("dq_rel", 128): [(32, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2),
+                      (64, 32, 4, 2), (64, 64, 8, 1), (64, 32, 8, 2)],
+    ("dq_rel", 64): [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2),
+                     (64, 32, 4, 2)],
+    ("dkdv_rel", 128): [(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2),
+                        (64, 32, 4, 2), (32, 64, 8, 2)],
+    ("dkdv_rel", 64): [(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2),
+                       (32, 128, 4, 2)],
 }
 
 
@@ -211,17 +214,16 @@ def pass_launchers(args):
     grad_out = torch.randn_like(q)
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q)
-    dr, du_dv = ((torch.zeros(r.shape, device=q.device), torch.zeros(2, *u.shape, device=q.device))
-                 if r is not None else (None, None))
-    attention._launch_dq(call, out, grad_out, lse, delta, dq, dr, None if du_dv is None else du_dv[1])
+    rel_grads = ((torch.zeros(r.shape, device=q.device), torch.zeros(r.shape[:2], device=q.device),
+                  torch.zeros(u.shape, device=q.device)) if r is not None else None)
+    attention._launch_dq(call, out, grad_out, lse, delta, dq, rel_grads)
     grads = [torch.empty_like(tensors[k]) if tensors.get(k) is not None else dq
              for k in ("k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v")]
     scratch_out, scratch_lse, scratch_delta = torch.empty_like(out), torch.empty_like(lse), torch.empty_like(delta)
     return {"fwd": lambda: attention._launch_fwd(call, scratch_out, scratch_lse),
-            "dq": lambda: attention._launch_dq(call, out, grad_out, lse, scratch_delta, dq, dr,
-                                               None if du_dv is None else du_dv[1]),
-            "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads,
-                                                   None if du_dv is None else du_dv[0])}
+            "dq": lambda: attention._launch_dq(call, out, grad_out, lse, scratch_delta, dq,
+                                               rel_grads),
+            "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads)}
 
 
 def _tune_jobs(passes=None):
@@ -231,8 +233,9 @@ def _tune_jobs(passes=None):
         if passes and pass_name not in passes:
             continue
         rel_pos = pass_name.endswith("_rel")
-        names = [name for name, shape in SHAPES.items() if shape[-1] == head_dim
-                 and (not rel_pos or name in RELPOS_SHAPES)]
+        names = [name for name, shape in SHAPES.items() if shape[-1] == head_dim]
+        if rel_pos:  # the relative-position shapes, or any shape of that head dim
+            names = [name for name in names if name in RELPOS_SHAPES] or names
         for config in candidates:
             yield (pass_name, head_dim), config, names, rel_pos
 

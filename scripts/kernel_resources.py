@@ -98,17 +98,15 @@ def main():
     parser.add_argument("--rel-pos", action="store_true")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--config", nargs="*", default=[],
-                        help="pass=BLOCK_M,BLOCK_N,warps,stages[,1] overrides, e.g. dq=64,64,4,2 "
-                             "(a fifth 1: position band re-aligned in memory)")
+                        help="pass=BLOCK_M,BLOCK_N,warps,stages overrides, e.g. dq=64,64,4,2")
     parser.add_argument("--check", action="store_true",
                         help="every head dim with and without relative positions; exit 1 on failure")
     options = parser.parse_args()
     suffix = "_rel" if options.rel_pos else ""
     for item in options.config:
         name, values = item.split("=")
-        config = [int(v) for v in values.split(",")]
-        attention.GPU_CONFIGS[(name + suffix, options.head_dim)] = tuple(config[:4]) + tuple(
-            bool(v) for v in config[4:])  # fifth: re-align the position band in memory
+        attention.GPU_CONFIGS[(name + suffix, options.head_dim)] = tuple(
+            int(v) for v in values.split(","))
     triton.runtime.driver.set_active(_Sm90Driver())
     compiled = []
     for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
@@ -117,11 +115,6 @@ def main():
     cases = ([(d, rel) for d in attention.HEAD_DIMS for rel in (False, True)] if options.check
              else [(options.head_dim, options.rel_pos)])
     fits = [report(head_dim, rel_pos, compiled) for head_dim, rel_pos in cases]
-    if options.check:  # the position band re-aligned in memory, a tuning candidate
-        for head_dim in attention.HEAD_DIMS:
-            for name in ("fwd_rel", "dq_rel"):
-                attention.GPU_CONFIGS[(name, head_dim)] = attention.GPU_CONFIGS[(name, head_dim)][:4] + (True,)
-            fits.append(report(head_dim, True, compiled))
     if not all(fits):
         raise SystemExit(1)
 

@@ -10,16 +10,21 @@ Kernels (one program per (tile, batch*head)):
     scores), fp32 accumulators; stores the output and the log2-sum-exp (LSE, +inf for a
     row that sees no key, whose output is zero).
   - ``_bwd_dq_kernel``: delta = rowsum(dO * O), then dQ over the three sources (and, with
-    relative positions, dr by fp32 atomics and the row sum of dQ, which is du + dv).
+    relative positions, the gradients of r and of the per-distance bias by fp32 atomics, and
+    the row sum of dQ).
   - ``_bwd_dkdv_kernel``: one key tile of one source against every query tile that sees it:
-    dK, dV (with relative positions also du). With ``USAGE`` it instead sums the softmax
+    dK, dV. With ``USAGE`` it instead sums the softmax
     mass each key receives (a pass over K only, recomputing probabilities from the saved
     LSE; heads are reduced on the host, so the usage is deterministic).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
-band, key padding); tiles with no valid key are skipped. Transformer-XL relative positions
-are a constexpr branch of the same kernels: a tile loads the BLOCK_M + BLOCK_N - 1 rows of r
-it needs, scores them with one tl.dot and re-aligns the band to (i, j) with tl.gather, or
-(a launch-configuration option of the query-major passes) through a scratch tile in memory.
+band, key padding); tiles with no valid key are skipped.
+
+Transformer-XL relative positions are a constexpr branch of the same kernels. The score
+(q_i + u).k_j + (q_i + v).r_d, d = distance, is computed as (q_i + u).(k_j + r_d) + w_d with
+w_d = (v - u).r_d: one biased query qu = q + u (formed on the host) serves both products,
+and w [H, R] is a per-distance bias. A tile loads the BLOCK_M + BLOCK_N - 1 rows of r (and w)
+it spans, scores them with one tl.dot and re-aligns the band to (i, j) with tl.gather.
+Gradients: dq = dqu; du = sum_i dqu_i - dw.r; dv = dw.r; dr = dr(band) + dw (v - u).
 """
 from __future__ import annotations
 
@@ -38,9 +43,7 @@ LOG2E = 1.4426950408889634
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64):
 # (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions, whose position
-# band is next_power_of_2(BLOCK_M + BLOCK_N - 1) distances wide. "fwd_rel" and "dq_rel"
-# take an optional fifth element, True: re-align the band through a scratch tile in memory
-# instead of tl.gather (see _realign_band).
+# band is next_power_of_2(BLOCK_M + BLOCK_N - 1) distances wide.
 GPU_CONFIGS = {
     ("fwd", 16): (64, 64, 4, 3), ("fwd", 32): (64, 64, 4, 3),
     ("fwd", 64): (64, 64, 4, 3), ("fwd", 128): (64, 64, 4, 3),
@@ -79,90 +82,46 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _biased_queries(q, U, VB, h, offs_d, REL_POS: tl.constexpr):
-    """(q + u, q + v) in the input dtype; (q, q) without relative positions."""
-    if REL_POS:
-        u = tl.load(U + h * offs_d.shape[0] + offs_d).to(tl.float32)
-        vb = tl.load(VB + h * offs_d.shape[0] + offs_d).to(tl.float32)
-        q32 = q.to(tl.float32)
-        return (q32 + u[None, :]).to(q.dtype), (q32 + vb[None, :]).to(q.dtype)
-    return q, q
-
-
-@triton.jit
-def _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
+def _position_band(R_h, W_h, sr_n, R_rows, query_pos0, key_pos0,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """r [BLOCK_R, D] for the distances a tile spans: row c holds distance
+    """r [BLOCK_R, D] and w [BLOCK_R] for the distances a tile spans: row c holds distance
     query_pos0 - key_pos0 - (BLOCK_N - 1) + c (zeros outside [0, R)); also those distances."""
     rows = query_pos0 - key_pos0 - (BLOCK_N - 1) + tl.arange(0, BLOCK_R)
     in_r = (rows >= 0) & (rows < R_rows)
     r = tl.load(R_h + rows[:, None] * sr_n + tl.arange(0, BLOCK_D)[None, :],
                 mask=in_r[:, None], other=0.0)
-    return r, rows, in_r
+    w = tl.load(W_h + rows, mask=in_r, other=0.0)
+    return r, w, rows, in_r
 
 
 @triton.jit
-def _realign_band(band, Scratch, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] out[i, j] = band[i, i + BN-1-j] of band [BLOCK_M, BLOCK_R], through
-    this program's scratch tile (a store, a barrier, a sheared load) instead of tl.gather,
-    whose register-level shuffles cost registers and shared memory."""
-    i = tl.arange(0, BLOCK_M)[:, None]
-    tl.store(Scratch + i * BLOCK_R + tl.arange(0, BLOCK_R)[None, :], band)
-    tl.debug_barrier()
-    out = tl.load(Scratch + i * (BLOCK_R + 1) + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :],
-                  volatile=True)
-    tl.debug_barrier()  # the next tile's store waits for every thread's load
-    return out
-
-
-@triton.jit
-def _unalign_band(ds, Scratch, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
-    """The inverse re-alignment through the scratch tile: dband [BLOCK_M, BLOCK_R] with
-    dband[i, c] = ds[i, i + BN-1-c] inside the tile and 0 outside, of ds [BLOCK_M, BLOCK_N]."""
-    i = tl.arange(0, BLOCK_M)[:, None]
-    tl.store(Scratch + i * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], ds)
-    tl.debug_barrier()
-    j = i + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
-    out = tl.load(Scratch + i * BLOCK_N + j, mask=(j >= 0) & (j < BLOCK_N), other=0.0,
-                  volatile=True)
-    tl.debug_barrier()
-    return out
-
-
-@triton.jit
-def _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_mask,
-            scale_log2, Scratch, KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr,
-            REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr,
+def _scores(q, k, R_h, W_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_mask,
+            scale_log2, KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """Scores in the log2 domain, -inf where masked, of BLOCK_M queries x BLOCK_N keys:
     [BLOCK_M, BLOCK_N] from k^T [D, BLOCK_N], or with KEY_MAJOR the transpose
-    [BLOCK_N, BLOCK_M] from k [BLOCK_N, D].
+    [BLOCK_N, BLOCK_M] from k [BLOCK_N, D]. With relative positions q is q + u.
 
-    query_pos0 / key_pos0: global positions of the tile's first query / key. With
-    REALIGN_IN_MEMORY (query-major only) the position band goes through Scratch.
+    query_pos0 / key_pos0: global positions of the tile's first query / key.
     """
     i = tl.arange(0, BLOCK_M)
     j = tl.arange(0, BLOCK_N)
     if KEY_MAJOR:
-        s = _dot(k, tl.trans(q_c), PRECISION)
+        s = _dot(k, tl.trans(q), PRECISION)
     else:
-        s = _dot(q_c, k, PRECISION)
+        s = _dot(q, k, PRECISION)
     if REL_POS:
-        # band[c] = r_{delta_min + c} . (q_i + v); key j of query i sits at c = i + BN-1-j
-        r, _, _ = _position_band(R_h, sr_n, R_rows, query_pos0, key_pos0,
-                                 BLOCK_N, BLOCK_D, BLOCK_R)
+        # band[c] = (q_i + u) . r_{d_min + c} + w_{d_min + c}; key j of query i sits at
+        # c = i + BN-1-j
+        r, w, _, _ = _position_band(R_h, W_h, sr_n, R_rows, query_pos0, key_pos0,
+                                    BLOCK_N, BLOCK_D, BLOCK_R)
         if KEY_MAJOR:
-            band = _dot(r, tl.trans(q_p), PRECISION)  # [BLOCK_R, BLOCK_M]
+            band = _dot(r, tl.trans(q), PRECISION) + w[:, None]  # [BLOCK_R, BLOCK_M]
             s += tl.gather(band, i[None, :] + (BLOCK_N - 1 - j)[:, None], 0)
         else:
-            band = _dot(q_p, tl.trans(r), PRECISION)  # [BLOCK_M, BLOCK_R]
-            if REALIGN_IN_MEMORY:
-                s += _realign_band(band, Scratch, BLOCK_M, BLOCK_N, BLOCK_R)
-            else:
-                s += tl.gather(band, i[:, None] + (BLOCK_N - 1 - j)[None, :], 1)
+            band = _dot(q, tl.trans(r), PRECISION) + w[None, :]  # [BLOCK_M, BLOCK_R]
+            s += tl.gather(band, i[:, None] + (BLOCK_N - 1 - j)[None, :], 1)
     s = s * scale_log2
     if apply_mask:
         if KEY_MAJOR:
@@ -202,14 +161,14 @@ def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, pad_on, KEY_MAJOR: t
 
 
 @triton.jit
-def _query_program(Q, MemLens, CmemLens, R, Pad, Scratch, sq_b, sq_n, sq_h, spad_b,
-                   sr_h, H, n, m, cm, HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr,
-                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+def _query_program(Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b,
+                   sr_h, H, n, m, cm, R_rows, HAS_MEM_LENS: tl.constexpr,
+                   HAS_CMEM_LENS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """What a query-tile program (forward, dQ) starts from: its batch and head, query rows,
     the query tile, where each memory's valid slots begin, the tile's global position, the
-    end of the segment keys it sees, and its per-head / per-sample base pointers (r, key
-    padding, this program's scratch tile)."""
+    end of the segment keys it sees, and its per-head / per-sample base pointers (r, w, key
+    padding)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -223,20 +182,17 @@ def _query_program(Q, MemLens, CmemLens, R, Pad, Scratch, sq_b, sq_n, sq_h, spad
     valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
     query_pos0 = cm + m + pid_m * BLOCK_M
     seg_hi = tl.minimum(n, pid_m * BLOCK_M + BLOCK_M) if CAUSAL else n
-    # the scratch tile re-aligns position bands (REALIGN_IN_MEMORY)
-    scratch = Scratch + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M * BLOCK_R
     return (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0,
-            seg_hi, R + h * sr_h, Pad + b * spad_b, scratch)
+            seg_hi, R + h * sr_h, W + h * R_rows, Pad + b * spad_b)
 
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo,
-                hi, key_base, query_pos0, R_h, sr_n, R_rows, scale_log2, Scratch,
+def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo, hi,
+                key_base, query_pos0, R_h, W_h, sr_n, R_rows, scale_log2,
                 IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                PRECISION: tl.constexpr):
+                REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over slots [first tile with valid slots, hi) of one key source."""
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
@@ -244,8 +200,8 @@ def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, 
                                            False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
         if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
-        s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
-                    apply_mask, scale_log2, Scratch, False, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
+        s = _scores(q, kt, R_h, W_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
+                    apply_mask, scale_log2, False, CAUSAL, REL_POS,
                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
         # rescale the running state; a row with no key yet keeps m = -inf, l = 0, acc = 0
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -263,44 +219,40 @@ def _fwd_source(acc, m_i, l_i, q_c, q_p, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, MK, MV, CK, CV, Out, Lse, MemLens, CmemLens, Pad, R, U, VB, Scratch,
+    Q, K, V, MK, MV, CK, CV, Out, Lse, MemLens, CmemLens, Pad, R, W,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
     so_b, so_n, so_h, spad_b, spad_n, sr_h, sr_n,
     H, n, m, cm, R_rows, scale_log2,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # query tile, with the content / position biases when relative positions are on
+    # query tile (q + u with relative positions)
     (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0, seg_hi, R_h,
-     Pad_b, Scratch) = _query_program(
-        Q, MemLens, CmemLens, R, Pad, Scratch, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm,
-        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_R)
-    q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
+     W_h, Pad_b) = _query_program(
+        Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm, R_rows,
+        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # the three key sources, oldest first: cmem, mem, segment
     acc, m_i, l_i = _fwd_source(
-        acc, m_i, l_i, q_c, q_p, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
-        sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, sr_n, R_rows,
-        scale_log2, Scratch, False, HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        acc, m_i, l_i, q, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
+        sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, W_h, sr_n, R_rows,
+        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
         PRECISION)
     acc, m_i, l_i = _fwd_source(
-        acc, m_i, l_i, q_c, q_p, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
-        smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, sr_n, R_rows,
-        scale_log2, Scratch, False, HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        acc, m_i, l_i, q, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
+        smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, W_h, sr_n, R_rows,
+        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
         PRECISION)
     acc, m_i, l_i = _fwd_source(
-        acc, m_i, l_i, q_c, q_p, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
-        sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, sr_n, R_rows,
-        scale_log2, Scratch, True, HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        acc, m_i, l_i, q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
+        sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, W_h, sr_n, R_rows,
+        scale_log2, True, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
         PRECISION)
 
     # epilogue: normalise; rows that saw no key output zeros and store LSE = +inf
@@ -314,67 +266,65 @@ def _fwd_kernel(
 
 # ----------------------------------------------------------------------------- backward: dQ
 @triton.jit
-def _dq_source(dq, q_c, q_p, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size,
-               valid_lo, hi, key_base, query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale,
-               Scratch, D: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
-               CAUSAL: tl.constexpr, REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr,
-               BLOCK_M: tl.constexpr,
+def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo, hi,
+               key_base, query_pos0, R_h, W_h, DR_h, DW_h, sr_n, R_rows, scale_log2, scale,
+               D: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
+               CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                PRECISION: tl.constexpr):
-    """dQ (content and position parts in one accumulator) and dr contributions of one key
-    source, tiles as in the forward."""
+    """dQ (content and position parts in one accumulator) and the dr, dw contributions of
+    one key source, tiles as in the forward."""
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
                                            False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
         if IS_SEGMENT and CAUSAL:
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
-        s = _scores(q_c, q_p, kt, R_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
-                    apply_mask, scale_log2, Scratch, False, CAUSAL, REL_POS, REALIGN_IN_MEMORY,
+        s = _scores(q, kt, R_h, W_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
+                    apply_mask, scale_log2, False, CAUSAL, REL_POS,
                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
         p = tl.math.exp2(s - lse[:, None])
         offs_n = start + tl.arange(0, BLOCK_N)
         vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
                      mask=(offs_n < size)[None, :], other=0.0)
         dp = _dot(do, vt, PRECISION)
-        # gradient of the unscaled score q.k (+ position term)
+        # gradient of the unscaled score (q + u).k (+ position term)
         ds = (p * (dp - delta[:, None]) * scale).to(kt.dtype)
         dq += _dot(ds, tl.trans(kt), PRECISION)
         if REL_POS:
             # band gradient: dband[i, c] = ds[i, j] for j = i + BN-1-c inside the tile
-            if REALIGN_IN_MEMORY:
-                dband = _unalign_band(ds, Scratch, BLOCK_M, BLOCK_N, BLOCK_R).to(kt.dtype)
-            else:
-                j = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
-                in_tile = (j >= 0) & (j < BLOCK_N)
-                dband = tl.where(in_tile, tl.gather(ds, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), 1),
-                                 0.0).to(kt.dtype)
-            r, rows, in_r = _position_band(R_h, sr_n, R_rows, query_pos0, key_base + start,
-                                           BLOCK_N, BLOCK_D, BLOCK_R)
+            j = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
+            in_tile = (j >= 0) & (j < BLOCK_N)
+            dband = tl.where(in_tile, tl.gather(ds, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), 1),
+                             0.0).to(kt.dtype)
+            r, _, rows, in_r = _position_band(R_h, W_h, sr_n, R_rows, query_pos0,
+                                              key_base + start, BLOCK_N, BLOCK_D, BLOCK_R)
             dq += _dot(dband, r, PRECISION)
-            dr = _dot(tl.trans(dband), q_p, PRECISION)  # [BLOCK_R, D]
+            dr = _dot(tl.trans(dband), q, PRECISION)  # [BLOCK_R, D]
             tl.atomic_add(DR_h + rows[:, None] * D + offs_d[None, :], dr,
                           mask=in_r[:, None], sem="relaxed")
+            tl.atomic_add(DW_h + rows, tl.sum(dband.to(tl.float32), 0), mask=in_r,
+                          sem="relaxed")
     return dq
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, MK, MV, CK, CV, Out, DO, DQ, Lse, Delta, MemLens, CmemLens, Pad, R, U, VB,
-    DR, DQSUM, Scratch,
+    Q, K, V, MK, MV, CK, CV, Out, DO, DQ, Lse, Delta, MemLens, CmemLens, Pad, R, W,
+    DR, DW, DQSUM,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
     so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n,
     H, n, m, cm, R_rows, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, REALIGN_IN_MEMORY: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0, seg_hi, R_h,
-     Pad_b, Scratch) = _query_program(
-        Q, MemLens, CmemLens, R, Pad, Scratch, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm,
-        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_R)
+     W_h, Pad_b) = _query_program(
+        Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm, R_rows,
+        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D)
 
     # delta = rowsum(dO * O), stored for the dK/dV pass
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :],
@@ -385,28 +335,28 @@ def _bwd_dq_kernel(
     stats = pid_bh.to(tl.int64) * n + offs_m
     tl.store(Delta + stats, delta, mask=row_ok)
     lse = tl.load(Lse + stats, mask=row_ok, other=float("inf"))
-    q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
     DR_h = DR + h * R_rows * BLOCK_D
+    DW_h = DW + h * R_rows
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_source(
-        dq, q_c, q_p, do, lse, delta, CK + b * sck_b + h * sck_h,
-        CV + b * scv_b + h * scv_h, sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0,
-        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, Scratch, BLOCK_D, False,
-        HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        dq, q, do, lse, delta, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
+        sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, W_h, DR_h, DW_h,
+        sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD, CAUSAL, REL_POS,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
     dq = _dq_source(
-        dq, q_c, q_p, do, lse, delta, MK + b * smk_b + h * smk_h,
-        MV + b * smv_b + h * smv_h, smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm,
-        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, Scratch, BLOCK_D, False,
-        HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        dq, q, do, lse, delta, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
+        smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, W_h, DR_h, DW_h,
+        sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD, CAUSAL, REL_POS,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
     dq = _dq_source(
-        dq, q_c, q_p, do, lse, delta, K + b * sk_b + h * sk_h,
-        V + b * sv_b + h * sv_h, sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m,
-        query_pos0, R_h, DR_h, sr_n, R_rows, scale_log2, scale, Scratch, BLOCK_D, True,
-        HAS_PAD, CAUSAL, REL_POS, REALIGN_IN_MEMORY, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        dq, q, do, lse, delta, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
+        sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, W_h, DR_h, DW_h,
+        sr_n, R_rows, scale_log2, scale, BLOCK_D, True, HAS_PAD, CAUSAL, REL_POS,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
 
-    # dq = content part + position part. Its sum over rows is du + dv: added into DQSUM
-    # (fp32 atomics); the dK/dV pass adds du, the host takes dv = DQSUM - du
+    # dq = content part + position part; with relative positions its sum over rows (the
+    # gradient of q + u) is added into DQSUM (fp32 atomics)
     tl.store(DQ + b * n * H * BLOCK_D + h * BLOCK_D + offs_m[:, None] * H * BLOCK_D
              + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -416,18 +366,16 @@ def _bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- backward: dK/dV
 @triton.jit
-def _dkdv_tile(Q, DO, Lse, Delta, Usage, DU, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
+def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
                row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n,
-               query_base, U, VB, h, R_h, sr_n, R_rows, scale_log2, scale,
+               query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                REL_POS: tl.constexpr, USAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                PRECISION: tl.constexpr):
     """One key tile (slots start.. of a source) against every query tile that sees it:
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
-    USAGE the per-key softmax mass into Usage (this head's row of [B, H, L]). With relative
-    positions it also adds this tile's share of du = sum over queries and keys of dS k into
-    DU (this head's row of [H, D])."""
+    USAGE the per-key softmax mass into Usage (this head's row of [B, H, L])."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
@@ -440,7 +388,6 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DU, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DK
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     usage = tl.zeros([BLOCK_N], dtype=tl.float32)
-    ds_sum = tl.zeros([BLOCK_N], dtype=tl.float32)  # per key: sum of dS over its queries
 
     # memory keys are seen by every query; segment key s by queries i >= s (causal);
     # a tile without any valid key is skipped (its gradients are zero)
@@ -453,13 +400,12 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DU, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DK
         row_ok = offs_m < n
         q = tl.load(Q + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None],
                     other=0.0)
-        q_c, q_p = _biased_queries(q, U, VB, h, offs_d, REL_POS)
         lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
         apply_mask = partial
         if CAUSAL:  # the diagonal band: some segment key after some query
             apply_mask = apply_mask | (is_segment & (start + BLOCK_N - 1 > qs))
-        s_t = _scores(q_c, q_p, k, R_h, sr_n, R_rows, query_base + qs, key_base + start,
-                      key_ok, apply_mask, scale_log2, R_h, True, CAUSAL, REL_POS, False,
+        s_t = _scores(q, k, R_h, W_h, sr_n, R_rows, query_base + qs, key_base + start,
+                      key_ok, apply_mask, scale_log2, True, CAUSAL, REL_POS,
                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if USAGE:
@@ -471,9 +417,7 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DU, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DK
             dv += _dot(p_t.to(do.dtype), do, PRECISION)
             dp_t = _dot(v, tl.trans(do), PRECISION)
             ds_t = p_t * (dp_t - delta[None, :]) * scale
-            if REL_POS:
-                ds_sum += tl.sum(ds_t, 1)
-            dk += _dot(ds_t.to(q.dtype), q_c, PRECISION)
+            dk += _dot(ds_t.to(q.dtype), q, PRECISION)
 
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
@@ -481,16 +425,13 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DU, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DK
         tile = offs_n[:, None] * row_stride + offs_d[None, :]
         tl.store(DKp + tile, dk.to(DKp.dtype.element_ty), mask=in_src[:, None])
         tl.store(DVp + tile, dv.to(DVp.dtype.element_ty), mask=in_src[:, None])
-        if REL_POS:
-            tl.atomic_add(DU + h * BLOCK_D + offs_d, tl.sum(k.to(tl.float32) * ds_sum[:, None], 0),
-                          sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["sk_n", "sv_n", "smk_n", "smv_n", "sck_n", "scv_n", "n", "m", "cm",
                                "tiles_c", "tiles_m"])
 def _bwd_dkdv_kernel(
-    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage, DU,
-    MemLens, CmemLens, Pad, R, U, VB,
+    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage,
+    MemLens, CmemLens, Pad, R, W,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
     sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n,
@@ -511,6 +452,7 @@ def _bwd_dkdv_kernel(
     delta = Delta + pid_bh.to(tl.int64) * n
     usage = Usage + pid_bh.to(tl.int64) * L
     R_h = R + h * sr_h
+    W_h = W + h * R_rows
     Pad_b = Pad + b * spad_b
     head = h * BLOCK_D  # offset of this (b, h) in a contiguous [B, S, H, D] gradient
     # the program's key tile lies in exactly one source: pick its tensors and bounds with
@@ -534,9 +476,9 @@ def _bwd_dkdv_kernel(
         if HAS_MEM_LENS:
             valid_lo = m - tl.load(MemLens + b)
         start = (pid_n - tiles_c) * BLOCK_N
-    _dkdv_tile(Qb, DOb, stats, delta, usage, DU, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
+    _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
                H * BLOCK_D, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
-               cm + m, U, VB, h, R_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
+               cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
                REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
 
 
@@ -564,7 +506,8 @@ def _dot_precision(dtype):
 
 class _Call:
     """The kernels' view of one call: pointers (the query tensor stands in for absent
-    sources, which are never read), strides, sizes, constexpr flags and launch config."""
+    sources, which are never read), strides, sizes, constexpr flags and launch config.
+    With relative positions the kernels' query is q + u and w = (v - u).r is formed here."""
 
     def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
                  key_padding_mask, r, u, v_bias, causal, scale):
@@ -589,10 +532,13 @@ class _Call:
         rel_pos = r is not None
         if rel_pos:
             r = _last_dim_contiguous(r)
-            self.rel = (r, u.contiguous(), v_bias.contiguous())
+            u32 = u.float()
+            self.q = (q.float() + u32[None, None]).to(q.dtype)  # rounded as q + u in q.dtype
+            w = torch.einsum("hrd,hd->hr", r.float(), v_bias.float() - u32)
+            self.rel = (r, w)
             self.r_strides, self.R_rows = (r.stride(0), r.stride(1)), r.shape[1]
         else:
-            self.rel, self.r_strides, self.R_rows = (self.q, self.q, self.q), (0, 0), 0
+            self.rel, self.r_strides, self.R_rows = (self.q, self.q), (0, 0), 0
         self.dtype, self.scale = q.dtype, scale
         self.flags = dict(
             HAS_MEM_LENS=mem_lens is not None, HAS_CMEM_LENS=cmem_lens is not None,
@@ -602,22 +548,11 @@ class _Call:
     def meta(self, pass_name):
         """Constexpr flags and launch configuration of one pass."""
         rel_pos = self.flags["REL_POS"]
-        block_m, block_n, warps, stages, *realign = launch_config(
+        block_m, block_n, warps, stages = launch_config(
             pass_name + ("_rel" if rel_pos else ""), self.D, self.dtype)
-        meta = dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n,
+        return dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n,
                     BLOCK_R=triton.next_power_of_2(block_m + block_n - 1) if rel_pos else 16,
                     num_warps=warps, num_stages=stages)
-        if pass_name in ("fwd", "dq"):  # query-major passes: where the band is re-aligned
-            meta["REALIGN_IN_MEMORY"] = rel_pos and realign == [True]
-        return meta
-
-    def scratch(self, meta, programs):
-        """fp32 scratch of one [BLOCK_M, BLOCK_R] tile per program for REALIGN_IN_MEMORY
-        (else a placeholder that is never touched)."""
-        if not meta["REALIGN_IN_MEMORY"]:
-            return self.q
-        return torch.empty(programs * meta["BLOCK_M"] * meta["BLOCK_R"], dtype=torch.float32,
-                           device=self.q.device)
 
     @property
     def sizes(self):
@@ -629,7 +564,7 @@ def _launch_fwd(c, out, lse):
     meta = c.meta("fwd")
     grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
     _fwd_kernel[grid](
-        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel, c.scratch(meta, grid[0] * grid[1]),
+        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
         *c.sizes, c.scale * LOG2E, **meta)
 
@@ -648,27 +583,24 @@ def _key_tiles(c, block_n):
     return triton.cdiv(c.cm, block_n), triton.cdiv(c.m, block_n), triton.cdiv(c.n, block_n)
 
 
-def _launch_dq(c, out, grad_out, lse, delta, dq, dr, dq_sum):
-    """The dQ pass (also stores delta; with relative positions adds into dr and into dq_sum,
-    the sum of dq over rows)."""
+def _launch_dq(c, out, grad_out, lse, delta, dq, rel_grads=None):
+    """The dQ pass (also stores delta); with relative positions adds into rel_grads =
+    (dr [H, R, D], dw [H, R], dq_sum [H, D]: the sum of dq over rows), fp32."""
     meta = c.meta("dq")
-    rel = (dr, dq_sum) if c.flags["REL_POS"] else (c.q, c.q)
     grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
     _bwd_dq_kernel[grid](
-        c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel, *rel,
-        c.scratch(meta, grid[0] * grid[1]),
+        c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel,
+        *(rel_grads or (c.q,) * 3),
         *_strides(c.q), *c.source_strides, *_strides(out), *_strides(grad_out),
         *c.pad_strides, *c.r_strides, *c.sizes, c.scale * LOG2E, c.scale, **meta)
 
 
-def _launch_dkdv(c, grad_out, lse, delta, grads, du):
-    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v); with relative
-    positions adds into du."""
+def _launch_dkdv(c, grad_out, lse, delta, grads):
+    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v)."""
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
-        c.q, *c.sources, grad_out, lse, delta, *grads, lse, du if c.flags["REL_POS"] else c.q,
-        *c.lens, c.pad, *c.rel,
+        c.q, *c.sources, grad_out, lse, delta, *grads, lse, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
         *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale, USAGE=False, **meta)
 
@@ -685,15 +617,21 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_len
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
     grads = (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck), grad_ptr(dcv))
     if r is None:
-        _launch_dq(c, out, grad_out, lse, delta, dq, None, None)
-        _launch_dkdv(c, grad_out, lse, delta, grads, None)
+        _launch_dq(c, out, grad_out, lse, delta, dq)
+        _launch_dkdv(c, grad_out, lse, delta, grads)
         return dq, dk, dv, dmk, dmv, dck, dcv, q.new_empty(0), q.new_empty(0), q.new_empty(0)
-    # relative-position gradients are accumulated by fp32 atomics
-    dr = torch.zeros((H, c.R_rows, D), dtype=torch.float32, device=q.device)
-    du_dv = torch.zeros((2, H, D), dtype=torch.float32, device=q.device)  # du, sum of dq
-    _launch_dq(c, out, grad_out, lse, delta, dq, dr, du_dv[1])
-    _launch_dkdv(c, grad_out, lse, delta, grads, du_dv[0])
-    du, dvb = du_dv[0], du_dv[1] - du_dv[0]  # sum of dq = du + dv
+    # gradients of r (band part), of w = (v - u).r and of q + u summed over rows: fp32
+    # atomics into one zeroed buffer
+    R = c.R_rows
+    rel_grads = torch.zeros(H * (R * D + R + D), dtype=torch.float32, device=q.device)
+    dr, dw, dq_sum = rel_grads.split([H * R * D, H * R, H * D])
+    dr, dw, dq_sum = dr.view(H, R, D), dw.view(H, R), dq_sum.view(H, D)
+    _launch_dq(c, out, grad_out, lse, delta, dq, (dr, dw, dq_sum))
+    _launch_dkdv(c, grad_out, lse, delta, grads)
+    r32 = c.rel[0].float()
+    dvb = torch.einsum("hr,hrd->hd", dw, r32)
+    du = dq_sum - dvb
+    dr = dr + dw[:, :, None] * (v_bias.float() - u.float())[:, None, :]
     return dq, dk, dv, dmk, dmv, dck, dcv, dr.to(q.dtype), du.to(q.dtype), dvb.to(q.dtype)
 
 
@@ -705,7 +643,7 @@ def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, 
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
-        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, c.q, *c.lens, c.pad, *c.rel,
+        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
         *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=True, **meta)
     return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
