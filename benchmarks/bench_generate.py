@@ -1,10 +1,12 @@
 """Generation: tokens per second of sampling, ours (``ct``: cached memory K/V, the decode
-kernels) vs compressive-transformer-pytorch 0.4.0's ``AutoregressiveWrapper.generate``
-(``ctpytorch_0.4.0``), at the d512-L8 configuration (untrained weights, bf16 autocast).
+kernels, each sampled token's step a CUDA graph replay) vs compressive-transformer-pytorch
+0.4.0's ``AutoregressiveWrapper.generate`` (``ctpytorch_0.4.0``), at the d512-L8
+configuration (untrained weights, bf16 autocast).
 
 Rows (benchmarks/results/generate.csv): op ``generate``, mode ``fwd``, shape
-``d512-L8-B{B}-P{prompt}-T{tokens}``; ``ms`` = wall time of the whole call (prompt included,
-timed end to end for both) divided by the number of sampled steps; tokens/s = B * 1000 / ms.
+``d512-L8-B{B}-P{prompt}-T{tokens}``; ``ms`` = wall time of the whole call (prompt and, for
+ours, the capture of the step's graphs included, timed end to end for both) divided by the
+number of sampled steps; tokens/s = B * 1000 / ms.
 """
 import time
 

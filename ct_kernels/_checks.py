@@ -55,7 +55,8 @@ def lengths(name, lens, batch, size, buffer):
     if lens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor, got {lens.dtype}")
     shape(name, lens, (batch,), "[B]")
-    if torch.compiler.is_compiling():  # the value check needs a host sync
+    # the value check needs a host sync: none while tracing or capturing a CUDA graph
+    if torch.compiler.is_compiling() or (lens.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     lo, hi = torch.stack(torch.aminmax(lens)).tolist() if batch else (0, 0)  # one host sync
     if lo < 0 or hi > size:

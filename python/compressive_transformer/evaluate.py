@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from compressive_transformer.data import eval_segments
 
 
-def autocast(device, amp):
-    """bf16 autocast on CUDA when ``amp``; a no-op context elsewhere."""
+def autocast(device, amp, cache_enabled=True):
+    """bf16 autocast on CUDA when ``amp``; a no-op context elsewhere. ``cache_enabled``: keep
+    the casts of weights for reuse inside the context."""
     if amp and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
