@@ -8,9 +8,8 @@ with Triton's own compiler and reads the cubin's resource usage with cuobjdump:
 
 Needs a CUDA build of torch and Triton (the GPU itself is not used). Shapes are multiples
 of 16, as in the benchmarks, so the compiled specialisation is the one the GPU runs.
-``--check`` exits with status 1 if a pass at its launch configuration (and the relative-
-position passes with the band re-aligned in memory) does not compile or needs more shared
-memory than an sm_90 block may have (CI runs it).
+``--check`` exits with status 1 if a pass at its launch configuration does not compile or
+needs more shared memory than an sm_90 block may have (CI runs it).
 """
 import argparse
 import os
