@@ -243,6 +243,7 @@ def _tune_jobs(passes=None):
 def _compile_job(job):
     """Compile one candidate into Triton's on-disk cache (run in a worker process)."""
     key, config, names, rel_pos = job
+    current = attention.GPU_CONFIGS[key]  # a worker runs several jobs: restore it after
     attention.GPU_CONFIGS[key] = config
     try:
         launch = pass_launchers(make_inputs(SHAPES[names[0]], torch.bfloat16, "cuda", rel_pos))
@@ -251,6 +252,8 @@ def _compile_job(job):
         return None
     except Exception as error:  # e.g. out of shared memory: reported by the timing pass too
         return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    finally:
+        attention.GPU_CONFIGS[key] = current
 
 
 def tune(passes=None, workers: int = 8):
