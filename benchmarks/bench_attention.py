@@ -139,7 +139,7 @@ def cases(shapes, dtype, device, rel_pos):
             yield name, provider, "fwd+bwd", forward_backward, 3.5 * flops
 
 
-def run():
+def run(ops=("attention", "relpos_attention")):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # one compiled flex_attention per shape, mode and score_mod
         torch._dynamo.config.recompile_limit = 64
@@ -149,6 +149,8 @@ def run():
     for op, rel_pos, names in (("attention", False, shapes),
                                ("relpos_attention", True,
                                 {k: v for k, v in shapes.items() if k in RELPOS_SHAPES or device != "cuda"})):
+        if op not in ops:
+            continue
         for name, provider, mode, fn, flops in cases(names, torch.bfloat16, device, rel_pos):
             labels = [provider]
             if device == "cuda" and provider in GRAPH_PROVIDERS:
@@ -164,7 +166,7 @@ def run():
                     harness.failed_row(op, name, label, mode, error)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    for op in ("attention", "relpos_attention"):
+    for op in ops:
         harness.plot(rows, op, filename=f"{op}.png")
     return rows
 
@@ -303,8 +305,10 @@ if __name__ == "__main__":
                         help="first re-measure the launch configurations (GPU)")
     parser.add_argument("--tune-only", action="store_true", help="re-measure them, nothing else")
     parser.add_argument("--passes", nargs="*", help="tune only these passes (e.g. fwd dq_rel)")
+    parser.add_argument("--ops", nargs="*", choices=("attention", "relpos_attention"),
+                        default=("attention", "relpos_attention"), help="benchmark only these ops")
     options = parser.parse_args()
     if options.tune or options.tune_only:
         tune(options.passes)
     if not options.tune_only:
-        run()
+        run(options.ops)
