@@ -28,6 +28,10 @@ def ct_step(name, tokens, compiled=False):
     of the per-layer host work); memories carry over from step to step."""
     config, _ = preset(name, dropout=0.0)
     model = CompressiveTransformer(config).cuda()
+    if compiled:
+        # compiled from scratch, as in a training process: otherwise the code compiled for the
+        # previous configuration is recompiled with dynamic (symbolic) sizes, a different graph
+        torch._dynamo.reset()
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     memories = model.init_memories(tokens.shape[0], dtype=torch.bfloat16)

@@ -163,16 +163,21 @@ class LayerMemory:
         self._apply(h, method, backend, weight=weight, bias=bias, usage=usage, **options)
 
     def _apply(self, h, method, backend, **kwargs):
-        impl = self._impls.get((method, backend))
-        if impl is None:
-            impl = dispatch.resolve("memory_update", backend, self.mem.device, method=method,
-                                    dtype=self.mem.dtype)
-            self._impls[(method, backend)] = impl
+        if torch.compiler.is_compiling():  # resolved while tracing: no guard on the cache
+            impl = self._resolve(method, backend)
+        else:
+            impl = self._impls.get((method, backend))
+            if impl is None:
+                impl = self._impls[(method, backend)] = self._resolve(method, backend)
         with torch.no_grad():
             impl(self.mem, self.cmem, self.mem_lens, self.cmem_lens, h, self.rate, method,
                  **kwargs)
         for buffer in (self.mem, self.cmem):  # kernels write through raw pointers
             torch.autograd.graph.increment_version(buffer)
+
+    def _resolve(self, method, backend):
+        return dispatch.resolve("memory_update", backend, self.mem.device, method=method,
+                                dtype=self.mem.dtype)
 
     def reset(self, which=None):
         """Empty the memories of the samples where ``which`` [B] (bool) is True (all if None)."""

@@ -7,6 +7,10 @@ that gradients are O(1) and the rule's few-ulp floor does not hide errors. Kerne
 the kernels write them. Without a GPU the kernels run in Triton's CPU interpreter at small,
 odd sizes; the paper shapes run on the GPU.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -168,6 +172,98 @@ def test_recon_loss_gpu_paper_shapes(B, H, n, ns, rate, D, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recon_loss_gpu_odd_sizes(dtype):
     check_recon(3, 333, 3, 64, 301, 7, dtype)
+
+
+class _LaunchRecorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **meta)`` records the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((args, meta))
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_recon_loss_launches_take_no_float_computed_from_shapes(monkeypatch, scale):
+    """Under torch.compile with dynamic shapes a float computed from sizes (1 / numel, the
+    default D ** -0.5) is symbolic, and inductor gives a symbolic float argument of a
+    user-defined Triton kernel an integer type: the launch fails with "TypeError: 'float'
+    object cannot be interpreted as an integer" (bench_train's d1024-L4 ct_compiled case,
+    compiled after d512-L8 in the same process). The float arguments of both launches must
+    therefore be the same for every shape: placeholders, or the caller's scale."""
+    floats, metas = [], []
+    for B, n, H, D, ns, rate in ((1, 4, 1, 16, 6, 3), (2, 7, 3, 32, 8, 2)):
+        q, old_k, old_v, comp_k, comp_v = (t.requires_grad_(i >= 3) for i, t in
+                                           enumerate(_recon_inputs(B, n, H, D, ns, rate)))
+        kernels = _LaunchRecorder(), _LaunchRecorder()
+        monkeypatch.setattr(recon_module, "_recon_loss_fwd_kernel", kernels[0])
+        monkeypatch.setattr(recon_module, "_recon_loss_bwd_kernel", kernels[1])
+        loss = ct_kernels.attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v,
+                                                        scale=scale, backend="triton")
+        loss.backward()
+        assert [len(k.calls) for k in kernels] == [1, 1]  # forward, backward
+        floats.append([[a for a in args if isinstance(a, float)] for k in kernels
+                       for args, _ in k.calls])
+        metas += [meta for k in kernels for _, meta in k.calls]
+    assert floats[0] == floats[1], floats
+    if scale is not None:
+        assert floats[0] == [[scale, scale * recon_module.LOG2E]] * 2
+    assert all(meta["DEFAULT_SCALE"] == (scale is None) for meta in metas)
+
+
+# Compiles the recon-loss kernels for sm_90 (front end, PTX, ptxas; no GPU needed) with the
+# argument types inductor gives a user-defined kernel under torch.compile: float64 scalars and
+# a 64-bit numel (dtype bf16), or the ones of Triton's own launcher: float32 and 32-bit (fp32).
+# Runs in a fresh process: the interpreter must be off.
+_RECON_COMPILE_FOR_SM90 = """
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ct_kernels.ops import recon_loss as ops
+
+dtype = sys.argv[1]
+scalar, integer, default_scale = ("fp64", "i64", True) if dtype == "bf16" else ("fp32", "i32", False)
+torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+fp32_buffers = ("PARTIAL", "LSE", "DELTA", "GRAD_LOSS")
+buffers = ("Q", "OLD_K", "OLD_V", "COMP_K", "COMP_V", "DIFF", "D_COMP_K", "D_COMP_V") + fp32_buffers
+
+def compile_for_sm90(kernel, **meta):
+    names = kernel.arg_names
+    types = {n: "constexpr" if n in meta else
+             ("*fp32" if n in fp32_buffers else "*" + dtype) if n in buffers else
+             scalar if n.endswith("_scale") else integer if n == "numel" else "i32"
+             for n in names}
+    constexprs = {(names.index(k),): v for k, v in meta.items()}
+    triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constexprs),
+                   target=GPUTarget("cuda", 90, 32))
+
+D = 128
+block_d = ops._block_d(D)
+common = dict(HEAD_DIM=D, DEFAULT_SCALE=default_scale, BLOCK_D=block_d,
+              DOT_PRECISION=ops._dot_precision(torch_dtype))
+block_m, block_n, _, _ = ops._fwd_config(block_d, torch_dtype)
+for save in (True, False):
+    compile_for_sm90(ops._recon_loss_fwd_kernel, SAVE_FOR_BACKWARD=save, BLOCK_M=block_m,
+                     BLOCK_N=block_n, **common)
+block_m, block_n, _, _ = ops._bwd_config(block_d, torch_dtype)
+compile_for_sm90(ops._recon_loss_bwd_kernel, BLOCK_M=block_m, BLOCK_N=block_n, **common)
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels are compiled and run above")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_recon_loss_kernels_compile_for_sm90(dtype):
+    """The interpreter is dynamically typed: compiling for sm_90 with the launchers' argument
+    types (float64 scalars from torch.compile among them) makes typing errors fail on the CPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _RECON_COMPILE_FOR_SM90, dtype], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ auto-encoding loss

@@ -22,6 +22,12 @@ probabilities are recomputed from the LSE (a quarter of the backward's FLOPs) ra
 saved: the [B, H, n, nc] matrix would cost about as much time in bytes, plus its memory.
 The factor -2 g / numel is applied to the fp32 accumulators at the end: diff is stored
 unscaled, which keeps it representable in float16.
+
+The launches take no float computed from shapes: the kernels get numel as an integer and
+derive the default softmax scale from HEAD_DIM. Under torch.compile with dynamic shapes such
+a float (1 / numel) is symbolic, inductor gives a symbolic float argument of a user-defined
+Triton kernel an integer type, and the launch fails with "TypeError: 'float' object cannot
+be interpreted as an integer".
 """
 from __future__ import annotations
 
@@ -66,17 +72,35 @@ def _online_softmax_attention(q, K, V, stride_kn, stride_vn, n_keys, qk_scale,
 
 
 @triton.jit
+def _launch_scalars(sm_scale, qk_scale, numel, HEAD_DIM: tl.constexpr,
+                    DEFAULT_SCALE: tl.constexpr):
+    """(softmax scale, softmax scale * log2(e), 1 / numel) as float32 scalars, each the
+    float64 value rounded once: the default scale HEAD_DIM ** -0.5 (and its product with
+    log2(e)) folds at compile time in float64, 1 / numel is divided in float64. Otherwise
+    sm_scale and qk_scale are the caller's (float32 whoever launches: torch.compile passes
+    Python floats as float64)."""
+    if DEFAULT_SCALE:
+        sm_scale = tl.full([], HEAD_DIM ** -0.5, tl.float32)
+        qk_scale = tl.full([], HEAD_DIM ** -0.5 * 1.4426950408889634, tl.float32)
+    else:
+        sm_scale = tl.full([], sm_scale, tl.float32)
+        qk_scale = tl.full([], qk_scale, tl.float32)
+    inv_numel = (1.0 / tl.full([], numel, tl.float64)).to(tl.float32)
+    return sm_scale, qk_scale, inv_numel
+
+
+@triton.jit
 def _recon_loss_fwd_kernel(
     Q, OLD_K, OLD_V, COMP_K, COMP_V, PARTIAL, DIFF, LSE, DELTA,
     stride_qb, stride_qn, stride_qh,
     stride_okb, stride_okn, stride_okh, stride_ovb, stride_ovn, stride_ovh,
     stride_ckb, stride_ckn, stride_ckh, stride_cvb, stride_cvn, stride_cvh,
-    H, n, ns, nc, qk_scale, inv_numel,
-    HEAD_DIM: tl.constexpr, SAVE_FOR_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, n, ns, nc, sm_scale, qk_scale, numel,
+    HEAD_DIM: tl.constexpr, DEFAULT_SCALE: tl.constexpr, SAVE_FOR_BACKWARD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    # float32 scalars whoever launches (torch.compile passes Python floats as float64)
-    qk_scale, inv_numel = tl.full([], qk_scale, tl.float32), tl.full([], inv_numel, tl.float32)
+    _, qk_scale, inv_numel = _launch_scalars(sm_scale, qk_scale, numel, HEAD_DIM, DEFAULT_SCALE)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -121,13 +145,12 @@ def _recon_loss_bwd_kernel(
     Q, COMP_K, COMP_V, DIFF, LSE, DELTA, GRAD_LOSS, D_COMP_K, D_COMP_V,
     stride_qb, stride_qn, stride_qh,
     stride_ckb, stride_ckn, stride_ckh, stride_cvb, stride_cvn, stride_cvh,
-    H, n, nc, qk_scale, sm_scale, inv_numel,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    H, n, nc, sm_scale, qk_scale, numel,
+    HEAD_DIM: tl.constexpr, DEFAULT_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # float32 scalars whoever launches (torch.compile passes Python floats as float64)
-    qk_scale, sm_scale = tl.full([], qk_scale, tl.float32), tl.full([], sm_scale, tl.float32)
-    inv_numel = tl.full([], inv_numel, tl.float32)
+    sm_scale, qk_scale, inv_numel = _launch_scalars(sm_scale, qk_scale, numel, HEAD_DIM,
+                                                    DEFAULT_SCALE)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -213,12 +236,22 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _scale_args(scale):
+    """The launch's (sm_scale, qk_scale) arguments and DEFAULT_SCALE flag: scale None (the
+    default head_dim ** -0.5) is computed in the kernel."""
+    if scale is None:
+        return (0.0, 0.0), dict(DEFAULT_SCALE=True)
+    return (scale, scale * LOG2E), dict(DEFAULT_SCALE=False)
+
+
 def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward, config=None):
     """(loss, diff, lse, delta); the last three are None unless save_for_backward.
+    scale: the softmax scale, None for head_dim ** -0.5.
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages), default ``_fwd_config``."""
     B, n, H, D = q.shape
     block_d = _block_d(D)
     block_m, block_n, num_warps, num_stages = config or _fwd_config(block_d, q.dtype)
+    scales, scale_flag = _scale_args(scale)
     grid = (-(-n // block_m), B * H)
     partial = _empty((B * H * grid[0],), torch.float32, q.device)
     if save_for_backward:
@@ -231,8 +264,9 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
         q, old_k, old_v, comp_k, comp_v, partial, diff, lse, delta,
         *q.stride()[:3], *old_k.stride()[:3], *old_v.stride()[:3],
         *comp_k.stride()[:3], *comp_v.stride()[:3],
-        H, n, old_k.shape[1], comp_k.shape[1], scale * LOG2E, 1.0 / q.numel(),
-        HEAD_DIM=D, SAVE_FOR_BACKWARD=save_for_backward, DOT_PRECISION=_dot_precision(q.dtype),
+        H, n, old_k.shape[1], comp_k.shape[1], *scales, q.numel(),
+        HEAD_DIM=D, **scale_flag, SAVE_FOR_BACKWARD=save_for_backward,
+        DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -243,18 +277,20 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
 
 
 def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, config=None):
-    """(d comp_k, d comp_v), contiguous. config as ``_bwd_config`` returns."""
+    """(d comp_k, d comp_v), contiguous. scale as the forward's; config as ``_bwd_config``
+    returns."""
     B, n, H, D = q.shape
     nc = comp_k.shape[1]
     block_d = _block_d(D)
     block_m, block_n, num_warps, num_stages = config or _bwd_config(block_d, q.dtype)
+    scales, scale_flag = _scale_args(scale)
     d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
     d_comp_v = _empty(comp_k.shape, comp_k.dtype, q.device)
     _recon_loss_bwd_kernel[(-(-nc // block_n), B * H)](
         q, comp_k, comp_v, diff, lse, delta, grad_loss, d_comp_k, d_comp_v,
         *q.stride()[:3], *comp_k.stride()[:3], *comp_v.stride()[:3],
-        H, n, nc, scale * LOG2E, scale, 1.0 / q.numel(),
-        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
+        H, n, nc, *scales, q.numel(),
+        HEAD_DIM=D, **scale_flag, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -295,7 +331,7 @@ def _unsupported(dtype=None, head_dim=None, **_):
 @dispatch.register("recon_loss", "triton", unsupported=_unsupported)
 def attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, *, scale=None):
     """Same contract as ``reference.attention_reconstruction_loss``."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = None if scale is None else float(scale)  # None: head_dim ** -0.5, in the kernels
     # q, old_k, old_v are constants: detach so that no gradient can be asked of them
     q, old_k, old_v = (_unit_last_stride(t.detach()) for t in (q, old_k, old_v))
     return ReconLossFunction.apply(q, old_k, old_v, _unit_last_stride(comp_k),

@@ -52,7 +52,9 @@ class Memories:
         self.full = False
 
     def check_full(self):
-        """Set ``full`` once every buffer is full (one host sync per call until then)."""
+        """Set ``full`` once every buffer is full (one host sync per call until then). The
+        model's forward asks only when it runs eagerly: under torch.compile the sync would be
+        a graph break, and the traced forward passes the lengths whatever they are."""
         if not self.full:
             flags = [(mem.mem_lens == mem.mem.shape[1]).all() & (mem.cmem_lens == mem.cmem.shape[1]).all()
                      for mem in self.layers if mem is not None]
@@ -320,7 +322,11 @@ class CompressiveTransformer(nn.Module):
         sinusoid = sinusoids(self.max_distance(n), self.config.dim, tokens.device)
         h = self.dropout(self.embed(tokens))
         aux = torch.zeros((), device=tokens.device)
-        full = memories.check_full()
+        # Eagerly, full buffers skip the lengths (and their checks, which read them on the
+        # host). Traced code has no host-side fill state to branch on without a graph break:
+        # it always passes the lengths, which mask nothing once the buffers are full (the
+        # same result), and the compressor loss waits for full memories on the device.
+        full = False if torch.compiler.is_compiling() else memories.check_full()
         for layer, memory, usage in zip(self.layers, memories.layers, memories.usage):
             h, layer_aux = layer(h, memory, usage, sinusoid, full)
             if layer_aux is not None:
