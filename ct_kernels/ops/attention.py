@@ -533,10 +533,9 @@ class _Call:
         rel_pos = r is not None
         if rel_pos:
             r = _last_dim_contiguous(r)
-            u32 = u.float()
-            self.q = (q.float() + u32[None, None]).to(q.dtype)  # rounded as q + u in q.dtype
-            w = torch.einsum("hrd,hd->hr", r.float(), v_bias.float() - u32)
-            self.rel = (r, w)
+            self.q = _last_dim_contiguous(q + u)  # u has q's dtype (checked by the API)
+            w = torch.einsum("hrd,hd->hr", r.float(), v_bias.float() - u.float())
+            self.rel = (r, w.contiguous())
             self.r_strides, self.R_rows = (r.stride(0), r.stride(1)), r.shape[1]
         else:
             self.rel, self.r_strides, self.R_rows = (self.q, self.q), (0, 0), 0
