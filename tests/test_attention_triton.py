@@ -253,6 +253,32 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(grad, a[k].grad, msg=k)
 
 
+def test_compiled_backward_reads_the_lengths_of_the_call():
+    # a caller that updates its length buffer in place after the call (as the model's
+    # memories do) and clones it for the call: inductor drops that clone, so the backward
+    # must not read the caller's buffer (it did, and saw the updated lengths)
+    g = torch.Generator().manual_seed(13)
+    a = testing.random_attention_inputs(2, 6, 2, 16, 6, 3, device=DEVICE, generator=g,
+                                        rel_pos=True, requires_grad=True)
+    names = ("q", "k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v")
+
+    def layer(q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias, mem_lens):
+        out = ct_kernels.compressive_attention(
+            q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens=mem_lens.clone(),
+            rel_pos=ct_kernels.RelativePosition(r, u, v_bias), backend="triton")
+        mem_lens.add_(4).clamp_(max=6)  # the memory fills after the call
+        return (out.float() ** 2).sum()
+
+    leaves = [a[k] for k in names] + list(a["rel_pos"])
+    grads = {}
+    for name, fn in (("eager", layer), ("compiled", torch.compile(layer, fullgraph=True))):
+        lens = torch.tensor([0, 2], dtype=torch.int32, device=DEVICE)
+        grads[name] = torch.autograd.grad(fn(*leaves, lens), leaves)
+        assert lens.tolist() == [4, 6]
+    for name, eager, compiled in zip(names + ("r", "u", "v_bias"), grads["eager"], grads["compiled"]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("config,rel_pos", [((64, 64, 4, 3), False), ((32, 128, 4, 3), False),
                                             ((128, 32, 8, 2), False), ((32, 64, 4, 2), True),
                                             ((64, 64, 4, 2), True), ((64, 32, 4, 2), True)])

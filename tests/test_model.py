@@ -399,8 +399,7 @@ def test_compiled_training_matches_eager(dynamic):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_with_the_kernels_matches_the_reference_on_gpu(monkeypatch):
     """Eager training steps with the GPU kernels (auto backend) against the same model on the
-    reference ops, fp32 (pins down which side a compiled/eager mismatch is on): the losses of
-    every step and the first step's gradients. Later steps' compressor gradients differ by
+    reference ops, fp32: the losses of every step and the first step's gradients. Later steps' compressor gradients differ by
     about 1.5% (seen with the Triton interpreter on the CPU; cause not established — the
     reconstruction loss alone agrees to 1e-6), so they are not compared."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -420,10 +419,6 @@ def test_training_with_the_kernels_matches_the_reference_on_gpu(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.xfail(strict=True, reason="known bug, open: on the H200 (torch 2.11, inductor) the "
-                   "compiled step's gradients differ from eager from the first step on (e.g. the "
-                   "position bias v: 1.9e-4 off for a gradient of 4.7e-6), while its loss agrees; "
-                   "the same check passes on the CPU with aot_eager and the Triton interpreter")
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compiled_training_matches_eager_on_gpu(dynamic):
     """The same on the GPU with the kernels and inductor: the Triton recon-loss kernels are

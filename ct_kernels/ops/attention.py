@@ -654,22 +654,33 @@ Tensor = torch.Tensor
 OptTensor = Optional[torch.Tensor]
 
 
+def _lengths_copy(lens, like):
+    """A copy of per-sample lengths for the backward (empty for None)."""
+    return like.new_empty(0, dtype=torch.int32) if lens is None else lens.to(torch.int32, copy=True)
+
+
 @torch.library.custom_op("ct_kernels::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mem_k: OptTensor, mem_v: OptTensor,
                   cmem_k: OptTensor, cmem_v: OptTensor, mem_lens: OptTensor,
                   cmem_lens: OptTensor, key_padding_mask: OptTensor, r: OptTensor,
                   u: OptTensor, v_bias: OptTensor, causal: bool, scale: float
-                  ) -> tuple[Tensor, Tensor]:
-    """(out [B, n, H, D], lse [B, H, n] in log2 units, +inf for rows that see no key)."""
-    return _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                    key_padding_mask, r, u, v_bias, causal, scale)
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out [B, n, H, D], lse [B, H, n] in log2 units, +inf for rows that see no key, and
+    int32 copies of mem_lens and cmem_lens (empty when absent)). The backward reads the
+    copies: a caller may update its length buffers in place after the call (the model's
+    memories do), and inductor can drop the caller's own defensive clone of them."""
+    out, lse = _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
+                        key_padding_mask, r, u, v_bias, causal, scale)
+    return out, lse, _lengths_copy(mem_lens, q), _lengths_copy(cmem_lens, q)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, r, u,
       v_bias, causal, scale):
     B, n, H, D = q.shape
-    return q.new_empty(B, n, H, D), q.new_empty(B, H, n, dtype=torch.float32)
+    lengths = lambda t: q.new_empty(0 if t is None else t.shape[0], dtype=torch.int32)  # noqa: E731
+    return (q.new_empty(B, n, H, D), q.new_empty(B, H, n, dtype=torch.float32),
+            lengths(mem_lens), lengths(cmem_lens))
 
 
 @torch.library.custom_op("ct_kernels::attention_bwd", mutates_args=())
@@ -699,7 +710,9 @@ def _(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_
 def _setup_context(ctx, inputs, output):
     (q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, r, u,
      v_bias, causal, scale) = inputs
-    out, lse = output
+    out, lse, *lengths = output
+    if lengths:  # the custom op's copies
+        mem_lens, cmem_lens = (None if t.numel() == 0 else t for t in lengths)
     ctx.save_for_backward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
                           cmem_lens, key_padding_mask, r, u, v_bias)
     ctx.causal, ctx.scale = causal, scale
@@ -717,7 +730,7 @@ def _gradients(ctx, grad_out, backward):
             given(v_bias, dvb), None, None)
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
+def _attention_backward(ctx, grad_out, grad_lse, grad_mem_lens, grad_cmem_lens):
     return _gradients(ctx, grad_out, attention_bwd)
 
 
@@ -777,7 +790,7 @@ def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=N
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     r, u, v_bias = rel_pos if rel_pos is not None else (None, None, None)
     if torch.compiler.is_compiling():
-        attention = attention_fwd
+        attention = lambda *inputs: attention_fwd(*inputs)[:2]  # noqa: E731
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
                                          (q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias)):
         attention = _EagerAttention.apply
