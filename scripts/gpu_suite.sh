@@ -23,8 +23,8 @@ fi
 
 if [ "${SUITE_TESTS:-}" != "none" ]; then
   eval "tests=(${SUITE_TESTS:-tests})"  # keeps quoted pytest arguments such as -k "a or b"
-  timeout "${SUITE_TEST_SECONDS:-300}" python3 -m pytest "${tests[@]}" -q -p no:cacheprovider -rfE \
-    2>&1 | tee "$OUT/tests.log" | tail -n 40
+  timeout "${SUITE_TEST_SECONDS:-300}" python3 -m pytest "${tests[@]}" -v -p no:cacheprovider -rfE \
+    2>&1 | tee "$OUT/tests.log" | tail -n 40  # -v: a run cut short still names every result
   echo "tests done after $(( $(date +%s) - start )) s"
 fi
 
