@@ -534,8 +534,8 @@ class _Call:
         if rel_pos:
             r = _last_dim_contiguous(r)
             self.q = _last_dim_contiguous(q + u)  # u has q's dtype (checked by the API)
-            w = torch.einsum("hrd,hd->hr", r.float(), v_bias.float() - u.float())
-            self.rel = (r, w.contiguous())
+            w = torch.bmm(r.float(), (v_bias.float() - u.float()).unsqueeze(-1))  # [H, R, 1]
+            self.rel = (r, w.view(w.shape[0], -1))
             self.r_strides, self.R_rows = (r.stride(0), r.stride(1)), r.shape[1]
         else:
             self.rel, self.r_strides, self.R_rows = (self.q, self.q), (0, 0), 0
@@ -629,7 +629,7 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_len
     _launch_dq(c, out, grad_out, lse, delta, dq, (dr, dw, dq_sum))
     _launch_dkdv(c, grad_out, lse, delta, grads)
     r32 = c.rel[0].float()
-    dvb = torch.einsum("hr,hrd->hd", dw, r32)
+    dvb = torch.bmm(dw.unsqueeze(1), r32).squeeze(1)  # sum over distances of dw r
     du = dq_sum - dvb
     dr = dr + dw[:, :, None] * (v_bias.float() - u.float())[:, None, :]
     return dq, dk, dv, dmk, dmv, dck, dcv, dr.to(q.dtype), du.to(q.dtype), dvb.to(q.dtype)
