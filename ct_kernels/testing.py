@@ -9,11 +9,17 @@
   the output's magnitude in the kernel's dtype (roundings a lucky reference can avoid when
   the maximum runs over few elements, e.g. a scalar loss or a single query) and 8 fp32 ulps
   at unit scale (exact zeros).
+- ``compile_for_sm90`` / ``run_without_interpreter``: compile Triton kernels for sm_90 on a
+  machine without a GPU, in a fresh process with the interpreter off (the interpreter is
+  dynamically typed, so typing errors only show when compiling).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+import subprocess
+import sys
+from typing import Callable, Optional
 
 import torch
 
@@ -167,3 +173,27 @@ def independent_recon_loss(q, old_k, old_v, comp_k, comp_v, *, scale=None):
     target = F.scaled_dot_product_attention(t(q.detach()), t(old_k.detach()), t(old_v.detach()), scale=scale)
     approx = F.scaled_dot_product_attention(t(q.detach()), t(comp_k), t(comp_v), scale=scale)
     return F.mse_loss(approx, target)
+
+
+def compile_for_sm90(kernel, arg_type: Callable[[str], str], **constexprs) -> None:
+    """Compile a Triton kernel for sm_90 (front end, PTX, ptxas; no GPU needed).
+    arg_type(name): the signature type of each runtime argument ("*bf16", "i32", "fp64", ...);
+    constexprs: the constexpr arguments by name."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else arg_type(n) for n in names}
+    triton.compile(ASTSource(fn=kernel, signature=signature,
+                             constexprs={(names.index(k),): v for k, v in constexprs.items()}),
+                   target=GPUTarget("cuda", 90, 32))
+
+
+def run_without_interpreter(script: str, *args: str, timeout: float = 600):
+    """Run ``python -c script args...`` in a fresh process with TRITON_INTERPRET unset and this
+    repository importable; returns the CompletedProcess (stdout and stderr captured)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)

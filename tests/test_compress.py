@@ -3,16 +3,13 @@
 On CPU the Triton kernels run in the interpreter at small shapes; on a GPU the same tests run
 the Triton and CUDA backends at real shapes in fp16/bf16/fp32.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import ct_kernels
 from ct_kernels import reference
-from ct_kernels.testing import error_rule, poison_
+from ct_kernels.testing import error_rule, poison_, run_without_interpreter
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -150,30 +147,19 @@ def test_cuda_ops_check_inputs():
 # ptxas; no GPU needed). Runs in a fresh process: the interpreter must be off.
 _COMPILE_FOR_SM90 = """
 import sys
-import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from ct_kernels.ops import compress as ops
+from ct_kernels.testing import compile_for_sm90
 
 dtype = sys.argv[1]
-
-def compile_for_sm90(kernel, **meta):
-    names = kernel.arg_names
-    types = {n: "constexpr" if n in meta else
-             ("*i32" if "lens" in n else "*" + dtype) if n.endswith("_ptr") else "i32"
-             for n in names}
-    constexprs = {(names.index(k),): v for k, v in meta.items()}
-    triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constexprs),
-                   target=GPUTarget("cuda", 90, 32))
-
+arg_type = lambda n: ("*i32" if "lens" in n else "*" + dtype) if n.endswith("_ptr") else "i32"
 common = dict(RATE=3, ACC=tl.float32, BLOCK_D=1024)
 for is_max in (False, True):
     for kernel in (ops._pool_forward_kernel, ops._pool_backward_kernel):
-        compile_for_sm90(kernel, IS_MAX=is_max, **common)
+        compile_for_sm90(kernel, arg_type, IS_MAX=is_max, **common)
 for pool in (ops.POOL_NONE, ops.POOL_MEAN, ops.POOL_MAX, ops.POOL_GIVEN):
     for shift_cmem, shift_mem in ((True, True), (True, False), (False, True)):
-        compile_for_sm90(ops._memory_update_kernel, POOL=pool, SHIFT_CMEM=shift_cmem,
+        compile_for_sm90(ops._memory_update_kernel, arg_type, POOL=pool, SHIFT_CMEM=shift_cmem,
                          SHIFT_MEM=shift_mem, **common)
 """
 
@@ -183,9 +169,5 @@ for pool in (ops.POOL_NONE, ops.POOL_MEAN, ops.POOL_MAX, ops.POOL_GIVEN):
 def test_triton_kernels_compile_for_sm90(dtype):
     """The interpreter is dynamically typed: compiling for sm_90 as well makes typing errors
     (e.g. a loop-carried variable changing dtype) fail on the CPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = run_without_interpreter(_COMPILE_FOR_SM90, dtype)
     assert done.returncode == 0, done.stderr[-3000:]

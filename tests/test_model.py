@@ -7,7 +7,6 @@ import torch
 
 from compressive_transformer import CompressiveTransformer, ModelConfig
 from compressive_transformer.generate import DecodeState, generate, sample
-from compressive_transformer.model import sinusoids
 
 # backend="reference": tests/conftest.py turns on the Triton interpreter on CPU, which the
 # kernels' own tests use; the model's tests check the model, at the reference's speed.
@@ -183,77 +182,6 @@ def test_token_by_token_generation_matches_the_segment_forward(variant):
     state = DecodeState(model, 2, "cpu")
     got = torch.cat([state.feed(text[:, i:i + 1]) for i in range(text.shape[1])], dim=1)
     torch.testing.assert_close(got, segment_forward_logits(model, text), rtol=1e-4, atol=1e-4)
-
-
-class SliceDecoder:
-    """The previous cache layout, as the oracle of the static one: the K/V of the valid
-    memory slots and of the segment so far as one source, of the valid compressed slots as
-    another, sliced with the valid lengths read to the host once per segment (memory K/V
-    projected afresh per token)."""
-
-    def __init__(self, model, batch):
-        c = model.config
-        self.model, self.t = model, 0
-        self.memories = model.init_memories(batch)
-        sinusoid = sinusoids(model.max_distance(c.seg_len), c.dim)
-        self.rel_pos = [layer.relative_position(sinusoid, torch.float32) for layer in model.layers]
-        self.x = torch.zeros(len(model.layers), batch, c.seg_len, c.dim)
-        self.kv = torch.zeros(len(model.layers), batch, c.seg_len, 2, c.heads, c.head_dim)
-        self.key_usage = torch.zeros(len(model.layers), batch, c.mem_len + c.seg_len)
-        self.valid = [(0, 0) if mem is None else (int(mem.mem_lens[0]), int(mem.cmem_lens[0]))
-                      for mem in self.memories.layers]
-
-    @torch.no_grad()
-    def feed_token(self, token):
-        model, t = self.model, self.t
-        h = model.embed(token)
-        for i, (layer, memory, usage) in enumerate(zip(model.layers, self.memories.layers,
-                                                       self.memories.usage)):
-            x = layer.attention_input(h)
-            self.x[i][:, t:t + 1] = x
-            self.kv[i][:, t:t + 1] = torch.stack(layer.project_kv(x), dim=2)
-            mem_valid, cmem_valid = self.valid[i]
-            mem_k, mem_v = (layer.project_kv(memory.mem[:, memory.mem.shape[1] - mem_valid:])
-                            if memory is not None else (self.kv[i][:, :0, 0], self.kv[i][:, :0, 1]))
-            past_k = torch.cat([mem_k, self.kv[i][:, :t, 0]], dim=1)
-            past_v = torch.cat([mem_v, self.kv[i][:, :t, 1]], dim=1)
-            cmem_kv = (None, None)
-            if cmem_valid:
-                cmem_kv = layer.project_kv(memory.cmem[:, memory.cmem.shape[1] - cmem_valid:])
-            new = self.kv[i][:, t:t + 1]
-            attn_out, key_usage = layer.attend(
-                layer.project_q(x), new[:, :, 0], new[:, :, 1],
-                (past_k, past_v) if past_k.shape[1] else (None, None), cmem_kv, None, None,
-                self.rel_pos[i], want_usage=usage is not None)
-            if key_usage is not None:
-                m = memory.mem.shape[1]
-                self.key_usage[i][:, m - mem_valid:m + t + 1] += key_usage[:, cmem_valid:]
-            h = layer.residual(h, attn_out)
-        self.t += 1
-        if self.t == model.config.seg_len:
-            for i, (layer, memory, usage) in enumerate(zip(model.layers, self.memories.layers,
-                                                           self.memories.usage)):
-                if memory is not None:
-                    layer.push_memory(memory, usage, self.x[i], self.key_usage[i])
-            self.key_usage.zero_()
-            self.t = 0
-            self.valid = [(0, 0) if mem is None else (int(mem.mem_lens[0]), int(mem.cmem_lens[0]))
-                          for mem in self.memories.layers]
-        return model.head(model.norm(h))
-
-
-@pytest.mark.parametrize("variant", ["conv-attention", "most-used", "mem-shorter-than-segment",
-                                     "mem-longer-than-segment", "cmem-longer-than-evictions",
-                                     "memory-on-layer-1"])
-def test_static_step_equals_the_slice_layout(variant):
-    """Token by token, the right-aligned buffer with device lengths gives the logits of the
-    previous layout (valid slices of separate memory and compressed-memory K/V)."""
-    model = make_model(**VARIANTS[variant]).eval()
-    text = tokens(3, 4 * model.config.seg_len + 5, seed=4)
-    state, oracle = DecodeState(model, 3, "cpu"), SliceDecoder(model, 3)
-    for i in range(text.shape[1]):
-        token = text[:, i:i + 1]
-        torch.testing.assert_close(state.feed(token), oracle.feed_token(token), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -7,9 +7,6 @@ that gradients are O(1) and the rule's few-ulp floor does not hide errors. Kerne
 the kernels write them. Without a GPU the kernels run in Triton's CPU interpreter at small,
 odd sizes; the paper shapes run on the GPU.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -219,26 +216,16 @@ def test_recon_loss_launches_take_no_float_computed_from_shapes(monkeypatch, sca
 _RECON_COMPILE_FOR_SM90 = """
 import sys
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from ct_kernels.ops import recon_loss as ops
+from ct_kernels.testing import compile_for_sm90
 
 dtype = sys.argv[1]
 scalar, integer, default_scale = ("fp64", "i64", True) if dtype == "bf16" else ("fp32", "i32", False)
 torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 fp32_buffers = ("PARTIAL", "LSE", "DELTA", "GRAD_LOSS")
 buffers = ("Q", "OLD_K", "OLD_V", "COMP_K", "COMP_V", "DIFF", "D_COMP_K", "D_COMP_V") + fp32_buffers
-
-def compile_for_sm90(kernel, **meta):
-    names = kernel.arg_names
-    types = {n: "constexpr" if n in meta else
-             ("*fp32" if n in fp32_buffers else "*" + dtype) if n in buffers else
-             scalar if n.endswith("_scale") else integer if n == "numel" else "i32"
-             for n in names}
-    constexprs = {(names.index(k),): v for k, v in meta.items()}
-    triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constexprs),
-                   target=GPUTarget("cuda", 90, 32))
+arg_type = lambda n: (("*fp32" if n in fp32_buffers else "*" + dtype) if n in buffers else
+                      scalar if n.endswith("_scale") else integer if n == "numel" else "i32")
 
 D = 128
 block_d = ops._block_d(D)
@@ -246,10 +233,10 @@ common = dict(HEAD_DIM=D, DEFAULT_SCALE=default_scale, BLOCK_D=block_d,
               DOT_PRECISION=ops._dot_precision(torch_dtype))
 block_m, block_n, _, _ = ops._fwd_config(block_d, torch_dtype)
 for save in (True, False):
-    compile_for_sm90(ops._recon_loss_fwd_kernel, SAVE_FOR_BACKWARD=save, BLOCK_M=block_m,
-                     BLOCK_N=block_n, **common)
+    compile_for_sm90(ops._recon_loss_fwd_kernel, arg_type, SAVE_FOR_BACKWARD=save,
+                     BLOCK_M=block_m, BLOCK_N=block_n, **common)
 block_m, block_n, _, _ = ops._bwd_config(block_d, torch_dtype)
-compile_for_sm90(ops._recon_loss_bwd_kernel, BLOCK_M=block_m, BLOCK_N=block_n, **common)
+compile_for_sm90(ops._recon_loss_bwd_kernel, arg_type, BLOCK_M=block_m, BLOCK_N=block_n, **common)
 """
 
 
@@ -258,11 +245,7 @@ compile_for_sm90(ops._recon_loss_bwd_kernel, BLOCK_M=block_m, BLOCK_N=block_n, *
 def test_recon_loss_kernels_compile_for_sm90(dtype):
     """The interpreter is dynamically typed: compiling for sm_90 with the launchers' argument
     types (float64 scalars from torch.compile among them) makes typing errors fail on the CPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", _RECON_COMPILE_FOR_SM90, dtype], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = testing.run_without_interpreter(_RECON_COMPILE_FOR_SM90, dtype)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
