@@ -281,7 +281,7 @@ def test_compiled_backward_reads_the_lengths_of_the_call():
 
 @pytest.mark.parametrize("config,rel_pos", [((64, 64, 4, 3), False), ((32, 128, 4, 3), False),
                                             ((128, 32, 8, 2), False), ((32, 64, 4, 2), True),
-                                            ((64, 64, 4, 2), True), ((64, 32, 4, 2), True)])
+                                            ((64, 64, 4, 2), True), ((32, 32, 4, 2), True)])
 def test_gpu_tile_sizes(monkeypatch, config, rel_pos):
     # the tile logic at the tuned GPU block sizes (also in the interpreter): several query
     # and key tiles per source, partial tiles, the causal band
@@ -290,3 +290,15 @@ def test_gpu_tile_sizes(monkeypatch, config, rel_pos):
     args = testing.random_attention_inputs(2, 140, 1, 16, 70, 45, device=DEVICE, generator=g,
                                            partial=True, padding=True, rel_pos=rel_pos)
     check(args, usage=True)
+
+
+def test_relative_positions_reject_taller_than_wide_query_tiles(monkeypatch):
+    # the forward and dQ passes carry half a position band from one key tile to the next,
+    # which needs BLOCK_M <= BLOCK_N; every tuned configuration satisfies it
+    for (pass_name, _), (block_m, block_n, _, _) in attention.GPU_CONFIGS.items():
+        if pass_name in ("fwd_rel", "dq_rel"):
+            assert block_m <= block_n, (pass_name, block_m, block_n)
+    monkeypatch.setattr(attention, "launch_config", lambda *_: (32, 16, 4, 2))
+    args = testing.random_attention_inputs(1, 9, 1, 16, 4, 0, device=DEVICE, rel_pos=True)
+    with pytest.raises(ValueError, match="BLOCK_M <= BLOCK_N"):
+        ct_kernels.compressive_attention(**args, backend="triton")

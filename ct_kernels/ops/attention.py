@@ -22,8 +22,12 @@ band, key padding); tiles with no valid key are skipped.
 Transformer-XL relative positions are a constexpr branch of the same kernels. The score
 (q_i + u).k_j + (q_i + v).r_d, d = distance, is computed as (q_i + u).(k_j + r_d) + w_d with
 w_d = (v - u).r_d: one biased query qu = q + u (formed on the host) serves both products,
-and w [H, R] is a per-distance bias. A tile loads the BLOCK_M + BLOCK_N - 1 rows of r (and w)
-it spans, scores them with one tl.dot and re-aligns the band to (i, j) with tl.gather.
+and w [H, R] is a per-distance bias. A tile spans 2T distances (T = BLOCK_N; the dK/dV pass
+T = max(BLOCK_M, BLOCK_N)), its position band: two halves of T rows of r (and w) scored with
+tl.dot, re-aligned to (i, j) with tl.gather. In the query-major passes (forward, dQ) the next
+key tile's upper half is this tile's lower half, so each tile scores one half, and the dQ
+pass sums a distance's score gradients over the two tiles that share it before the products
+with r and q and the atomics.
 Gradients: dq = dqu; du = sum_i dqu_i - dw.r; dv = dw.r; dr = dr(band) + dw (v - u).
 """
 from __future__ import annotations
@@ -43,8 +47,8 @@ LOG2E = 1.4426950408889634
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64;
 # relative positions at D = 64 on the d64 shape):
 # (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
-# "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions, whose position
-# band is next_power_of_2(BLOCK_M + BLOCK_N - 1) distances wide.
+# "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
+# dQ passes need BLOCK_M <= BLOCK_N there).
 GPU_CONFIGS = {
     ("fwd", 16): (64, 64, 4, 3), ("fwd", 32): (64, 64, 4, 3),
     ("fwd", 64): (64, 64, 4, 3), ("fwd", 128): (64, 64, 4, 3),
@@ -52,10 +56,10 @@ GPU_CONFIGS = {
     ("dq", 64): (64, 64, 4, 3), ("dq", 128): (64, 64, 4, 2),
     ("dkdv", 16): (32, 128, 4, 3), ("dkdv", 32): (32, 128, 4, 3),
     ("dkdv", 64): (32, 128, 4, 3), ("dkdv", 128): (32, 64, 4, 2),
-    ("fwd_rel", 16): (64, 64, 4, 2), ("fwd_rel", 32): (64, 64, 4, 2),
-    ("fwd_rel", 64): (64, 64, 4, 2), ("fwd_rel", 128): (32, 64, 4, 2),
+    ("fwd_rel", 16): (64, 64, 8, 2), ("fwd_rel", 32): (64, 64, 8, 2),
+    ("fwd_rel", 64): (64, 64, 8, 2), ("fwd_rel", 128): (64, 64, 8, 2),
     ("dq_rel", 16): (32, 32, 4, 2), ("dq_rel", 32): (32, 32, 4, 2),
-    ("dq_rel", 64): (32, 32, 4, 2), ("dq_rel", 128): (32, 32, 4, 2),
+    ("dq_rel", 64): (32, 32, 4, 2), ("dq_rel", 128): (32, 32, 8, 2),
     ("dkdv_rel", 16): (32, 64, 4, 2), ("dkdv_rel", 32): (32, 64, 4, 2),
     ("dkdv_rel", 64): (32, 64, 4, 2), ("dkdv_rel", 128): (64, 64, 8, 1),
 }
@@ -83,11 +87,11 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _position_band(R_h, W_h, sr_n, R_rows, query_pos0, key_pos0,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """r [BLOCK_R, D] and w [BLOCK_R] for the distances a tile spans: row c holds distance
-    query_pos0 - key_pos0 - (BLOCK_N - 1) + c (zeros outside [0, R)); also those distances."""
-    rows = query_pos0 - key_pos0 - (BLOCK_N - 1) + tl.arange(0, BLOCK_R)
+def _position_rows(R_h, W_h, sr_n, R_rows, first, BLOCK_T: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """r [BLOCK_T, D] and w [BLOCK_T] of the distances first.. (zeros outside [0, R)), those
+    distances and which of them exist."""
+    rows = first + tl.arange(0, BLOCK_T)
     in_r = (rows >= 0) & (rows < R_rows)
     r = tl.load(R_h + rows[:, None] * sr_n + tl.arange(0, BLOCK_D)[None, :],
                 mask=in_r[:, None], other=0.0)
@@ -96,33 +100,62 @@ def _position_band(R_h, W_h, sr_n, R_rows, query_pos0, key_pos0,
 
 
 @triton.jit
-def _scores(q, k, R_h, W_h, sr_n, R_rows, query_pos0, key_pos0, key_ok, apply_mask,
-            scale_log2, KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+def _position_scores(q, R_h, W_h, sr_n, R_rows, first, KEY_MAJOR: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """(q_i + u).r_d + w_d of the BLOCK_T distances d = first..: [BLOCK_M, BLOCK_T], or the
+    transpose [BLOCK_T, BLOCK_M] with KEY_MAJOR (q is q + u)."""
+    r, w, _, _ = _position_rows(R_h, W_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D)
+    if KEY_MAJOR:
+        scores = _dot(r, tl.trans(q), PRECISION) + w[:, None]
+    else:
+        scores = _dot(q, tl.trans(r), PRECISION) + w[None, :]
+    return scores
+
+
+@triton.jit
+def _position_band(lower, upper, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A query-major tile's position scores [BLOCK_M, 2 * BLOCK_T] of the distances base..
+    from its lower and upper halves, interleaved: distance base + c sits in column
+    2 (c % T) + c // T."""
+    return tl.reshape(tl.join(lower, upper), (BLOCK_M, 2 * BLOCK_T))
+
+
+@triton.jit
+def _band_gradient(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The inverse of the shear: the score gradients of a query-major tile [BLOCK_M, BLOCK_N]
+    summed per distance, as the lower and upper halves [BLOCK_M, BLOCK_T] of its band."""
+    col = tl.arange(0, 2 * BLOCK_T)
+    c = col // 2 + (col % 2) * BLOCK_T
+    key = BLOCK_T + tl.arange(0, BLOCK_M)[:, None] - c[None, :]
+    inside = (key >= 0) & (key < BLOCK_N)
+    g = tl.where(inside, tl.gather(ds, tl.minimum(tl.maximum(key, 0), BLOCK_N - 1), 1), 0.0)
+    return tl.split(tl.reshape(g.to(tl.float32), (BLOCK_M, BLOCK_T, 2)))
+
+
+@triton.jit
+def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask, scale_log2,
+            KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+            PRECISION: tl.constexpr):
     """Scores in the log2 domain, -inf where masked, of BLOCK_M queries x BLOCK_N keys:
     [BLOCK_M, BLOCK_N] from k^T [D, BLOCK_N], or with KEY_MAJOR the transpose
-    [BLOCK_N, BLOCK_M] from k [BLOCK_N, D]. With relative positions q is q + u.
+    [BLOCK_N, BLOCK_M] from k [BLOCK_N, D]. With relative positions q is q + u and band the
+    tile's position scores of its 2T distances, re-aligned here to (query, key).
 
     query_pos0 / key_pos0: global positions of the tile's first query / key.
     """
     i = tl.arange(0, BLOCK_M)
     j = tl.arange(0, BLOCK_N)
-    if KEY_MAJOR:
+    # the distance of (query, key) within a tile is base + T + query - key
+    if KEY_MAJOR:  # band [2T, BLOCK_M] in distance order
         s = _dot(k, tl.trans(q), PRECISION)
-    else:
+        if REL_POS:
+            s += tl.gather(band, BLOCK_T + i[None, :] - j[:, None], 0)
+    else:  # band [BLOCK_M, 2T] interleaved (_position_band)
         s = _dot(q, k, PRECISION)
-    if REL_POS:
-        # band[c] = (q_i + u) . r_{d_min + c} + w_{d_min + c}; key j of query i sits at
-        # c = i + BN-1-j
-        r, w, _, _ = _position_band(R_h, W_h, sr_n, R_rows, query_pos0, key_pos0,
-                                    BLOCK_N, BLOCK_D, BLOCK_R)
-        if KEY_MAJOR:
-            band = _dot(r, tl.trans(q), PRECISION) + w[:, None]  # [BLOCK_R, BLOCK_M]
-            s += tl.gather(band, i[None, :] + (BLOCK_N - 1 - j)[:, None], 0)
-        else:
-            band = _dot(q, tl.trans(r), PRECISION) + w[None, :]  # [BLOCK_M, BLOCK_R]
-            s += tl.gather(band, i[:, None] + (BLOCK_N - 1 - j)[None, :], 1)
+        if REL_POS:
+            c = BLOCK_T + i[:, None] - j[None, :]
+            s += tl.gather(band, 2 * (c % BLOCK_T) + c // BLOCK_T, 1)
     s = s * scale_log2
     if apply_mask:
         if KEY_MAJOR:
@@ -193,17 +226,29 @@ def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_l
                 key_base, query_pos0, R_h, W_h, sr_n, R_rows, scale_log2,
                 IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                 REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over slots [first tile with valid slots, hi) of one key source."""
     offs_d = tl.arange(0, BLOCK_D)
-    for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+    first = valid_lo // BLOCK_N * BLOCK_N
+    if REL_POS:  # the upper half of the first tile's distances
+        upper = _position_scores(q, R_h, W_h, sr_n, R_rows, query_pos0 - key_base - first,
+                                 False, BLOCK_T, BLOCK_D, PRECISION)
+    for start in range(first, hi, BLOCK_N):
         kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
                                            False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
         if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
-        s = _scores(q, kt, R_h, W_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
-                    apply_mask, scale_log2, False, CAUSAL, REL_POS,
-                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        band = 0.0
+        if REL_POS:
+            # the tile's distances: query_pos0 - (key_base + start) - T + [0, 2T); the next
+            # tile (BLOCK_N = T keys on) takes this tile's lower half as its upper half
+            lower = _position_scores(q, R_h, W_h, sr_n, R_rows,
+                                     query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
+                                     BLOCK_D, PRECISION)
+            band = _position_band(lower, upper, BLOCK_M, BLOCK_T)
+            upper = lower
+        s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask, scale_log2,
+                    False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
         # rescale the running state; a row with no key yet keeps m = -inf, l = 0, acc = 0
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -227,7 +272,7 @@ def _fwd_kernel(
     H, n, m, cm, R_rows, scale_log2,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # query tile (q + u with relative positions)
@@ -243,17 +288,17 @@ def _fwd_kernel(
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
         sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
         PRECISION)
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
         smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
         PRECISION)
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
         sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, True, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R,
+        scale_log2, True, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
         PRECISION)
 
     # epilogue: normalise; rows that saw no key output zeros and store LSE = +inf
@@ -267,23 +312,52 @@ def _fwd_kernel(
 
 # ----------------------------------------------------------------------------- backward: dQ
 @triton.jit
+def _position_gradients(dq, grad, q, R_h, W_h, DR_h, DW_h, sr_n, R_rows, first,
+                        D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Adds the position part of dQ for the BLOCK_T distances first.. (grad: their score
+    gradients per query, fp32 [BLOCK_M, BLOCK_T]) and their dr, dw contributions (atomics)."""
+    r, _, rows, in_r = _position_rows(R_h, W_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D)
+    g = grad.to(q.dtype)
+    dq += _dot(g, r, PRECISION)
+    dr = _dot(tl.trans(g), q, PRECISION)  # [BLOCK_T, D]
+    tl.atomic_add(DR_h + rows[:, None] * D + tl.arange(0, BLOCK_D)[None, :], dr,
+                  mask=in_r[:, None], sem="relaxed")
+    tl.atomic_add(DW_h + rows, tl.sum(grad, 0), mask=in_r, sem="relaxed")
+    return dq
+
+
+@triton.jit
 def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo, hi,
                key_base, query_pos0, R_h, W_h, DR_h, DW_h, sr_n, R_rows, scale_log2, scale,
                D: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
                CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                PRECISION: tl.constexpr):
     """dQ (content and position parts in one accumulator) and the dr, dw contributions of
-    one key source, tiles as in the forward."""
+    one key source, tiles as in the forward. A distance is shared by two consecutive tiles
+    (the lower half of one is the upper half of the next): its score gradients are summed
+    over both before they meet r, q and the atomics."""
     offs_d = tl.arange(0, BLOCK_D)
-    for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+    first = valid_lo // BLOCK_N * BLOCK_N
+    if REL_POS:
+        upper = _position_scores(q, R_h, W_h, sr_n, R_rows, query_pos0 - key_base - first,
+                                 False, BLOCK_T, BLOCK_D, PRECISION)
+        grad_upper = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    for start in range(first, hi, BLOCK_N):
         kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
                                            False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
         if IS_SEGMENT and CAUSAL:
             apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
-        s = _scores(q, kt, R_h, W_h, sr_n, R_rows, query_pos0, key_base + start, key_ok,
-                    apply_mask, scale_log2, False, CAUSAL, REL_POS,
-                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        band = 0.0
+        if REL_POS:
+            lower = _position_scores(q, R_h, W_h, sr_n, R_rows,
+                                     query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
+                                     BLOCK_D, PRECISION)
+            band = _position_band(lower, upper, BLOCK_M, BLOCK_T)
+            upper = lower
+        s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask, scale_log2,
+                    False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
         p = tl.math.exp2(s - lse[:, None])
         offs_n = start + tl.arange(0, BLOCK_N)
         vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
@@ -293,19 +367,18 @@ def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, val
         ds = (p * (dp - delta[:, None]) * scale).to(kt.dtype)
         dq += _dot(ds, tl.trans(kt), PRECISION)
         if REL_POS:
-            # band gradient: dband[i, c] = ds[i, j] for j = i + BN-1-c inside the tile
-            j = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1 - tl.arange(0, BLOCK_R))[None, :]
-            in_tile = (j >= 0) & (j < BLOCK_N)
-            dband = tl.where(in_tile, tl.gather(ds, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), 1),
-                             0.0).to(kt.dtype)
-            r, _, rows, in_r = _position_band(R_h, W_h, sr_n, R_rows, query_pos0,
-                                              key_base + start, BLOCK_N, BLOCK_D, BLOCK_R)
-            dq += _dot(dband, r, PRECISION)
-            dr = _dot(tl.trans(dband), q, PRECISION)  # [BLOCK_R, D]
-            tl.atomic_add(DR_h + rows[:, None] * D + offs_d[None, :], dr,
-                          mask=in_r[:, None], sem="relaxed")
-            tl.atomic_add(DW_h + rows, tl.sum(dband.to(tl.float32), 0), mask=in_r,
-                          sem="relaxed")
+            # this tile's upper distances are complete (no later tile reaches them)
+            grad_lower, grad_tile_upper = _band_gradient(ds, BLOCK_M, BLOCK_N, BLOCK_T)
+            dq = _position_gradients(dq, grad_upper + grad_tile_upper, q, R_h, W_h, DR_h, DW_h,
+                                     sr_n, R_rows, query_pos0 - key_base - start, D, BLOCK_T,
+                                     BLOCK_D, PRECISION)
+            grad_upper = grad_lower
+    if REL_POS:
+        if hi > first:  # the last tile's lower distances
+            last = first + (hi - 1 - first) // BLOCK_N * BLOCK_N
+            dq = _position_gradients(dq, grad_upper, q, R_h, W_h, DR_h, DW_h, sr_n, R_rows,
+                                     query_pos0 - key_base - last - BLOCK_T, D, BLOCK_T,
+                                     BLOCK_D, PRECISION)
     return dq
 
 
@@ -319,7 +392,7 @@ def _bwd_dq_kernel(
     H, n, m, cm, R_rows, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0, seg_hi, R_h,
@@ -344,17 +417,17 @@ def _bwd_dq_kernel(
         dq, q, do, lse, delta, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
         sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, W_h, DR_h, DW_h,
         sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD, CAUSAL, REL_POS,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
     dq = _dq_source(
         dq, q, do, lse, delta, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
         smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, W_h, DR_h, DW_h,
         sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD, CAUSAL, REL_POS,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
     dq = _dq_source(
         dq, q, do, lse, delta, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
         sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, W_h, DR_h, DW_h,
         sr_n, R_rows, scale_log2, scale, BLOCK_D, True, HAS_PAD, CAUSAL, REL_POS,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
 
     # dq = content part + position part; with relative positions its sum over rows (the
     # gradient of q + u) is added into DQSUM (fp32 atomics)
@@ -372,7 +445,7 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
                query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                REL_POS: tl.constexpr, USAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                PRECISION: tl.constexpr):
     """One key tile (slots start.. of a source) against every query tile that sees it:
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
@@ -405,9 +478,13 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
         apply_mask = partial
         if CAUSAL:  # the diagonal band: some segment key after some query
             apply_mask = apply_mask | (is_segment & (start + BLOCK_N - 1 > qs))
-        s_t = _scores(q, k, R_h, W_h, sr_n, R_rows, query_base + qs, key_base + start,
-                      key_ok, apply_mask, scale_log2, True, CAUSAL, REL_POS,
-                      BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+        band = 0.0
+        if REL_POS:  # the query tile changes every step: the whole band is new
+            band = _position_scores(q, R_h, W_h, sr_n, R_rows,
+                                    query_base + qs - key_base - start - BLOCK_T, True,
+                                    2 * BLOCK_T, BLOCK_D, PRECISION)
+        s_t = _scores(q, k, band, query_base + qs, key_base + start, key_ok, apply_mask,
+                      scale_log2, True, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if USAGE:
             usage += tl.sum(p_t, 1)
@@ -440,7 +517,7 @@ def _bwd_dkdv_kernel(
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -480,7 +557,7 @@ def _bwd_dkdv_kernel(
     _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
                H * BLOCK_D, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
                cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
-               REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_R, PRECISION)
+               REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -550,8 +627,13 @@ class _Call:
         rel_pos = self.flags["REL_POS"]
         block_m, block_n, warps, stages = launch_config(
             pass_name + ("_rel" if rel_pos else ""), self.D, self.dtype)
-        return dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n,
-                    BLOCK_R=triton.next_power_of_2(block_m + block_n - 1) if rel_pos else 16,
+        # BLOCK_T: half the width of a tile's position band. The query-major passes carry
+        # half a band from one key tile to the next, BLOCK_N keys on, so T = BLOCK_N there.
+        block_t = max(block_m, block_n) if pass_name == "dkdv" else block_n
+        if rel_pos and block_m > block_t:
+            raise ValueError(f"relative positions need BLOCK_M <= BLOCK_N in the {pass_name} "
+                             f"pass, got the configuration {(block_m, block_n)}")
+        return dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
                     num_warps=warps, num_stages=stages)
 
     @property
