@@ -87,16 +87,14 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _position_rows(R_h, W_h, sr_n, R_rows, first, BLOCK_T: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """r [BLOCK_T, D] and w [BLOCK_T] of the distances first.. (zeros outside [0, R)), those
-    distances and which of them exist."""
+def _position_rows(R_h, sr_n, R_rows, first, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """r [BLOCK_T, D] of the distances first.. (zeros outside [0, R)), those distances and
+    which of them exist."""
     rows = first + tl.arange(0, BLOCK_T)
     in_r = (rows >= 0) & (rows < R_rows)
     r = tl.load(R_h + rows[:, None] * sr_n + tl.arange(0, BLOCK_D)[None, :],
                 mask=in_r[:, None], other=0.0)
-    w = tl.load(W_h + rows, mask=in_r, other=0.0)
-    return r, w, rows, in_r
+    return r, rows, in_r
 
 
 @triton.jit
@@ -104,7 +102,8 @@ def _position_scores(q, R_h, W_h, sr_n, R_rows, first, KEY_MAJOR: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """(q_i + u).r_d + w_d of the BLOCK_T distances d = first..: [BLOCK_M, BLOCK_T], or the
     transpose [BLOCK_T, BLOCK_M] with KEY_MAJOR (q is q + u)."""
-    r, w, _, _ = _position_rows(R_h, W_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D)
+    r, rows, in_r = _position_rows(R_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D)
+    w = tl.load(W_h + rows, mask=in_r, other=0.0)
     if KEY_MAJOR:
         scores = _dot(r, tl.trans(q), PRECISION) + w[:, None]
     else:
@@ -220,6 +219,46 @@ def _query_program(Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b,
             seg_hi, R + h * sr_h, W + h * R_rows, Pad + b * spad_b)
 
 
+@triton.jit
+def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base,
+                        query_pos0, R_h, W_h, sr_n, R_rows, scale_log2,
+                        IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                        REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of the key tile at slot ``start`` of a source for a query tile (forward, dQ):
+    (scores, k^T, lower). With relative positions the tile spans the distances
+    query_pos0 - (key_base + start) - T + [0, 2T): ``upper`` is the upper half, carried from
+    the previous tile, and the lower half scored here is returned for the next tile (BLOCK_N
+    = T keys on) to take as its upper half; without, ``upper`` passes through."""
+    kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
+                                       False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+    if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
+        apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
+    band = 0.0
+    lower = upper
+    if REL_POS:
+        lower = _position_scores(q, R_h, W_h, sr_n, R_rows,
+                                 query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
+                                 BLOCK_D, PRECISION)
+        band = _position_band(lower, upper, BLOCK_M, BLOCK_T)
+    s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask, scale_log2,
+                False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
+    return s, kt, lower
+
+
+@triton.jit
+def _first_upper_half(q, R_h, W_h, sr_n, R_rows, first, key_base, query_pos0,
+                      REL_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """The upper half of the band of a source's first key tile (slot ``first``), the carry
+    that ``_query_major_scores`` starts from (a placeholder without relative positions)."""
+    upper = 0.0
+    if REL_POS:
+        upper = _position_scores(q, R_h, W_h, sr_n, R_rows, query_pos0 - key_base - first,
+                                 False, BLOCK_T, BLOCK_D, PRECISION)
+    return upper
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo, hi,
@@ -230,25 +269,13 @@ def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_l
     """Online softmax over slots [first tile with valid slots, hi) of one key source."""
     offs_d = tl.arange(0, BLOCK_D)
     first = valid_lo // BLOCK_N * BLOCK_N
-    if REL_POS:  # the upper half of the first tile's distances
-        upper = _position_scores(q, R_h, W_h, sr_n, R_rows, query_pos0 - key_base - first,
-                                 False, BLOCK_T, BLOCK_D, PRECISION)
+    upper = _first_upper_half(q, R_h, W_h, sr_n, R_rows, first, key_base, query_pos0, REL_POS,
+                              BLOCK_T, BLOCK_D, PRECISION)
     for start in range(first, hi, BLOCK_N):
-        kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
-                                           False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
-        if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
-            apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
-        band = 0.0
-        if REL_POS:
-            # the tile's distances: query_pos0 - (key_base + start) - T + [0, 2T); the next
-            # tile (BLOCK_N = T keys on) takes this tile's lower half as its upper half
-            lower = _position_scores(q, R_h, W_h, sr_n, R_rows,
-                                     query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
-                                     BLOCK_D, PRECISION)
-            band = _position_band(lower, upper, BLOCK_M, BLOCK_T)
-            upper = lower
-        s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask, scale_log2,
-                    False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
+        s, _, upper = _query_major_scores(
+            q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base, query_pos0, R_h,
+            W_h, sr_n, R_rows, scale_log2, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
+            BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
         # rescale the running state; a row with no key yet keeps m = -inf, l = 0, acc = 0
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -312,12 +339,12 @@ def _fwd_kernel(
 
 # ----------------------------------------------------------------------------- backward: dQ
 @triton.jit
-def _position_gradients(dq, grad, q, R_h, W_h, DR_h, DW_h, sr_n, R_rows, first,
+def _position_gradients(dq, grad, q, R_h, DR_h, DW_h, sr_n, R_rows, first,
                         D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Adds the position part of dQ for the BLOCK_T distances first.. (grad: their score
     gradients per query, fp32 [BLOCK_M, BLOCK_T]) and their dr, dw contributions (atomics)."""
-    r, _, rows, in_r = _position_rows(R_h, W_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D)
+    r, rows, in_r = _position_rows(R_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D)
     g = grad.to(q.dtype)
     dq += _dot(g, r, PRECISION)
     dr = _dot(tl.trans(g), q, PRECISION)  # [BLOCK_T, D]
@@ -340,24 +367,15 @@ def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, val
     over both before they meet r, q and the atomics."""
     offs_d = tl.arange(0, BLOCK_D)
     first = valid_lo // BLOCK_N * BLOCK_N
+    upper = _first_upper_half(q, R_h, W_h, sr_n, R_rows, first, key_base, query_pos0, REL_POS,
+                              BLOCK_T, BLOCK_D, PRECISION)
     if REL_POS:
-        upper = _position_scores(q, R_h, W_h, sr_n, R_rows, query_pos0 - key_base - first,
-                                 False, BLOCK_T, BLOCK_D, PRECISION)
         grad_upper = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
     for start in range(first, hi, BLOCK_N):
-        kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
-                                           False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
-        if IS_SEGMENT and CAUSAL:
-            apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
-        band = 0.0
-        if REL_POS:
-            lower = _position_scores(q, R_h, W_h, sr_n, R_rows,
-                                     query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
-                                     BLOCK_D, PRECISION)
-            band = _position_band(lower, upper, BLOCK_M, BLOCK_T)
-            upper = lower
-        s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask, scale_log2,
-                    False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
+        s, kt, upper = _query_major_scores(
+            q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base, query_pos0, R_h,
+            W_h, sr_n, R_rows, scale_log2, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
+            BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
         p = tl.math.exp2(s - lse[:, None])
         offs_n = start + tl.arange(0, BLOCK_N)
         vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
@@ -369,14 +387,14 @@ def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, val
         if REL_POS:
             # this tile's upper distances are complete (no later tile reaches them)
             grad_lower, grad_tile_upper = _band_gradient(ds, BLOCK_M, BLOCK_N, BLOCK_T)
-            dq = _position_gradients(dq, grad_upper + grad_tile_upper, q, R_h, W_h, DR_h, DW_h,
+            dq = _position_gradients(dq, grad_upper + grad_tile_upper, q, R_h, DR_h, DW_h,
                                      sr_n, R_rows, query_pos0 - key_base - start, D, BLOCK_T,
                                      BLOCK_D, PRECISION)
             grad_upper = grad_lower
     if REL_POS:
         if hi > first:  # the last tile's lower distances
             last = first + (hi - 1 - first) // BLOCK_N * BLOCK_N
-            dq = _position_gradients(dq, grad_upper, q, R_h, W_h, DR_h, DW_h, sr_n, R_rows,
+            dq = _position_gradients(dq, grad_upper, q, R_h, DR_h, DW_h, sr_n, R_rows,
                                      query_pos0 - key_base - last - BLOCK_T, D, BLOCK_T,
                                      BLOCK_D, PRECISION)
     return dq
