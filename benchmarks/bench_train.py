@@ -1,5 +1,6 @@
 """train_step: one optimizer step over one segment with full memories (bf16 autocast, Adam,
-gradient clipping), ours (``ct``; ``ct_compiled``: the model under torch.compile) vs the PyPI
+gradient clipping), ours (``ct``; ``ct_compiled``: the model under torch.compile; ``_graph``:
+the step replayed as a CUDA graph, ``train --cuda-graph``) vs the PyPI
 package compressive-transformer-pytorch 0.4.0 (``ctpytorch_0.4.0``) at the two configurations
 of DESIGN.md §3. Same width, layers, heads, n, m, cm, rate and batch; both without dropout.
 tokens/s = B * n / (ms / 1e3).
@@ -11,39 +12,43 @@ import torch.nn.functional as F
 
 from benchmarks.harness import append_rows, failed_row, measure, plot
 from compressive_transformer import CompressiveTransformer, preset
+from compressive_transformer.config import TrainConfig
+from compressive_transformer.train import CudaGraphTrainStep, make_optimizer, train_step
 
 CONFIGS = ("d512-L8", "d1024-L4")
 SEED_PROVIDER = "ctpytorch_0.4.0"
 
 
+CLIP = 0.1
+
+
 def _optimizer_step(model, optimizer, loss):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     optimizer.step()
 
 
-def ct_step(name, tokens, compiled=False):
-    """One training step of our model (``compiled``: under torch.compile, which removes most
-    of the per-layer host work); memories carry over from step to step."""
+def ct_step(name, tokens, compiled=False, graph=False):
+    """One training step of our model, as ``compressive_transformer.train`` runs it
+    (``compiled``: under torch.compile, which removes most of the per-layer host work;
+    ``graph``: captured once as a CUDA graph and replayed); memories carry over from step to
+    step."""
     config, _ = preset(name, dropout=0.0)
     model = CompressiveTransformer(config).cuda()
     if compiled:
         # compiled from scratch, as in a training process: otherwise the code compiled for the
         # previous configuration is recompiled with dynamic (symbolic) sizes, a different graph
         torch._dynamo.reset()
-    forward = torch.compile(model) if compiled else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    net = torch.compile(model) if compiled else model
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4, clip=CLIP, cuda_graph=graph), "cuda")
     memories = model.init_memories(tokens.shape[0], dtype=torch.bfloat16)
-
-    def step():
-        nonlocal memories
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, memories, aux = forward(tokens[:, :-1], memories)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        _optimizer_step(model, optimizer, loss + aux)
-
-    return step
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if graph:
+        graphed = CudaGraphTrainStep(net, model, optimizer, memories, inputs.shape[0],
+                                     inputs.shape[1], CLIP, amp=True)
+        return lambda: graphed(inputs, targets)
+    return lambda: train_step(net, model, optimizer, memories, inputs, targets, CLIP, amp=True)
 
 
 def seed_model(config):
@@ -84,6 +89,8 @@ def run():
         fill = math.ceil((config.mem_len + config.cmem_len * config.rate) / n) + 1
         makers = {"ct": lambda: ct_step(name, tokens),
                   "ct_compiled": lambda: ct_step(name, tokens, compiled=True),
+                  "ct_graph": lambda: ct_step(name, tokens, graph=True),
+                  "ct_compiled_graph": lambda: ct_step(name, tokens, compiled=True, graph=True),
                   SEED_PROVIDER: lambda: seed_step(config, tokens)}
         for provider, make in makers.items():
             step = None

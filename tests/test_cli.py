@@ -169,4 +169,9 @@ def test_bad_command_lines(tmp_path):
         main(["train", "--preset", "huge"])
     with pytest.raises(ValueError, match="neither a file nor a folder"):
         main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path), *SMALL_MODEL])
+    text = tmp_path / "text.txt"
+    text.write_bytes(english_like(2_000))
+    with pytest.raises(ValueError, match="cuda_graph needs one process on a CUDA device"):
+        main(["train", "--data", str(text), "--out", str(tmp_path), "--device", "cpu",
+              "--cuda-graph", *SMALL_MODEL])
     assert math.isfinite(learning_rate(0, TrainConfig(warmup=0)))

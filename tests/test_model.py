@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from compressive_transformer import CompressiveTransformer, ModelConfig
+from compressive_transformer.config import TrainConfig
+from compressive_transformer.train import CudaGraphTrainStep, make_optimizer, set_lr, train_step
 from compressive_transformer.generate import DecodeState, generate, sample
 
 # backend="reference": tests/conftest.py turns on the Triton interpreter on CPU, which the
@@ -385,6 +387,75 @@ def _check_compiled_training(eager, backend, dynamic, rtol=1e-4, atol=1e-6):
         assert torch.equal(mem_c.mem_lens, mem.mem_lens) and torch.equal(mem_c.cmem_lens, mem.cmem_lens)
         torch.testing.assert_close(mem_c.mem, mem.mem, rtol=rtol, atol=atol)
         torch.testing.assert_close(mem_c.cmem, mem.cmem, rtol=rtol, atol=atol)
+
+
+def test_cuda_graph_step_refuses_what_it_cannot_replay():
+    model = make_model(**D1024_LIKE)
+    memories = model.init_memories(2)
+    optimizer = make_optimizer(model, TrainConfig(), "cpu")
+    with pytest.raises(ValueError, match="CUDA device"):
+        CudaGraphTrainStep(model, model, optimizer, memories, 2, 6, 0.1, amp=False)
+
+
+def test_optimizer_state_moves_between_eager_and_graph_modes():
+    """A checkpoint of either mode resumes in the other: lr (float or device tensor),
+    capturable and the step count's device follow the mode asked for (here eager, on the CPU;
+    the graph direction runs in the GPU test below)."""
+    model = make_model(**D1024_LIKE)
+    optimizer = make_optimizer(model, TrainConfig(lr=2e-3), "cpu")
+    model(tokens(2, 6))[0].sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:  # as a CUDA graph run saves it
+        group["lr"], group["capturable"] = torch.tensor(2e-3), True
+    resumed = make_optimizer(model, TrainConfig(lr=1.0), "cpu", state)
+    for group in resumed.param_groups:
+        assert group["lr"] == pytest.approx(2e-3) and isinstance(group["lr"], float)
+        assert group["capturable"] is False
+    assert all(s["step"].device.type == "cpu" and s["step"].item() == 1
+               for s in resumed.state.values())
+    set_lr(resumed, 5e-4)
+    assert all(group["lr"] == 5e-4 for group in resumed.param_groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_training_matches_eager_on_gpu():
+    """Training steps replayed as one CUDA graph (``train --cuda-graph``) give eager's losses,
+    compressor losses, parameters and memories while the memories fill, once they are full,
+    and after one sample's memory is reset; with a learning rate that changes every step;
+    fp32. Capturing undoes its warm-up steps."""
+    eager = make_model(**{**D1024_LIKE, "backend": "auto", "dim": 64, "heads": 4}).cuda()
+    graphed = copy.deepcopy(eager)
+    config = TrainConfig(lr=1e-3, clip=0.1)
+    optimizer = make_optimizer(eager, config, "cuda")
+    optimizer_g = make_optimizer(graphed, dataclasses.replace(config, cuda_graph=True), "cuda",
+                                 optimizer.state_dict())  # also: an eager state into graph mode
+    B, n = 2, eager.config.seg_len
+    memories, memories_g = eager.init_memories(B), graphed.init_memories(B)
+    step_g = CudaGraphTrainStep(graphed, graphed, optimizer_g, memories_g, B, n, 0.1, amp=False)
+    for p_g, p in zip(graphed.parameters(), eager.parameters()):
+        assert torch.equal(p_g, p)
+    assert all(not m.mem_lens.any() for m in memories_g.layers if m is not None)
+    text = tokens(B, 10 * n + 1, seed=9).cuda()
+    for step in range(10):  # the memories are full after 6 segments
+        if step == 8:
+            which = torch.tensor([False, True], device="cuda")
+            memories.reset(which)
+            memories_g.reset(which)
+        set_lr(optimizer, 1e-3 * (1 - step / 20))
+        set_lr(optimizer_g, 1e-3 * (1 - step / 20))
+        segment = text[:, step * n:(step + 1) * n + 1]
+        loss, aux = train_step(eager, eager, optimizer, memories, segment[:, :-1], segment[:, 1:],
+                               0.1, amp=False)
+        loss_g, aux_g = step_g(segment[:, :-1], segment[:, 1:])
+        torch.testing.assert_close(loss_g, loss, rtol=1e-4, atol=1e-6, msg=f"loss, step {step}")
+        torch.testing.assert_close(aux_g, aux, rtol=1e-3, atol=1e-9, msg=f"aux, step {step}")
+        for (name, p_g), p in zip(graphed.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p_g, p, rtol=1e-4, atol=1e-6, msg=f"{name}, step {step}")
+    for mem_g, mem in zip(memories_g.layers, memories.layers):
+        assert torch.equal(mem_g.mem_lens, mem.mem_lens) and torch.equal(mem_g.cmem_lens, mem.cmem_lens)
+        torch.testing.assert_close(mem_g.mem, mem.mem, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mem_g.cmem, mem.cmem, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -37,6 +37,8 @@ def _add_train(sub):
     g.add_argument("--no-amp", dest="amp", action="store_false", default=None,
                    help="no bf16 autocast on GPU")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="capture the training step once as a CUDA graph and replay it (one GPU)")
     g = p.add_argument_group("model (defaults: the preset's)")
     for flag in ("dim", "layers", "heads", "ff-mult", "seg-len", "mem-len", "cmem-len", "rate",
                  "dilation"):

@@ -104,6 +104,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True
     compile: bool = False
+    cuda_graph: bool = False  # replay each step as a CUDA graph (one GPU process; see train.py)
     max_minutes: Optional[float] = None  # stop training after this long (then validate)
     cpu_threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch's default)
 

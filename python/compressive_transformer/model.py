@@ -50,6 +50,9 @@ class Memories:
         # known on the host: every buffer of every sample is full, so the ops get no lengths
         # (and need no device-to-host read to check them)
         self.full = False
+        # False: never read the fill state on the host (a CUDA graph replays the same work
+        # whatever it is); the ops then always get the lengths
+        self.host_checks = True
 
     def check_full(self):
         """Set ``full`` once every buffer is full (one host sync per call until then). The
@@ -323,10 +326,12 @@ class CompressiveTransformer(nn.Module):
         h = self.dropout(self.embed(tokens))
         aux = torch.zeros((), device=tokens.device)
         # Eagerly, full buffers skip the lengths (and their checks, which read them on the
-        # host). Traced code has no host-side fill state to branch on without a graph break:
-        # it always passes the lengths, which mask nothing once the buffers are full (the
-        # same result), and the compressor loss waits for full memories on the device.
-        full = False if torch.compiler.is_compiling() else memories.check_full()
+        # host). Traced code has no host-side fill state to branch on without a graph break,
+        # nor has a CUDA graph: they always pass the lengths, which mask nothing once the
+        # buffers are full (the same result), and the compressor loss waits for full memories
+        # on the device.
+        full = (False if torch.compiler.is_compiling() or not memories.host_checks
+                else memories.check_full())
         for layer, memory, usage in zip(self.layers, memories.layers, memories.usage):
             h, layer_aux = layer(h, memory, usage, sinusoid, full)
             if layer_aux is not None:

@@ -9,6 +9,7 @@ size, continuing at the same segment index.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,6 +34,123 @@ def learning_rate(step, config: TrainConfig):
         return config.min_lr + (config.lr - config.min_lr) * step / config.warmup
     progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def train_step(net, model, optimizer, memories, inputs, targets, clip, amp):
+    """One optimiser step over one segment (forward, cross-entropy + compressor loss, backward,
+    gradient-norm clipping, optimiser step); advances ``memories`` in place and returns the
+    (loss, aux) device scalars. ``net`` is ``model`` or its DDP / compiled wrapper."""
+    # no autocast weight cache: a CUDA graph must not keep casts made while it is captured
+    with autocast(inputs.device, amp, cache_enabled=False):
+        logits, memories, aux = net(inputs, memories)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    (loss + aux).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.detach(), aux.detach()
+
+
+class CudaGraphTrainStep:
+    """``train_step`` captured once as a CUDA graph, then replayed: a step costs the host one
+    copy of the tokens and one launch instead of the Python, autograd and kernel-launch work of
+    every layer (which bounds small models' eager steps).
+
+    ``step(inputs, targets) -> (loss, aux)``: device scalars, overwritten by the next step.
+    Needs a CUDA device, one process (no DDP), a fixed [B, n] segment shape and an Adam created
+    with ``capturable=True`` and a tensor learning rate (change it in place: ``set_lr``). The
+    graph does not know the memories' fill state (``memories.host_checks`` is switched off):
+    the ops always get the lengths, so memories that fill, are full or are reset between steps
+    give the same results as eagerly. Capturing first runs ``warmup`` eager steps on a side
+    stream (kernel compilation, allocator and library set-up); their effect on the
+    parameters, the optimiser state and the memories is undone.
+    """
+
+    def __init__(self, net, model, optimizer, memories, batch, seg_len, clip, amp, warmup=3):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA graph step needs the model on a CUDA device, got {device}")
+        for group in optimizer.param_groups:
+            if not (group.get("capturable") and torch.is_tensor(group["lr"])):
+                raise ValueError("a CUDA graph step needs an optimizer created with "
+                                 "capturable=True and a tensor lr (e.g. torch.optim.Adam(..., "
+                                 "lr=torch.tensor(3e-4, device='cuda'), capturable=True))")
+        memories.host_checks = False
+        self.inputs = torch.zeros(batch, seg_len, dtype=torch.long, device=device)
+        self.targets = torch.zeros_like(self.inputs)
+        run = lambda: train_step(net, model, optimizer, memories, self.inputs, self.targets,  # noqa: E731
+                                 clip, amp)
+        restore = _snapshot(model, optimizer, memories)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        restore()
+        optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.aux = run()
+
+    def __call__(self, inputs, targets):
+        self.inputs.copy_(inputs, non_blocking=True)
+        self.targets.copy_(targets, non_blocking=True)
+        self.graph.replay()
+        return self.loss, self.aux
+
+
+def _snapshot(model, optimizer, memories):
+    """A function that puts parameters, optimiser state and memories back as they are now
+    (Adam state that does not exist yet is zeroed: the state of a fresh Adam)."""
+    def state_tensors():
+        tensors = list(model.parameters()) + list(model.buffers())
+        for state in optimizer.state.values():
+            tensors += [value for value in state.values() if torch.is_tensor(value)]
+        for memory in memories.layers:
+            if memory is not None:
+                tensors += [memory.mem, memory.cmem, memory.mem_lens, memory.cmem_lens]
+        return tensors + [usage for usage in memories.usage if usage is not None]
+
+    saved = {id(t): (t, t.detach().clone()) for t in state_tensors()}
+
+    def restore():
+        with torch.no_grad():
+            for t in state_tensors():
+                if id(t) in saved:
+                    t.copy_(saved[id(t)][1])
+                else:
+                    t.zero_()
+    return restore
+
+
+def set_lr(optimizer, lr):
+    """Set every group's learning rate (in place where it is a tensor, as a CUDA graph reads
+    it)."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def make_optimizer(model, config: TrainConfig, device, state=None):
+    """Adam as ``config`` asks, with ``state`` (an optimizer state dict) loaded; for a CUDA
+    graph step capturable, with a device tensor lr, whatever mode the state was saved in."""
+    graph = config.cuda_graph
+    lr = torch.tensor(config.lr, device=device) if graph else config.lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay,
+                                 capturable=graph)
+    if state is not None:
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            group["capturable"] = graph
+            group["lr"] = torch.tensor(float(group["lr"]), device=device) if graph else float(group["lr"])
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if step is not None:  # capturable Adam keeps its step count on the device
+                    optimizer.state[p]["step"] = step.to(p.device if graph else "cpu")
+    return optimizer
 
 
 def setup_distributed(device=None):
@@ -139,12 +257,14 @@ def train(model_config: ModelConfig, config: TrainConfig, *, data=None, out="run
     train_data, val_data = load_data(data, config.val_fraction, rank)
     stream = SegmentStream(train_data, config.batch, model_config.seg_len, rank, world)
     model = CompressiveTransformer(model_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+    if config.cuda_graph and (device.type != "cuda" or world > 1):
+        raise ValueError("cuda_graph needs one process on a CUDA device, got "
+                         f"{world} process(es) on {device}")
+    optimizer = make_optimizer(model, config, device, state and state["optimizer"])
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -183,21 +303,19 @@ def train(model_config: ModelConfig, config: TrainConfig, *, data=None, out="run
     started = last_time = time.perf_counter()
     done, val_bpc = start, None
     net.train()
+    step_fn = functools.partial(train_step, net, model, optimizer, memories, clip=config.clip,
+                                amp=use_amp)
+    if config.cuda_graph:
+        step_fn = CudaGraphTrainStep(net, model, optimizer, memories, config.batch,
+                                     model_config.seg_len, config.clip, use_amp)
     for step in range(start, config.steps):
         lr = learning_rate(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         if step % stream.segments == 0 and step > start:  # a new pass over the text
             memories.reset()
         inputs, targets = (t.to(device, non_blocking=True) for t in stream.segment(step))
-        with autocast(device, use_amp):
-            logits, memories, aux = net(inputs, memories)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-        optimizer.step()
-        sums += torch.stack([loss.detach(), aux.detach(), torch.ones((), device=device)])
+        loss, aux = step_fn(inputs, targets)
+        sums += torch.stack([loss, aux, torch.ones((), device=device)])
 
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
