@@ -77,12 +77,13 @@ def seed_step(config, tokens):
     return step
 
 
-def run():
+def run(configs=CONFIGS, providers=None):
+    """Time ``providers`` (default: all) at ``configs``; append their rows."""
     if not torch.cuda.is_available():
         print("bench_train: no GPU, skipped")
         return []
     rows = []
-    for name in CONFIGS:
+    for name in configs:
         config, train_config = preset(name)
         B, n = train_config.batch, config.seg_len
         tokens = torch.randint(0, config.vocab_size, (B, n + 1), device="cuda")
@@ -93,6 +94,8 @@ def run():
                   "ct_compiled_graph": lambda: ct_step(name, tokens, compiled=True, graph=True),
                   SEED_PROVIDER: lambda: seed_step(config, tokens)}
         for provider, make in makers.items():
+            if providers and provider not in providers:
+                continue
             step = None
             try:
                 step = make()
@@ -112,4 +115,9 @@ def run():
 
 
 if __name__ == "__main__":
-    run()
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--configs", nargs="*", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--providers", nargs="*", help="e.g. ct_graph ctpytorch_0.4.0 (default: all)")
+    options = parser.parse_args()
+    run(options.configs, options.providers)

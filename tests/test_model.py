@@ -1,6 +1,8 @@
 """The model layer: shapes, memories, stop-gradients, positions, cached generation."""
 import copy
 import dataclasses
+import gc
+import math
 
 import pytest
 import torch
@@ -416,6 +418,28 @@ def test_optimizer_state_moves_between_eager_and_graph_modes():
                for s in resumed.state.values())
     set_lr(resumed, 5e-4)
     assert all(group["lr"] == 5e-4 for group in resumed.param_groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_keeps_what_its_graph_uses_alive_on_gpu():
+    """Holding only the step (as bench_train does) keeps the model, optimiser state and
+    memories that its graph reads and writes: replays after the caller's references are gone
+    and the allocator's free blocks are released still train (a freed parameter or memory
+    buffer would be an illegal address or garbage here)."""
+    def make_step():
+        model = make_model(**{**D1024_LIKE, "backend": "auto", "dim": 64, "heads": 4}).cuda()
+        optimizer = make_optimizer(model, TrainConfig(lr=1e-3, cuda_graph=True), "cuda")
+        memories = model.init_memories(2)
+        first = next(model.parameters()).detach().clone()
+        return CudaGraphTrainStep(model, model, optimizer, memories, 2, 6, 0.1, amp=False), first
+
+    step, first = make_step()
+    gc.collect()
+    torch.cuda.empty_cache()
+    text = tokens(2, 7, seed=3).cuda()
+    losses = [step(text[:, :-1], text[:, 1:])[0].item() for _ in range(8)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert not torch.equal(next(step.model.parameters()), first)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

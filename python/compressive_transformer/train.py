@@ -76,6 +76,8 @@ class CudaGraphTrainStep:
                                  "capturable=True and a tensor lr (e.g. torch.optim.Adam(..., "
                                  "lr=torch.tensor(3e-4, device='cuda'), capturable=True))")
         memories.host_checks = False
+        # the graph reads and writes these objects' tensors in place: they must outlive it
+        self.net, self.model, self.optimizer, self.memories = net, model, optimizer, memories
         self.inputs = torch.zeros(batch, seg_len, dtype=torch.long, device=device)
         self.targets = torch.zeros_like(self.inputs)
         run = lambda: train_step(net, model, optimizer, memories, self.inputs, self.targets,  # noqa: E731
