@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import append_rows, failed_row, measure, plot
+from benchmarks.harness import append_rows, failed_row, graph_pool_mib, measure, plot
 from compressive_transformer import CompressiveTransformer, preset
 from compressive_transformer.config import TrainConfig
 from compressive_transformer.train import CudaGraphTrainStep, make_optimizer, train_step
@@ -47,7 +47,9 @@ def ct_step(name, tokens, compiled=False, graph=False):
     if graph:
         graphed = CudaGraphTrainStep(net, model, optimizer, memories, inputs.shape[0],
                                      inputs.shape[1], CLIP, amp=True)
-        return lambda: graphed(inputs, targets)
+        step = lambda: graphed(inputs, targets)  # noqa: E731
+        step.pool_mib = graph_pool_mib(graphed.graph)  # its peak memory: the graph's pool
+        return step
     return lambda: train_step(net, model, optimizer, memories, inputs, targets, CLIP, amp=True)
 
 
@@ -101,7 +103,8 @@ def run(configs=CONFIGS, providers=None):
                 step = make()
                 for _ in range(fill):  # memories full from here on
                     step()
-                row = measure("train_step", name, provider, "fwd+bwd", step)
+                row = measure("train_step", name, provider, "fwd+bwd", step,
+                              peak_mib=getattr(step, "pool_mib", None))
                 print(f"{'':18s} {name:28s} {provider:16s} {B * n / float(row['ms']) * 1e3:,.0f} tokens/s",
                       flush=True)
                 rows.append(row)

@@ -80,6 +80,13 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     return graph.replay
 
 
+def graph_pool_mib(graph: "torch.cuda.CUDAGraph") -> float:
+    """Memory of a captured CUDA graph's private pool (what its replays read and write)."""
+    pool = tuple(graph.pool())
+    return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+               if tuple(segment["segment_pool_id"]) == pool) / 2**20
+
+
 def peak_extra_mib(fn: Callable[[], object]) -> Optional[float]:
     """Peak memory allocated during one call of ``fn`` beyond what was allocated before it."""
     if not torch.cuda.is_available():
@@ -95,11 +102,12 @@ def peak_extra_mib(fn: Callable[[], object]) -> Optional[float]:
 
 def measure(op: str, shape: str, provider: str, mode: str, fn: Callable[[], object], *,
             flops: Optional[float] = None, nbytes: Optional[float] = None,
-            memory: bool = True) -> dict:
+            memory: bool = True, peak_mib: Optional[float] = None) -> dict:
     """Time ``fn`` and return one CSV row (tflops/gbps left empty where not counted;
-    peak memory too without ``memory``, e.g. for graph replays, whose memory is the graph's)."""
+    peak memory too without ``memory``, e.g. for graph replays, whose memory is the graph's;
+    ``peak_mib`` gives a peak measured elsewhere, such as the size of a graph's memory pool)."""
     ms = time_ms(fn)
-    peak = peak_extra_mib(fn) if memory else None
+    peak = peak_mib if peak_mib is not None else peak_extra_mib(fn) if memory else None
     row = {"op": op, "shape": shape, "provider": provider, "mode": mode, "ms": f"{ms:.4f}",
            "tflops": f"{flops / ms / 1e9:.1f}" if flops else "",
            "gbps": f"{nbytes / ms / 1e6:.1f}" if nbytes else "",
