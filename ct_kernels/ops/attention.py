@@ -39,23 +39,24 @@ import triton
 import triton.language as tl
 
 from ct_kernels import dispatch
+from ct_kernels.launch import launch
 
 LOG2E = 1.4426950408889634
 
 # Launch configurations for 16-bit inputs on the H200 (sm_90), from the kernel-level sweep
-# ``python -m benchmarks.bench_attention --tune-only`` of 2026-11-29 (triton 3.6; head dims
+# ``python -m benchmarks.bench_attention --tune`` of 2026-11-29 (triton 3.6; head dims
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64;
 # relative positions at D = 64 on the d64 shape):
 # (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
 # dQ passes need BLOCK_M <= BLOCK_N there).
 GPU_CONFIGS = {
-    ("fwd", 16): (64, 64, 4, 3), ("fwd", 32): (64, 64, 4, 3),
-    ("fwd", 64): (64, 64, 4, 3), ("fwd", 128): (64, 64, 4, 3),
-    ("dq", 16): (64, 64, 4, 3), ("dq", 32): (64, 64, 4, 3),
-    ("dq", 64): (64, 64, 4, 3), ("dq", 128): (64, 64, 4, 2),
-    ("dkdv", 16): (32, 128, 4, 3), ("dkdv", 32): (32, 128, 4, 3),
-    ("dkdv", 64): (32, 128, 4, 3), ("dkdv", 128): (32, 64, 4, 2),
+    ("fwd", 16): (128, 64, 4, 3), ("fwd", 32): (128, 64, 4, 3),
+    ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (64, 64, 4, 3),
+    ("dq", 16): (128, 64, 4, 3), ("dq", 32): (128, 64, 4, 3),
+    ("dq", 64): (128, 64, 4, 3), ("dq", 128): (64, 64, 4, 2),
+    ("dkdv", 16): (32, 128, 4, 2), ("dkdv", 32): (32, 128, 4, 2),
+    ("dkdv", 64): (32, 128, 4, 2), ("dkdv", 128): (32, 64, 4, 2),
     ("fwd_rel", 16): (64, 64, 4, 2), ("fwd_rel", 32): (64, 64, 4, 2),
     ("fwd_rel", 64): (64, 64, 4, 2), ("fwd_rel", 128): (32, 64, 4, 2),
     ("dq_rel", 16): (32, 32, 4, 2), ("dq_rel", 32): (32, 32, 4, 2),
@@ -607,6 +608,7 @@ class _Call:
 
     def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
                  key_padding_mask, r, u, v_bias, causal, scale):
+        self.q_in, self.r_in, self.u_in, self.v_bias_in = q, r, u, v_bias
         self.q = _last_dim_contiguous(q)
         self.B, self.n, self.H, self.D = q.shape
         self.m = 0 if mem_k is None else mem_k.shape[1]
@@ -663,18 +665,20 @@ def _launch_fwd(c, out, lse):
     """The forward pass: writes out and lse."""
     meta = c.meta("fwd")
     grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
-    _fwd_kernel[grid](
+    launch(_fwd_kernel, grid, (
         c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
-        *c.sizes, c.scale * LOG2E, **meta)
+        *c.sizes, c.scale * LOG2E), meta)
 
 
-def _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
-             r, u, v_bias, causal, scale):
-    c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
-              r, u, v_bias, causal, scale)
-    out = _empty((c.B, c.n, c.H, c.D), q.dtype, q.device)
-    lse = _empty((c.B, c.H, c.n), torch.float32, q.device)
+def _forward(*inputs):
+    """(out, lse) of the inputs of ``attention_fwd``."""
+    return _forward_call(_Call(*inputs))
+
+
+def _forward_call(c):
+    out = _empty((c.B, c.n, c.H, c.D), c.dtype, c.q.device)
+    lse = _empty((c.B, c.H, c.n), torch.float32, c.q.device)
     _launch_fwd(c, out, lse)
     return out, lse
 
@@ -688,27 +692,34 @@ def _launch_dq(c, out, grad_out, lse, delta, dq, rel_grads=None):
     (dr [H, R, D], dw [H, R], dq_sum [H, D]: the sum of dq over rows), fp32."""
     meta = c.meta("dq")
     grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
-    _bwd_dq_kernel[grid](
+    launch(_bwd_dq_kernel, grid, (
         c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel,
         *(rel_grads or (c.q,) * 3),
         *_strides(c.q), *c.source_strides, *_strides(out), *_strides(grad_out),
-        *c.pad_strides, *c.r_strides, *c.sizes, c.scale * LOG2E, c.scale, **meta)
+        *c.pad_strides, *c.r_strides, *c.sizes, c.scale * LOG2E, c.scale), meta)
 
 
 def _launch_dkdv(c, grad_out, lse, delta, grads):
     """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v)."""
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
-    _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
+    launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
         c.q, *c.sources, grad_out, lse, delta, *grads, lse, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
-        *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale, USAGE=False, **meta)
+        *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale), dict(meta, USAGE=False))
 
 
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
               key_padding_mask, r, u, v_bias, causal, scale):
     c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
               r, u, v_bias, causal, scale)
+    return _backward_call(c, grad_out, out, lse)
+
+
+def _backward_call(c, grad_out, out, lse):
+    """The gradients of ``attention_bwd`` for the forward's call c (None for r, u and v
+    without relative positions)."""
+    q, r, u, v_bias = c.q_in, c.r_in, c.u_in, c.v_bias_in
     B, n, H, D, m, cm = c.B, c.n, c.H, c.D, c.m, c.cm
     grad_out, out = _last_dim_contiguous(grad_out), _last_dim_contiguous(out)
     empty = lambda S: _empty((B, S, H, D), q.dtype, q.device)  # noqa: E731
@@ -719,7 +730,7 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_len
     if r is None:
         _launch_dq(c, out, grad_out, lse, delta, dq)
         _launch_dkdv(c, grad_out, lse, delta, grads)
-        return dq, dk, dv, dmk, dmv, dck, dcv, q.new_empty(0), q.new_empty(0), q.new_empty(0)
+        return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
     # gradients of r (band part), of w = (v - u).r and of q + u summed over rows: fp32
     # atomics into one zeroed buffer
     R = c.R_rows
@@ -742,10 +753,10 @@ def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, 
     usage = _empty((c.B, c.H, c.cm + c.m + c.n), torch.float32, q.device)
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
-    _bwd_dkdv_kernel[(tiles_c + tiles_m + tiles_s, c.B * c.H)](
+    launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
         c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
-        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale, USAGE=True, **meta)
+        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale), dict(meta, USAGE=True))
     return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
 
 
@@ -793,8 +804,9 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mem_k: OptT
                              Tensor, Tensor]:
     """(dq, dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v, dr, du, dv_bias); absent inputs get
     empty gradients."""
-    return _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
-                     cmem_lens, key_padding_mask, r, u, v_bias, causal, scale)
+    grads = _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
+                      cmem_lens, key_padding_mask, r, u, v_bias, causal, scale)
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @attention_bwd.register_fake
@@ -845,15 +857,23 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse = _forward(*inputs)
+        c = _Call(*inputs)
+        out, lse = _forward_call(c)
         _setup_context(ctx, inputs, (out, lse))
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
+        # the backward reuses the forward's view of the call (host time), except with
+        # relative positions: its q + u would stay alive between the passes
+        ctx.call = None if c.flags["REL_POS"] else c
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        return _gradients(ctx, grad_out, _backward)
+        c, ctx.call = ctx.call, None  # released with the saved tensors; rebuilt if run again
+        if c is None:
+            return _gradients(ctx, grad_out, _backward)
+        return _gradients(ctx, grad_out, lambda grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v,
+                          out, lse, *_: _backward_call(c, grad_out, out, lse))
 
 
 @torch.library.custom_op("ct_kernels::attention_key_usage", mutates_args=())

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ct_kernels import dispatch
+from ct_kernels.launch import launch
 # the bf16-safe dot of the attention kernels (fp32 accumulation; exact in the CPU interpreter)
 from ct_kernels.ops.attention import _dot, _dot_precision
 
@@ -98,14 +99,13 @@ class AutoencodingLossFunction(torch.autograd.Function):
         grid = (-(-M // block_m), -(-N // block_n))
         partial = _empty((grid[0] * grid[1],), torch.float32, old.device)
         resid = _empty((M, N), old.dtype, old.device) if save else old_mat
-        _autoencoding_loss_fwd_kernel[grid](
+        launch(_autoencoding_loss_fwd_kernel, grid, (
             comp_mat, w_mat, dec_bias if dec_bias is not None else w_mat, old_mat, partial, resid,
-            M, N, K, d, comp_mat.stride(0), w_mat.stride(0), old_mat.stride(0),
+            M, N, K, d, comp_mat.stride(0), w_mat.stride(0), old_mat.stride(0)), dict(
             HAS_BIAS=dec_bias is not None, SAVE_RESIDUAL=save,
             DOT_PRECISION=_dot_precision(old.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=num_warps, num_stages=num_stages,
-        )
+            num_warps=num_warps, num_stages=num_stages))
         if save:
             ctx.save_for_backward(comp_mat, w_mat, resid)
             ctx.shapes = (compressed.shape, dec_weight.shape)

@@ -26,6 +26,7 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ct_kernels import dispatch, reference
+from ct_kernels.launch import launch
 
 # memory_update's pool modes (csrc/compress.cu: enum Pool)
 POOL_NONE, POOL_MEAN, POOL_MAX, POOL_GIVEN = 0, 1, 2, 3
@@ -37,9 +38,9 @@ def _launch(kernel, rows, d, dtype, *args, **meta):
     replication, which the in-place update relies on), 8 bf16 per thread at full width;
     accumulation in fp32 (fp64 for fp64)."""
     block = max(32, min(1024, triton.next_power_of_2(d)))
-    kernel[(rows, triton.cdiv(d, block))](
-        *args, ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK_D=block,
-        num_warps=max(1, min(4, block // 256)), **meta)
+    launch(kernel, (rows, triton.cdiv(d, block)), args,
+           dict(meta, ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK_D=block,
+                num_warps=max(1, min(4, block // 256))))
 
 
 # ---------------------------------------------------------------------------- Triton pooling

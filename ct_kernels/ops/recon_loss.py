@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ct_kernels import dispatch
+from ct_kernels.launch import launch
 # the bf16-safe dot of the attention kernels (fp32 accumulation; exact in the CPU interpreter)
 from ct_kernels.ops.attention import _dot, _dot_precision
 
@@ -260,16 +261,15 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
         delta = _empty((B, H, n), torch.float32, q.device)
     else:  # placeholders: the kernel's SAVE_FOR_BACKWARD branch is compiled out
         diff, lse, delta = q, partial, partial
-    _recon_loss_fwd_kernel[grid](
+    launch(_recon_loss_fwd_kernel, grid, (
         q, old_k, old_v, comp_k, comp_v, partial, diff, lse, delta,
         *q.stride()[:3], *old_k.stride()[:3], *old_v.stride()[:3],
         *comp_k.stride()[:3], *comp_v.stride()[:3],
-        H, n, old_k.shape[1], comp_k.shape[1], *scales, q.numel(),
+        H, n, old_k.shape[1], comp_k.shape[1], *scales, q.numel()), dict(
         HEAD_DIM=D, **scale_flag, SAVE_FOR_BACKWARD=save_for_backward,
         DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+        num_warps=num_warps, num_stages=num_stages))
     loss = partial.sum().to(q.dtype)
     if not save_for_backward:
         return loss, None, None, None
@@ -286,14 +286,13 @@ def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, c
     scales, scale_flag = _scale_args(scale)
     d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
     d_comp_v = _empty(comp_k.shape, comp_k.dtype, q.device)
-    _recon_loss_bwd_kernel[(-(-nc // block_n), B * H)](
+    launch(_recon_loss_bwd_kernel, (-(-nc // block_n), B * H), (
         q, comp_k, comp_v, diff, lse, delta, grad_loss, d_comp_k, d_comp_v,
         *q.stride()[:3], *comp_k.stride()[:3], *comp_v.stride()[:3],
-        H, n, nc, *scales, q.numel(),
+        H, n, nc, *scales, q.numel()), dict(
         HEAD_DIM=D, **scale_flag, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+        num_warps=num_warps, num_stages=num_stages))
     return d_comp_k, d_comp_v
 
 
