@@ -8,8 +8,8 @@ own cache on the raw values of the non-tensor arguments and the tensors' dtypes,
 it only when every pointer is 16-byte aligned. Equal keys then mean equal specialisations
 (the key is finer than Triton's), so a hit launches exactly the kernel Triton would have
 picked, through the compiled kernel's own launcher. Misses, unaligned pointers, launch hooks
-(profilers) and the CPU interpreter go through Triton's path, which compiles and caches as
-usual.
+(profilers), the CPU interpreter and code being traced by torch.compile (which captures the
+Triton kernel itself) go through Triton's path, which compiles and caches as usual.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def _hooks_set() -> bool:
 def launch(kernel, grid: tuple, args: Sequence[Any], meta: dict) -> None:
     """``kernel[grid](*args, **meta)``: ``args`` the positional (run-time) arguments,
     ``meta`` the constexpr arguments and launch options (num_warps, num_stages)."""
-    if dispatch.triton_interpreted():
-        kernel[grid](*args, **meta)
+    if torch.compiler.is_compiling() or dispatch.triton_interpreted():
+        kernel[grid](*args, **meta)  # traced by torch.compile as a user Triton kernel
         return
     device = driver.active.get_current_device()
     key, aligned = specialization_key(args)
