@@ -1,4 +1,4 @@
-"""Markdown tables of the latest benchmark rows: ``python -m benchmarks.report``.
+"""Markdown tables of the latest benchmark rows: ``python -m benchmarks.report [--plots]``.
 
 For every op, the newest row of each (shape, provider, mode) across benchmarks/results/*.csv
 (later rows of a file are newer), one table per op: shapes down, providers across, each
@@ -9,12 +9,18 @@ import csv
 import glob
 import os
 
-from benchmarks.harness import RESULTS_DIR
+from benchmarks.harness import RESULTS_DIR, plot
 
 UNIT = {"attention": "tflops", "relpos_attention": "tflops", "compress_conv": "tflops",
         "compress_mean": "gbps", "compress_max": "gbps", "memory_update": "ms",
         "decode_attention": "gbps", "recon_loss": "ms", "train_step": "ms", "generate": "ms"}
 LABEL = {"tflops": "TF/s", "gbps": "GB/s", "ms": "ms"}
+# the plot each benchmark draws, by op (``--plots`` redraws them from the newest rows)
+PLOTS = {"attention": "attention.png", "relpos_attention": "relpos_attention.png",
+         "compress_mean": "compress_mean.png", "compress_max": "compress_max.png",
+         "compress_conv": "compress_conv.png", "memory_update": "memory_update.png",
+         "decode_attention": "decode.png", "recon_loss": "recon_loss.png",
+         "train_step": "train_step.png"}
 
 
 def latest_rows():
@@ -74,5 +80,17 @@ def tables(rows):
     return "\n".join(out)
 
 
+def plots(rows):
+    """Redraw each op's plot from ``rows`` (the newest of every case, across runs)."""
+    for op, filename in PLOTS.items():
+        plot(rows, op, value=UNIT[op], filename=filename)
+
+
 if __name__ == "__main__":
-    print(tables(latest_rows()))
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--plots", action="store_true", help="also redraw the plots")
+    rows = latest_rows()
+    print(tables(rows))
+    if parser.parse_args().plots:
+        plots(rows)
