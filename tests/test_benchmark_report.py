@@ -18,3 +18,11 @@ def test_tables_show_both_modes_and_tokens_per_second():
     # d512-L8 trains 16 x 512 tokens per step; generation samples one token per stream
     assert "| d512-L8 | 50.0 (163,840 tokens/s) |" in text
     assert "| d512-L8-B16-P512-T512 | 4.0 (4,000 tokens/s) |" in text
+
+
+def test_plots_are_redrawn_for_the_ops_that_have_rows(tmp_path, monkeypatch):
+    from benchmarks import harness
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    report.plots([row("attention", "pg19-like", "ct_triton", "fwd", "0.15", "390.0"),
+                  row("train_step", "d512-L8", "ct", "fwd+bwd", "50.0")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.png", "train_step.png"]
