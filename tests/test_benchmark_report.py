@@ -1,4 +1,6 @@
 """The README's benchmark tables (benchmarks/report.py): newest row per case, tokens/s."""
+import pytest
+
 from benchmarks import report
 
 
@@ -21,6 +23,7 @@ def test_tables_show_both_modes_and_tokens_per_second():
 
 
 def test_plots_are_redrawn_for_the_ops_that_have_rows(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")  # the "bench" extra
     from benchmarks import harness
     monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
     report.plots([row("attention", "pg19-like", "ct_triton", "fwd", "0.15", "390.0"),
