@@ -58,7 +58,9 @@ def launch(kernel, grid: tuple, args: Sequence[Any], meta: dict) -> None:
         return
     device = driver.active.get_current_device()
     key, aligned = specialization_key(args)
-    key = (kernel, device, tuple(meta.items()), key)
+    # by identity (a JIT function hashes its source under a lock); the entry keeps the kernel
+    # alive, so its id is not reused while the entry exists
+    key = (id(kernel), device, tuple(meta.items()), key)
     entry = _COMPILED.get(key) if aligned else None
     if entry is None or _hooks_set():
         compiled = kernel[grid](*args, **meta)
@@ -69,9 +71,10 @@ def launch(kernel, grid: tuple, args: Sequence[Any], meta: dict) -> None:
                          for p in kernel.params[len(args):])
             if len(_COMPILED) >= _MAX_ENTRIES:
                 _COMPILED.clear()
-            _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+            _COMPILED[key] = (kernel, compiled.run, compiled.function, compiled.packed_metadata,
+                              tail)
         return
-    run, function, packed_metadata, tail = entry
+    _, run, function, packed_metadata, tail = entry
     grid_1 = grid[1] if len(grid) > 1 else 1
     grid_2 = grid[2] if len(grid) > 2 else 1
     run(grid[0], grid_1, grid_2, driver.active.get_current_stream(device), function,

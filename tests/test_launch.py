@@ -3,8 +3,11 @@
 The kernel below computes out[i] = x[i * stride] * scale + offset; its integer arguments
 specialise it (equal to 1, multiple of 16) and its pointers may be unaligned, so launches
 that differ only in those properties must not share a compiled kernel. Without a GPU it
-runs in the interpreter, where ``launch`` hands every call to Triton.
+runs in the interpreter, where ``launch`` hands every call to Triton; the cache's own path is
+then checked with stand-ins for the kernel, the compiled kernel and the driver.
 """
+import types
+
 import pytest
 import torch
 import triton
@@ -61,3 +64,45 @@ def test_specialization_key_separates_what_triton_specialises_on():
     assert specialization_key([x])[0] != specialization_key([x.double()])[0]
     assert specialization_key([x, 3])[1]
     assert not specialization_key([x[1:], 3])[1]
+
+
+def test_a_cache_hit_calls_the_compiled_launcher_with_triton_s_arguments(monkeypatch):
+    # the hit path without a GPU: a stand-in kernel, compiled kernel and driver record calls
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *launch_args):
+            calls.append(("run", launch_args))
+
+    class Param:
+        def __init__(self, name, default=None):
+            self.name, self.default = name, default
+
+    class Kernel:
+        params = [Param("X"), Param("n"), Param("BLOCK"), Param("FLAG", default=True)]
+
+        def __getitem__(self, grid):
+            def first_launch(*args, **meta):
+                calls.append(("triton", grid, args, meta))
+                return Compiled()
+            return first_launch
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 1234
+
+    monkeypatch.setattr(launch_module.dispatch, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(launch_module, "driver", types.SimpleNamespace(active=Driver()))
+    launch_module._COMPILED.clear()
+    kernel, x = Kernel(), torch.zeros(4)
+    for _ in range(2):
+        launch(kernel, (3, 2), (x, 5), dict(BLOCK=16, num_warps=4))
+    launch(kernel, (3,), (x, 6), dict(BLOCK=16, num_warps=4))  # another value: a miss
+    assert [c[0] for c in calls] == ["triton", "run", "triton"]
+    assert calls[1][1] == (3, 2, 1, 1234, "function", "metadata", None, None, None, x, 5, 16, True)
+    launch_module._COMPILED.clear()
