@@ -608,7 +608,6 @@ class _Call:
 
     def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
                  key_padding_mask, r, u, v_bias, causal, scale):
-        self.q_in, self.r_in, self.u_in, self.v_bias_in = q, r, u, v_bias
         self.q = _last_dim_contiguous(q)
         self.B, self.n, self.H, self.D = q.shape
         self.m = 0 if mem_k is None else mem_k.shape[1]
@@ -631,7 +630,9 @@ class _Call:
         if rel_pos:
             r = _last_dim_contiguous(r)
             self.q = _last_dim_contiguous(q + u)  # u has q's dtype (checked by the API)
-            w = torch.bmm(r.float(), (v_bias.float() - u.float()).unsqueeze(-1))  # [H, R, 1]
+            # fp32 r and v - u, also for the backward's gradients of r, u and v
+            self.r32, self.bias_diff = r.float(), v_bias.float() - u.float()
+            w = torch.bmm(self.r32, self.bias_diff.unsqueeze(-1))  # [H, R, 1]
             self.rel = (r, w.view(w.shape[0], -1))
             self.r_strides, self.R_rows = (r.stride(0), r.stride(1)), r.shape[1]
         else:
@@ -719,31 +720,30 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_len
 def _backward_call(c, grad_out, out, lse):
     """The gradients of ``attention_bwd`` for the forward's call c (None for r, u and v
     without relative positions)."""
-    q, r, u, v_bias = c.q_in, c.r_in, c.u_in, c.v_bias_in
     B, n, H, D, m, cm = c.B, c.n, c.H, c.D, c.m, c.cm
+    dtype, device = c.dtype, c.q.device
     grad_out, out = _last_dim_contiguous(grad_out), _last_dim_contiguous(out)
-    empty = lambda S: _empty((B, S, H, D), q.dtype, q.device)  # noqa: E731
+    empty = lambda S: _empty((B, S, H, D), dtype, device)  # noqa: E731
     dq, dk, dv, dmk, dmv, dck, dcv = empty(n), empty(n), empty(n), empty(m), empty(m), empty(cm), empty(cm)
-    delta = _empty((B, H, n), torch.float32, q.device)
+    delta = _empty((B, H, n), torch.float32, device)
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
     grads = (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck), grad_ptr(dcv))
-    if r is None:
+    if not c.flags["REL_POS"]:
         _launch_dq(c, out, grad_out, lse, delta, dq)
         _launch_dkdv(c, grad_out, lse, delta, grads)
         return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
     # gradients of r (band part), of w = (v - u).r and of q + u summed over rows: fp32
     # atomics into one zeroed buffer
     R = c.R_rows
-    rel_grads = torch.zeros(H * (R * D + R + D), dtype=torch.float32, device=q.device)
+    rel_grads = torch.zeros(H * (R * D + R + D), dtype=torch.float32, device=device)
     dr, dw, dq_sum = rel_grads.split([H * R * D, H * R, H * D])
     dr, dw, dq_sum = dr.view(H, R, D), dw.view(H, R), dq_sum.view(H, D)
     _launch_dq(c, out, grad_out, lse, delta, dq, (dr, dw, dq_sum))
     _launch_dkdv(c, grad_out, lse, delta, grads)
-    r32 = c.rel[0].float()
-    dvb = torch.bmm(dw.unsqueeze(1), r32).squeeze(1)  # sum over distances of dw r
+    dvb = torch.bmm(dw.unsqueeze(1), c.r32).squeeze(1)  # sum over distances of dw r
     du = dq_sum - dvb
-    dr = dr + dw[:, :, None] * (v_bias.float() - u.float())[:, None, :]
-    return dq, dk, dv, dmk, dmv, dck, dcv, dr.to(q.dtype), du.to(q.dtype), dvb.to(q.dtype)
+    dr = dr + dw[:, :, None] * c.bias_diff[:, None, :]
+    return dq, dk, dv, dmk, dmv, dck, dcv, dr.to(dtype), du.to(dtype), dvb.to(dtype)
 
 
 def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, r, u, v_bias,
