@@ -133,11 +133,12 @@ def _band_gradient(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl
 
 
 @triton.jit
-def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask, scale_log2,
+def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask,
             KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
             PRECISION: tl.constexpr):
-    """Scores in the log2 domain, -inf where masked, of BLOCK_M queries x BLOCK_N keys:
+    """Unscaled scores, -inf where masked, of BLOCK_M queries x BLOCK_N keys (the callers
+    fold scale * log2(e) into the exponent's fused multiply-add):
     [BLOCK_M, BLOCK_N] from k^T [D, BLOCK_N], or with KEY_MAJOR the transpose
     [BLOCK_N, BLOCK_M] from k [BLOCK_N, D]. With relative positions q is q + u and band the
     tile's position scores of its 2T distances, re-aligned here to (query, key).
@@ -156,7 +157,6 @@ def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask, scale_log2,
         if REL_POS:
             c = BLOCK_T + i[:, None] - j[None, :]
             s += tl.gather(band, 2 * (c % BLOCK_T) + c // BLOCK_T, 1)
-    s = s * scale_log2
     if apply_mask:
         if KEY_MAJOR:
             keep = key_ok[:, None]
@@ -222,7 +222,7 @@ def _query_program(Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b,
 
 @triton.jit
 def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base,
-                        query_pos0, R_h, W_h, sr_n, R_rows, scale_log2,
+                        query_pos0, R_h, W_h, sr_n, R_rows,
                         IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                         REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
@@ -242,7 +242,7 @@ def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, 
                                  query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
                                  BLOCK_D, PRECISION)
         band = _position_band(lower, upper, BLOCK_M, BLOCK_T)
-    s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask, scale_log2,
+    s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask,
                 False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
     return s, kt, lower
 
@@ -275,13 +275,15 @@ def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_l
     for start in range(first, hi, BLOCK_N):
         s, _, upper = _query_major_scores(
             q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base, query_pos0, R_h,
-            W_h, sr_n, R_rows, scale_log2, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
+            W_h, sr_n, R_rows, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
             BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
-        # rescale the running state; a row with no key yet keeps m = -inf, l = 0, acc = 0
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rescale the running state (log2 domain: the maximum of the raw scores is scaled
+        # per row, each score in the exponent's FMA); a row with no key yet keeps m = -inf,
+        # l = 0, acc = 0
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_sub)
-        p = tl.math.exp2(s - m_sub[:, None])
+        p = tl.math.exp2(s * scale_log2 - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         offs_n = start + tl.arange(0, BLOCK_N)
         v = tl.load(Vp + offs_n[:, None] * sv_n + offs_d[None, :],
@@ -375,15 +377,19 @@ def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, val
     for start in range(first, hi, BLOCK_N):
         s, kt, upper = _query_major_scores(
             q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base, query_pos0, R_h,
-            W_h, sr_n, R_rows, scale_log2, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
+            W_h, sr_n, R_rows, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
             BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2(s * scale_log2 - lse[:, None])
         offs_n = start + tl.arange(0, BLOCK_N)
         vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
                      mask=(offs_n < size)[None, :], other=0.0)
         dp = _dot(do, vt, PRECISION)
-        # gradient of the unscaled score (q + u).k (+ position term)
-        ds = (p * (dp - delta[:, None]) * scale).to(kt.dtype)
+        # gradient of the unscaled score (q + u).k (+ position term); without relative
+        # positions the softmax scale is applied to dq once, at the end
+        ds = p * (dp - delta[:, None])
+        if REL_POS:  # the position gradients take ds per distance: scaled here
+            ds = ds * scale
+        ds = ds.to(kt.dtype)
         dq += _dot(ds, tl.trans(kt), PRECISION)
         if REL_POS:
             # this tile's upper distances are complete (no later tile reaches them)
@@ -450,6 +456,8 @@ def _bwd_dq_kernel(
 
     # dq = content part + position part; with relative positions its sum over rows (the
     # gradient of q + u) is added into DQSUM (fp32 atomics)
+    if not REL_POS:
+        dq = dq * scale
     tl.store(DQ + b * n * H * BLOCK_D + h * BLOCK_D + offs_m[:, None] * H * BLOCK_D
              + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -503,8 +511,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
                                     query_base + qs - key_base - start - BLOCK_T, True,
                                     2 * BLOCK_T, BLOCK_D, PRECISION)
         s_t = _scores(q, k, band, query_base + qs, key_base + start, key_ok, apply_mask,
-                      scale_log2, True, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
-        p_t = tl.math.exp2(s_t - lse[None, :])
+                      True, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
+        p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if USAGE:
             usage += tl.sum(p_t, 1)
         else:
@@ -513,14 +521,14 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
             delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
             dv += _dot(p_t.to(do.dtype), do, PRECISION)
             dp_t = _dot(v, tl.trans(do), PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :]) * scale
+            ds_t = p_t * (dp_t - delta[None, :])  # the softmax scale is applied to dk at the end
             dk += _dot(ds_t.to(q.dtype), q, PRECISION)
 
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
     else:
         tile = offs_n[:, None] * row_stride + offs_d[None, :]
-        tl.store(DKp + tile, dk.to(DKp.dtype.element_ty), mask=in_src[:, None])
+        tl.store(DKp + tile, (dk * scale).to(DKp.dtype.element_ty), mask=in_src[:, None])
         tl.store(DVp + tile, dv.to(DVp.dtype.element_ty), mask=in_src[:, None])
 
 

@@ -58,13 +58,15 @@ def _online_softmax_attention(q, K, V, stride_kn, stride_vn, n_keys, qk_scale,
         key_valid = keys < n_keys
         kv_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(K + keys[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        # scores in the log2 domain; keys past the end get -inf
-        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
-        s = tl.where(key_valid[None, :], s, float("-inf"))
-        # rescale the running sums to the new row maximum
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # raw scores; keys past the end (last tile only) get -inf
+        s = _dot(q, tl.trans(k), DOT_PRECISION)
+        if start + BLOCK_N > n_keys:
+            s = tl.where(key_valid[None, :], s, float("-inf"))
+        # rescale the running sums to the new row maximum (log2 domain: the scale is applied
+        # to the row maximum and, inside the exponent's FMA, to each score)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + keys[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
