@@ -25,9 +25,11 @@ w_d = (v - u).r_d: one biased query qu = q + u (formed on the host) serves both 
 and w [H, R] is a per-distance bias. A tile spans 2T distances (T = BLOCK_N; the dK/dV pass
 T = max(BLOCK_M, BLOCK_N)), its position band: two halves of T rows of r (and w) scored with
 tl.dot, re-aligned to (i, j) with tl.gather. In the query-major passes (forward, dQ) the next
-key tile's upper half is this tile's lower half, so each tile scores one half, and the dQ
-pass sums a distance's score gradients over the two tiles that share it before the products
-with r and q and the atomics.
+key tile's upper half is this tile's lower half, so each tile scores one half; the two
+halves are packed into one word per column (bfloat16 pairs for bfloat16 inputs, fp32 pairs
+otherwise) so that one gather re-aligns both, and the dQ pass sums a distance's score
+gradients over the two tiles that share it before the products with r and q and the
+atomics.
 Gradients: dq = dqu; du = sum_i dqu_i - dw.r; dv = dw.r; dr = dr(band) + dw (v - u).
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ LOG2E = 1.4426950408889634
 # Launch configurations for 16-bit inputs on the H200 (sm_90), from the kernel-level sweep
 # ``python -m benchmarks.bench_attention --tune`` of 2026-11-29 (triton 3.6; head dims
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64;
-# relative positions at D = 64 on the d64 shape):
+# relative positions at D = 64 on the d64 shape; their forward and dQ tiles re-measured
+# with the packed shear, benchmarks/NOTES.md, Attention section 10):
 # (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
 # dQ passes need BLOCK_M <= BLOCK_N there).
@@ -59,8 +62,8 @@ GPU_CONFIGS = {
     ("dkdv", 64): (32, 128, 4, 2), ("dkdv", 128): (32, 64, 4, 2),
     ("fwd_rel", 16): (64, 64, 4, 2), ("fwd_rel", 32): (64, 64, 4, 2),
     ("fwd_rel", 64): (64, 64, 4, 2), ("fwd_rel", 128): (32, 64, 4, 2),
-    ("dq_rel", 16): (32, 32, 4, 2), ("dq_rel", 32): (32, 32, 4, 2),
-    ("dq_rel", 64): (32, 32, 4, 2), ("dq_rel", 128): (32, 32, 4, 2),
+    ("dq_rel", 16): (64, 64, 4, 2), ("dq_rel", 32): (64, 64, 4, 2),
+    ("dq_rel", 64): (64, 64, 4, 2), ("dq_rel", 128): (32, 64, 4, 2),
     ("dkdv_rel", 16): (32, 64, 4, 2), ("dkdv_rel", 32): (32, 64, 4, 2),
     ("dkdv_rel", 64): (32, 64, 4, 2), ("dkdv_rel", 128): (64, 64, 8, 1),
 }
@@ -113,23 +116,50 @@ def _position_scores(q, R_h, W_h, sr_n, R_rows, first, KEY_MAJOR: tl.constexpr,
 
 
 @triton.jit
-def _position_band(lower, upper, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
-    """A query-major tile's position scores [BLOCK_M, 2 * BLOCK_T] of the distances base..
-    from its lower and upper halves, interleaved: distance base + c sits in column
-    2 (c % T) + c // T."""
-    return tl.reshape(tl.join(lower, upper), (BLOCK_M, 2 * BLOCK_T))
+def _position_band(lower, upper, q):
+    """A query-major tile's position scores of the distances base.. from its lower and upper
+    halves [BLOCK_M, T] (fp32): column c packs the scores of distances base + c and
+    base + T + c into one word, rounded to bfloat16 pairs (uint32) for bfloat16 inputs (the
+    inputs' precision; the content scores stay fp32), fp32 pairs (uint64) otherwise: one
+    gather then serves both halves, and bfloat16 pairs halve the bytes it and the layout
+    conversions around it move."""
+    if q.dtype == tl.bfloat16:
+        lo = lower.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = upper.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        band = lo | (hi << 16)
+    else:
+        lo = lower.to(tl.uint32, bitcast=True).to(tl.uint64)
+        hi = upper.to(tl.uint32, bitcast=True).to(tl.uint64)
+        band = lo | (hi << 32)
+    return band
 
 
 @triton.jit
-def _band_gradient(ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The inverse of the shear: the score gradients of a query-major tile [BLOCK_M, BLOCK_N]
-    summed per distance, as the lower and upper halves [BLOCK_M, BLOCK_T] of its band."""
-    col = tl.arange(0, 2 * BLOCK_T)
-    c = col // 2 + (col % 2) * BLOCK_T
-    key = BLOCK_T + tl.arange(0, BLOCK_M)[:, None] - c[None, :]
-    inside = (key >= 0) & (key < BLOCK_N)
-    g = tl.where(inside, tl.gather(ds, tl.minimum(tl.maximum(key, 0), BLOCK_N - 1), 1), 0.0)
-    return tl.split(tl.reshape(g.to(tl.float32), (BLOCK_M, BLOCK_T, 2)))
+def _sheared_position_scores(band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_T: tl.constexpr):
+    """A query-major tile's position scores [BLOCK_M, BLOCK_N] (fp32) from its packed band
+    (_position_band; BLOCK_N = T): (query i, key j) has distance base + T + i - j, in the
+    upper half iff i >= j, and either half's column is (i - j) mod T."""
+    i = tl.arange(0, BLOCK_M)[:, None]
+    j = tl.arange(0, BLOCK_N)[None, :]
+    packed = tl.gather(band, (i - j + BLOCK_T) % BLOCK_T, 1)
+    if band.dtype == tl.uint32:
+        bits = tl.where(i >= j, packed >> 16, packed & 0xFFFF).to(tl.uint16)
+        return bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    bits = tl.where(i >= j, packed >> 32, packed & 0xFFFFFFFF).to(tl.uint32)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _band_gradient(ds, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The inverse of the shear: the score gradients of a query-major tile [BLOCK_M, T]
+    (BLOCK_N = T) per distance, as the lower and upper halves [BLOCK_M, T] of its band
+    (fp32). Distance c of either half is key (i - c) mod T, in the lower half's range of
+    keys iff i < c: one gather serves both halves."""
+    i = tl.arange(0, BLOCK_M)[:, None]
+    c = tl.arange(0, BLOCK_T)[None, :]
+    g = tl.gather(ds, (i - c + BLOCK_T) % BLOCK_T, 1).to(tl.float32)
+    return tl.where(i < c, g, 0.0), tl.where(i >= c, g, 0.0)
 
 
 @triton.jit
@@ -141,7 +171,8 @@ def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask,
     fold scale * log2(e) into the exponent's fused multiply-add):
     [BLOCK_M, BLOCK_N] from k^T [D, BLOCK_N], or with KEY_MAJOR the transpose
     [BLOCK_N, BLOCK_M] from k [BLOCK_N, D]. With relative positions q is q + u and band the
-    tile's position scores of its 2T distances, re-aligned here to (query, key).
+    tile's position scores of its 2T distances ([2T, BLOCK_M] key-major, packed
+    query-major), re-aligned here to (query, key).
 
     query_pos0 / key_pos0: global positions of the tile's first query / key.
     """
@@ -152,11 +183,10 @@ def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask,
         s = _dot(k, tl.trans(q), PRECISION)
         if REL_POS:
             s += tl.gather(band, BLOCK_T + i[None, :] - j[:, None], 0)
-    else:  # band [BLOCK_M, 2T] interleaved (_position_band)
+    else:  # band packed (_position_band)
         s = _dot(q, k, PRECISION)
         if REL_POS:
-            c = BLOCK_T + i[:, None] - j[None, :]
-            s += tl.gather(band, 2 * (c % BLOCK_T) + c // BLOCK_T, 1)
+            s += _sheared_position_scores(band, BLOCK_M, BLOCK_N, BLOCK_T)
     if apply_mask:
         if KEY_MAJOR:
             keep = key_ok[:, None]
@@ -241,7 +271,7 @@ def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, 
         lower = _position_scores(q, R_h, W_h, sr_n, R_rows,
                                  query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
                                  BLOCK_D, PRECISION)
-        band = _position_band(lower, upper, BLOCK_M, BLOCK_T)
+        band = _position_band(lower, upper, q)
     s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask,
                 False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
     return s, kt, lower
@@ -393,7 +423,7 @@ def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, val
         dq += _dot(ds, tl.trans(kt), PRECISION)
         if REL_POS:
             # this tile's upper distances are complete (no later tile reaches them)
-            grad_lower, grad_tile_upper = _band_gradient(ds, BLOCK_M, BLOCK_N, BLOCK_T)
+            grad_lower, grad_tile_upper = _band_gradient(ds, BLOCK_M, BLOCK_T)
             dq = _position_gradients(dq, grad_upper + grad_tile_upper, q, R_h, DR_h, DW_h,
                                      sr_n, R_rows, query_pos0 - key_base - start, D, BLOCK_T,
                                      BLOCK_D, PRECISION)
