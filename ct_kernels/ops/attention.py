@@ -6,8 +6,8 @@ itself (n slots); global key position j runs over [cmem | mem | segment]. Query 
 global position cm + m + i and sees key j iff j <= cm + m + i (bottom-right causal).
 
 Kernels (one program per (tile, batch*head)):
-  - ``_fwd_kernel``: online softmax in the log2 domain (scale * log2(e) folded into the
-    scores), fp32 accumulators; stores the output and the log2-sum-exp (LSE, +inf for a
+  - ``_fwd_kernel``: online softmax in the log2 domain (scale * log2(e) applied to the row
+    maxima and, inside the exponent's FMA, to each score), fp32 accumulators; stores the output and the log2-sum-exp (LSE, +inf for a
     row that sees no key, whose output is zero).
   - ``_bwd_dq_kernel``: delta = rowsum(dO * O), then dQ over the three sources (and, with
     relative positions, the gradients of r and of the per-distance bias by fp32 atomics, and
