@@ -109,10 +109,13 @@ def test_relative_positions(B, n, H, D, m, cm, options, dtype):
     check(args)
 
 
-def test_float16_and_custom_scale():
+@pytest.mark.parametrize("rel_pos", [False, True])
+def test_float16_and_custom_scale(rel_pos):
+    """float16 (relative positions: the position band travels as fp32 pairs)."""
     g = torch.Generator().manual_seed(3)
-    args = testing.random_attention_inputs(2, 9, 2, 32, 6, 4, dtype=torch.float16,
-                                           device=DEVICE, generator=g, partial=True)
+    args = testing.random_attention_inputs(2, 19, 2, 32, 6, 4, dtype=torch.float16,
+                                           device=DEVICE, generator=g, partial=True,
+                                           rel_pos=rel_pos)
     check(args, scale=0.3)
 
 
