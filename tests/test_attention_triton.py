@@ -320,3 +320,13 @@ def test_relative_positions_reject_taller_than_wide_query_tiles(monkeypatch):
     args = testing.random_attention_inputs(1, 9, 1, 16, 4, 0, device=DEVICE, rel_pos=True)
     with pytest.raises(ValueError, match="BLOCK_M <= BLOCK_N"):
         ct_kernels.compressive_attention(**args, backend="triton")
+
+
+def test_tuning_sweep_re_measures_every_launch_configuration():
+    """`bench_attention --tune` keeps the best candidate: the one in use must be among them,
+    or a sweep could replace it by a slower one without ever timing it."""
+    from benchmarks import bench_attention
+    missing = {key: attention.GPU_CONFIGS[key] for key, candidates in
+               bench_attention.TUNE_CANDIDATES.items()
+               if attention.GPU_CONFIGS[key] not in candidates}
+    assert not missing, f"launch configurations missing from TUNE_CANDIDATES: {missing}"
