@@ -7,8 +7,9 @@ global position cm + m + i and sees key j iff j <= cm + m + i (bottom-right caus
 
 Kernels (one program per (tile, batch*head)):
   - ``_fwd_kernel``: online softmax in the log2 domain (scale * log2(e) applied to the row
-    maxima and, inside the exponent's FMA, to each score), fp32 accumulators; stores the output and the log2-sum-exp (LSE, +inf for a
-    row that sees no key, whose output is zero).
+    maxima and, inside the exponent's FMA, to each score), fp32 accumulators; stores the
+    output and the log2-sum-exp (LSE, +inf for a row that sees no key, whose output is
+    zero).
   - ``_bwd_dq_kernel``: delta = rowsum(dO * O), then dQ over the three sources (and, with
     relative positions, the gradients of r and of the per-distance bias by fp32 atomics, and
     the row sum of dQ).
@@ -145,9 +146,11 @@ def _sheared_position_scores(band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     packed = tl.gather(band, (i - j + BLOCK_T) % BLOCK_T, 1)
     if band.dtype == tl.uint32:
         bits = tl.where(i >= j, packed >> 16, packed & 0xFFFF).to(tl.uint16)
-        return bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
-    bits = tl.where(i >= j, packed >> 32, packed & 0xFFFFFFFF).to(tl.uint32)
-    return bits.to(tl.float32, bitcast=True)
+        scores = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    else:
+        bits = tl.where(i >= j, packed >> 32, packed & 0xFFFFFFFF).to(tl.uint32)
+        scores = bits.to(tl.float32, bitcast=True)
+    return scores
 
 
 @triton.jit

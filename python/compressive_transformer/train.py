@@ -40,7 +40,9 @@ def train_step(net, model, optimizer, memories, inputs, targets, clip, amp):
     """One optimiser step over one segment (forward, cross-entropy + compressor loss, backward,
     gradient-norm clipping, optimiser step); advances ``memories`` in place and returns the
     (loss, aux) device scalars. ``net`` is ``model`` or its DDP / compiled wrapper."""
-    # no autocast weight cache: a CUDA graph must not keep casts made while it is captured
+    # no autocast weight cache: a CUDA graph must not keep casts made while it is captured,
+    # and its eager warm-up steps run in the same autocast state (a compiled net guards on
+    # it and would recompile during capture)
     with autocast(inputs.device, amp, cache_enabled=False):
         logits, memories, aux = net(inputs, memories)
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
