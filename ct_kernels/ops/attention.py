@@ -118,9 +118,9 @@ def _position_scores(q, R_h, W_h, sr_n, R_rows, first, KEY_MAJOR: tl.constexpr,
 
 @triton.jit
 def _position_band(lower, upper, q):
-    """A query-major tile's position scores of the distances base.. from its lower and upper
-    halves [BLOCK_M, T] (fp32): column c packs the scores of distances base + c and
-    base + T + c into one word, rounded to bfloat16 pairs (uint32) for bfloat16 inputs (the
+    """A tile's position scores of the distances base.. from its lower and upper halves
+    ([BLOCK_M, T] query-major, [T, BLOCK_M] key-major; fp32): column (row) c packs the
+    scores of distances base + c and base + T + c into one word, rounded to bfloat16 pairs (uint32) for bfloat16 inputs (the
     inputs' precision; the content scores stay fp32), fp32 pairs (uint64) otherwise: one
     gather then serves both halves, and bfloat16 pairs halve the bytes it and the layout
     conversions around it move."""
@@ -136,14 +136,20 @@ def _position_band(lower, upper, q):
 
 
 @triton.jit
-def _sheared_position_scores(band, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_T: tl.constexpr):
-    """A query-major tile's position scores [BLOCK_M, BLOCK_N] (fp32) from its packed band
-    (_position_band; BLOCK_N = T): (query i, key j) has distance base + T + i - j, in the
-    upper half iff i >= j, and either half's column is (i - j) mod T."""
-    i = tl.arange(0, BLOCK_M)[:, None]
-    j = tl.arange(0, BLOCK_N)[None, :]
-    packed = tl.gather(band, (i - j + BLOCK_T) % BLOCK_T, 1)
+def _sheared_position_scores(band, KEY_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A tile's position scores (fp32) from its packed band (_position_band): [BLOCK_M,
+    BLOCK_N] from a [BLOCK_M, T] band, or with KEY_MAJOR [BLOCK_N, BLOCK_M] from a
+    [T, BLOCK_M] one. (query i, key j) has distance base + T + i - j, in the upper half iff
+    i >= j, and either half's column (row) is (i - j) mod T."""
+    if KEY_MAJOR:
+        i = tl.arange(0, BLOCK_M)[None, :]
+        j = tl.arange(0, BLOCK_N)[:, None]
+        packed = tl.gather(band, (i - j + BLOCK_T) % BLOCK_T, 0)
+    else:
+        i = tl.arange(0, BLOCK_M)[:, None]
+        j = tl.arange(0, BLOCK_N)[None, :]
+        packed = tl.gather(band, (i - j + BLOCK_T) % BLOCK_T, 1)
     if band.dtype == tl.uint32:
         bits = tl.where(i >= j, packed >> 16, packed & 0xFFFF).to(tl.uint16)
         scores = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
@@ -181,15 +187,12 @@ def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask,
     """
     i = tl.arange(0, BLOCK_M)
     j = tl.arange(0, BLOCK_N)
-    # the distance of (query, key) within a tile is base + T + query - key
-    if KEY_MAJOR:  # band [2T, BLOCK_M] in distance order
+    if KEY_MAJOR:
         s = _dot(k, tl.trans(q), PRECISION)
-        if REL_POS:
-            s += tl.gather(band, BLOCK_T + i[None, :] - j[:, None], 0)
-    else:  # band packed (_position_band)
+    else:
         s = _dot(q, k, PRECISION)
-        if REL_POS:
-            s += _sheared_position_scores(band, BLOCK_M, BLOCK_N, BLOCK_T)
+    if REL_POS:  # band packed (_position_band)
+        s += _sheared_position_scores(band, KEY_MAJOR, BLOCK_M, BLOCK_N, BLOCK_T)
     if apply_mask:
         if KEY_MAJOR:
             keep = key_ok[:, None]
@@ -540,9 +543,12 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
             apply_mask = apply_mask | (is_segment & (start + BLOCK_N - 1 > qs))
         band = 0.0
         if REL_POS:  # the query tile changes every step: the whole band is new
-            band = _position_scores(q, R_h, W_h, sr_n, R_rows,
-                                    query_base + qs - key_base - start - BLOCK_T, True,
-                                    2 * BLOCK_T, BLOCK_D, PRECISION)
+            first = query_base + qs - key_base - start - BLOCK_T
+            band = _position_band(
+                _position_scores(q, R_h, W_h, sr_n, R_rows, first, True, BLOCK_T, BLOCK_D,
+                                 PRECISION),
+                _position_scores(q, R_h, W_h, sr_n, R_rows, first + BLOCK_T, True, BLOCK_T,
+                                 BLOCK_D, PRECISION), q)
         s_t = _scores(q, k, band, query_base + qs, key_base + start, key_ok, apply_mask,
                       True, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
