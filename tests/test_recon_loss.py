@@ -84,6 +84,8 @@ def check_recon(B, n, H, D, ns, rate, dtype, seed=0):
     (1, 1, 1, 16, 4, 2),       # one query
     (2, 37, 2, 32, 45, 3),     # odd sizes, several heads
     (1, 130, 1, 16, 140, 2),   # query and key counts past one tile (128 / 64 rows)
+    (1, 65, 1, 16, 129, 2),    # one query / old key past whole tiles, compressed keys whole
+    (1, 3, 1, 16, 130, 2),     # one compressed key past a whole tile
     (1, 9, 2, 24, 10, 5),      # head dim that is no power of two
     (1, 5, 1, 128, 9, 3),      # the GPU tiles of head dim 128
 ])

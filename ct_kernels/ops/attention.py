@@ -50,7 +50,8 @@ LOG2E = 1.4426950408889634
 # ``python -m benchmarks.bench_attention --tune`` of 2026-11-29 (triton 3.6; head dims
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64;
 # relative positions at D = 64 on the d64 shape; their forward and dQ tiles re-measured
-# with the packed shear, benchmarks/NOTES.md, Attention section 10):
+# with the packed shear, dK/dV with its packed band, benchmarks/NOTES.md, Attention
+# sections 10-11):
 # (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
 # dQ passes need BLOCK_M <= BLOCK_N there).
@@ -65,8 +66,8 @@ GPU_CONFIGS = {
     ("fwd_rel", 64): (64, 64, 4, 2), ("fwd_rel", 128): (32, 64, 4, 2),
     ("dq_rel", 16): (64, 64, 4, 2), ("dq_rel", 32): (64, 64, 4, 2),
     ("dq_rel", 64): (64, 64, 4, 2), ("dq_rel", 128): (32, 64, 4, 2),
-    ("dkdv_rel", 16): (32, 64, 4, 2), ("dkdv_rel", 32): (32, 64, 4, 2),
-    ("dkdv_rel", 64): (32, 64, 4, 2), ("dkdv_rel", 128): (64, 64, 8, 1),
+    ("dkdv_rel", 16): (64, 64, 4, 1), ("dkdv_rel", 32): (64, 64, 4, 1),
+    ("dkdv_rel", 64): (64, 64, 4, 1), ("dkdv_rel", 128): (64, 64, 8, 1),
 }
 FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast

@@ -44,33 +44,54 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, start, n_keys, qk_scale,
+                         offs_d, d_valid, TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One key tile of the online softmax. Only the tail tile (TAIL) and a padded head dim
+    need masked loads; the tail's keys past the end get -inf scores."""
+    keys = start + tl.arange(0, BLOCK_N)
+    key_valid = keys < n_keys
+    k_ptrs = K + keys[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + keys[:, None] * stride_vn + offs_d[None, :]
+    if TAIL or BLOCK_D != HEAD_DIM:
+        kv_mask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = _dot(q, tl.trans(k), DOT_PRECISION)  # raw scores
+    if TAIL:
+        s = tl.where(key_valid[None, :], s, float("-inf"))
+    # rescale the running sums to the new row maximum (log2 domain: the scale is applied to
+    # the row maximum and, inside the exponent's FMA, to each score)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _online_softmax_attention(q, K, V, stride_kn, stride_vn, n_keys, qk_scale,
                               offs_d, d_valid, DOT_PRECISION: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
-    """softmax(q K^T * scale) V for one query tile, unmasked. Returns (out fp32, lse in log2)."""
+                              BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """softmax(q K^T * scale) V for one query tile, unmasked: the full key tiles, then the
+    partial last one. Returns (out fp32, lse in log2)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, n_keys, BLOCK_N):
-        keys = start + offs_n
-        key_valid = keys < n_keys
-        kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + keys[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        # raw scores; keys past the end (last tile only) get -inf
-        s = _dot(q, tl.trans(k), DOT_PRECISION)
-        if start + BLOCK_N > n_keys:
-            s = tl.where(key_valid[None, :], s, float("-inf"))
-        # rescale the running sums to the new row maximum (log2 domain: the scale is applied
-        # to the row maximum and, inside the exponent's FMA, to each score)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + keys[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
-        m_i = m_new
+    full_end = n_keys // BLOCK_N * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, q, K, V, stride_kn, stride_vn, start, n_keys, qk_scale, offs_d,
+            d_valid, False, DOT_PRECISION, BLOCK_N, BLOCK_D, HEAD_DIM)
+    if full_end < n_keys:
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, q, K, V, stride_kn, stride_vn, full_end, n_keys, qk_scale, offs_d,
+            d_valid, True, DOT_PRECISION, BLOCK_N, BLOCK_D, HEAD_DIM)
     return acc / l_i[:, None], m_i + tl.log2(l_i)
 
 
@@ -122,11 +143,11 @@ def _recon_loss_fwd_kernel(
     out_old, _ = _online_softmax_attention(
         q, OLD_K + b * stride_okb + h * stride_okh, OLD_V + b * stride_ovb + h * stride_ovh,
         stride_okn, stride_ovn, ns, qk_scale, offs_d, d_valid,
-        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
     out_comp, lse_comp = _online_softmax_attention(
         q, COMP_K + b * stride_ckb + h * stride_ckh, COMP_V + b * stride_cvb + h * stride_cvh,
         stride_ckn, stride_cvn, nc, qk_scale, offs_d, d_valid,
-        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
 
     # squared difference of the tile, summed into this program's share of the mean
     diff = tl.where(tile_mask, out_old - out_comp, 0.0)
@@ -141,6 +162,39 @@ def _recon_loss_fwd_kernel(
         row = pid_bh * n + offs_m
         tl.store(LSE + row, lse_comp, mask=row_valid)
         tl.store(DELTA + row, tl.sum(diff_stored.to(tl.float32) * out_comp, 1), mask=row_valid)
+
+
+@triton.jit
+def _recon_loss_bwd_step(dk, dv, k, v, q_base, stride_qn, diff_base, Lse, Delta, start, n,
+                         qk_scale, offs_d, d_valid, TAIL: tl.constexpr, H,
+                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dK, dV of one query tile. Only the tail tile (TAIL) and a padded head dim need masked
+    loads; the tail's rows past the end get lse = +inf, hence probability 0."""
+    offs_m = start + tl.arange(0, BLOCK_M)
+    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+    diff_ptrs = diff_base + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    if TAIL or BLOCK_D != HEAD_DIM:
+        row_valid = offs_m < n
+        tile_mask = row_valid[:, None] & d_valid[None, :]
+        q = tl.load(q_ptrs, mask=tile_mask, other=0.0)
+        diff = tl.load(diff_ptrs, mask=tile_mask, other=0.0)
+        lse = tl.load(Lse + offs_m, mask=row_valid, other=float("inf"))
+        delta = tl.load(Delta + offs_m, mask=row_valid, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+        diff = tl.load(diff_ptrs)
+        lse = tl.load(Lse + offs_m)
+        delta = tl.load(Delta + offs_m)
+    # transposed probabilities P^T [BLOCK_N, BLOCK_M] from the saved LSE
+    s_t = _dot(k, tl.trans(q), DOT_PRECISION) * qk_scale
+    p_t = tl.exp2(s_t - lse[None, :])
+    # dV += P^T dO and dK += dS^T q, with dO = diff (scaled at the end)
+    dv += _dot(p_t.to(diff.dtype), diff, DOT_PRECISION)
+    dp_t = _dot(v, tl.trans(diff), DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -160,7 +214,6 @@ def _recon_loss_bwd_kernel(
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
     d_valid = offs_d < HEAD_DIM
     kv_mask = (offs_n < nc)[:, None] & d_valid[None, :]
 
@@ -174,26 +227,18 @@ def _recon_loss_bwd_kernel(
 
     q_base = Q + b * stride_qb + h * stride_qh
     diff_base = DIFF + (b * n * H + h) * HEAD_DIM  # contiguous [B, n, H, D]
-    for start in range(0, n, BLOCK_M):
-        offs_m = start + offs_m0
-        row_valid = offs_m < n
-        tile_mask = row_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=tile_mask, other=0.0)
-        diff = tl.load(diff_base + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :],
-                       mask=tile_mask, other=0.0)
-        # rows past the end get lse = +inf, hence probability 0
-        lse = tl.load(LSE + pid_bh * n + offs_m, mask=row_valid, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * n + offs_m, mask=row_valid, other=0.0)
-
-        # transposed probabilities P^T [BLOCK_N, BLOCK_M] from the saved LSE
-        s_t = _dot(k, tl.trans(q), DOT_PRECISION) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
-        # dV += P^T dO and dK += dS^T q, with dO = diff (scaled at the end)
-        dv += _dot(p_t.to(diff.dtype), diff, DOT_PRECISION)
-        dp_t = _dot(v, tl.trans(diff), DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
+    stats_base = pid_bh * n
+    full_end = n // BLOCK_M * BLOCK_M
+    for start in range(0, full_end, BLOCK_M):
+        dk, dv = _recon_loss_bwd_step(
+            dk, dv, k, v, q_base, stride_qn, diff_base, LSE + stats_base, DELTA + stats_base,
+            start, n, qk_scale, offs_d, d_valid, False, H, DOT_PRECISION, BLOCK_M, BLOCK_D,
+            HEAD_DIM)
+    if full_end < n:
+        dk, dv = _recon_loss_bwd_step(
+            dk, dv, k, v, q_base, stride_qn, diff_base, LSE + stats_base, DELTA + stats_base,
+            full_end, n, qk_scale, offs_d, d_valid, True, H, DOT_PRECISION, BLOCK_M, BLOCK_D,
+            HEAD_DIM)
 
     # dO = -2 g diff / numel
     coef = -2.0 * tl.load(GRAD_LOSS).to(tl.float32) * inv_numel
@@ -219,8 +264,8 @@ MAX_HEAD_DIM = 128
 # dims: chosen to fit sm_90 registers without spills (ptxas -v). The forward holds two fp32
 # [BLOCK_M, D] tiles (O_old while O_comp accumulates). float32 tiles take twice the
 # registers and shared memory.
-FWD_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
-BWD_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 128, 8, 2)}
+FWD_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
+BWD_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 128, 8, 3)}
 FP32_FWD_CONFIG = (16, 32, 8, 2)
 FP32_BWD_CONFIG = (32, 32, 8, 2)
 
