@@ -401,19 +401,19 @@ def test_cuda_graph_step_refuses_what_it_cannot_replay():
 
 def test_optimizer_state_moves_between_eager_and_graph_modes():
     """A checkpoint of either mode resumes in the other: lr (float or device tensor),
-    capturable and the step count's device follow the mode asked for (here eager, on the CPU;
+    capturable, fused and the step count's device follow the mode asked for (here eager, on the CPU;
     the graph direction runs in the GPU test below)."""
     model = make_model(**D1024_LIKE)
     optimizer = make_optimizer(model, TrainConfig(lr=2e-3), "cpu")
     model(tokens(2, 6))[0].sum().backward()
     optimizer.step()
     state = optimizer.state_dict()
-    for group in state["param_groups"]:  # as a CUDA graph run saves it
-        group["lr"], group["capturable"] = torch.tensor(2e-3), True
+    for group in state["param_groups"]:  # as a CUDA graph run (fused Adam) saves it
+        group["lr"], group["capturable"], group["fused"] = torch.tensor(2e-3), True, True
     resumed = make_optimizer(model, TrainConfig(lr=1.0), "cpu", state)
     for group in resumed.param_groups:
         assert group["lr"] == pytest.approx(2e-3) and isinstance(group["lr"], float)
-        assert group["capturable"] is False
+        assert group["capturable"] is False and group["fused"] is False
     assert all(s["step"].device.type == "cpu" and s["step"].item() == 1
                for s in resumed.state.values())
     set_lr(resumed, 5e-4)
