@@ -299,7 +299,8 @@ def test_compiled_backward_reads_the_lengths_of_the_call():
 
 @pytest.mark.parametrize("config,rel_pos", [((64, 64, 4, 3), False), ((32, 128, 4, 3), False),
                                             ((128, 32, 8, 2), False), ((32, 64, 4, 2), True),
-                                            ((64, 64, 4, 2), True), ((32, 32, 4, 2), True)])
+                                            ((64, 64, 4, 2), True), ((32, 32, 4, 2), True),
+                                            ((64, 64, 4, 1), True)])
 def test_gpu_tile_sizes(monkeypatch, config, rel_pos):
     # the tile logic at the tuned GPU block sizes (also in the interpreter): several query
     # and key tiles per source, partial tiles, the causal band

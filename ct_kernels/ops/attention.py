@@ -49,9 +49,8 @@ LOG2E = 1.4426950408889634
 # Launch configurations for 16-bit inputs on the H200 (sm_90), from the kernel-level sweep
 # ``python -m benchmarks.bench_attention --tune`` of 2026-11-29 (triton 3.6; head dims
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64;
-# relative positions at D = 64 on the d64 shape; their forward and dQ tiles re-measured
-# with the packed shear, dK/dV with its packed band, benchmarks/NOTES.md, Attention
-# sections 10-11):
+# relative positions at D = 64 on the d64 shape; their tiles re-measured with the packed
+# bands, benchmarks/NOTES.md, Attention sections 10-12):
 # (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
 # dQ passes need BLOCK_M <= BLOCK_N there).
@@ -63,9 +62,9 @@ GPU_CONFIGS = {
     ("dkdv", 16): (32, 128, 4, 2), ("dkdv", 32): (32, 128, 4, 2),
     ("dkdv", 64): (32, 128, 4, 2), ("dkdv", 128): (32, 64, 4, 2),
     ("fwd_rel", 16): (64, 64, 4, 2), ("fwd_rel", 32): (64, 64, 4, 2),
-    ("fwd_rel", 64): (64, 64, 4, 2), ("fwd_rel", 128): (32, 64, 4, 2),
+    ("fwd_rel", 64): (64, 64, 4, 2), ("fwd_rel", 128): (64, 64, 4, 1),
     ("dq_rel", 16): (64, 64, 4, 2), ("dq_rel", 32): (64, 64, 4, 2),
-    ("dq_rel", 64): (64, 64, 4, 2), ("dq_rel", 128): (32, 64, 4, 2),
+    ("dq_rel", 64): (64, 64, 4, 2), ("dq_rel", 128): (64, 64, 4, 1),
     ("dkdv_rel", 16): (64, 64, 4, 1), ("dkdv_rel", 32): (64, 64, 4, 1),
     ("dkdv_rel", 64): (64, 64, 4, 1), ("dkdv_rel", 128): (64, 64, 8, 1),
 }
@@ -121,10 +120,10 @@ def _position_scores(q, R_h, W_h, sr_n, R_rows, first, KEY_MAJOR: tl.constexpr,
 def _position_band(lower, upper, q):
     """A tile's position scores of the distances base.. from its lower and upper halves
     ([BLOCK_M, T] query-major, [T, BLOCK_M] key-major; fp32): column (row) c packs the
-    scores of distances base + c and base + T + c into one word, rounded to bfloat16 pairs (uint32) for bfloat16 inputs (the
-    inputs' precision; the content scores stay fp32), fp32 pairs (uint64) otherwise: one
-    gather then serves both halves, and bfloat16 pairs halve the bytes it and the layout
-    conversions around it move."""
+    scores of distances base + c and base + T + c into one word, rounded to bfloat16 pairs
+    (uint32) for bfloat16 inputs (the inputs' precision; the content scores stay fp32),
+    fp32 pairs (uint64) otherwise: one gather then serves both halves, and bfloat16 pairs
+    halve the bytes it and the layout conversions around it move."""
     if q.dtype == tl.bfloat16:
         lo = lower.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
         hi = upper.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
