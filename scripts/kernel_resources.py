@@ -97,6 +97,9 @@ def report(head_dim, rel_pos, compiled, dtype=torch.bfloat16):
 
 
 def main():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("kernel_resources.py compiles for sm_90: run it without TRITON_INTERPRET "
+                         "(the kernels are interpreter functions when it is set)")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rel-pos", action="store_true")
     parser.add_argument("--head-dim", type=int, default=128)
