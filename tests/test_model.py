@@ -401,8 +401,8 @@ def test_cuda_graph_step_refuses_what_it_cannot_replay():
 
 def test_optimizer_state_moves_between_eager_and_graph_modes():
     """A checkpoint of either mode resumes in the other: lr (float or device tensor),
-    capturable, fused and the step count's device follow the mode asked for (here eager, on the CPU;
-    the graph direction runs in the GPU test below)."""
+    capturable, fused and the step count's device follow the mode asked for (here eager, on
+    the CPU; the graph direction runs in the GPU test below)."""
     model = make_model(**D1024_LIKE)
     optimizer = make_optimizer(model, TrainConfig(lr=2e-3), "cpu")
     model(tokens(2, 6))[0].sum().backward()

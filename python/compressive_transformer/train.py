@@ -141,8 +141,8 @@ def set_lr(optimizer, lr):
 def make_optimizer(model, config: TrainConfig, device, state=None):
     """Adam as ``config`` asks, with ``state`` (an optimizer state dict) loaded; for a CUDA
     graph step capturable, with a device tensor lr, whatever mode the state was saved in. On
-    CUDA the fused implementation (one kernel per parameter group instead of a dozen foreach
-    passes over the parameters and their moments); it keeps its step count on the device."""
+    CUDA the fused implementation (one pass over the parameters and their moments instead of
+    a dozen foreach passes); it keeps its step count on the device."""
     graph = config.cuda_graph
     fused = torch.device(device).type == "cuda"
     lr = torch.tensor(config.lr, device=device) if graph else config.lr
