@@ -14,11 +14,11 @@ from benchmarks.bench_train import CONFIGS, ct_step
 from compressive_transformer import preset
 
 
-def profile(name, steps=3, rows=25):
+def profile(name, steps=3, rows=25, compiled=False):
     config, train_config = preset(name)
     B, n = train_config.batch, config.seg_len
     tokens = torch.randint(0, config.vocab_size, (B, n + 1), device="cuda")
-    step = ct_step(name, tokens)
+    step = ct_step(name, tokens, compiled=compiled)
     for _ in range(math.ceil((config.mem_len + config.cmem_len * config.rate) / n) + 2):
         step()
     torch.cuda.synchronize()
@@ -35,7 +35,7 @@ def profile(name, steps=3, rows=25):
         torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events) / steps / 1e3
-    print(f"== {name}: wall {wall * 1e3:.2f} ms/step, host queueing {host * 1e3:.2f} ms/step, "
+    print(f"== {name}{' (compiled)' if compiled else ''}: wall {wall * 1e3:.2f} ms/step, host queueing {host * 1e3:.2f} ms/step, "
           f"GPU kernels {gpu_total:.2f} ms/step", flush=True)
     print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60),
           flush=True)
@@ -44,12 +44,15 @@ def profile(name, steps=3, rows=25):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("configs", nargs="*", help=f"any of {', '.join(CONFIGS)} (default: all)")
-    names = parser.parse_args().configs or CONFIGS
+    parser.add_argument("--compiled", action="store_true",
+                        help="the model under torch.compile (the kernels a compiled step runs)")
+    options = parser.parse_args()
+    names = options.configs or CONFIGS
     for name in names:
         if name not in CONFIGS:
             parser.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
     for name in names:
-        profile(name)
+        profile(name, compiled=options.compiled)
 
 
 if __name__ == "__main__":

@@ -223,10 +223,13 @@ def test_gpu_shapes(n, m, cm, D, dtype):
 
 
 @GPU
-@pytest.mark.parametrize("n,m,cm,D", [(1, 32, 64, 64), (239, 113, 256, 128), (512, 512, 0, 32)])
-def test_gpu_relative_positions(n, m, cm, D):
+@pytest.mark.parametrize("n,m,cm,D,dtype", [
+    (1, 32, 64, 64, torch.bfloat16), (239, 113, 256, 128, torch.bfloat16),
+    (512, 512, 0, 32, torch.bfloat16), (239, 113, 256, 128, torch.float16),
+])
+def test_gpu_relative_positions(n, m, cm, D, dtype):
     g = torch.Generator().manual_seed(n + D)
-    args = testing.random_attention_inputs(2, n, 2, D, m, cm, dtype=torch.bfloat16,
+    args = testing.random_attention_inputs(2, n, 2, D, m, cm, dtype=dtype,
                                            device="cuda", generator=g, partial=True,
                                            rel_pos=True)
     check(args)

@@ -66,7 +66,7 @@ GPU_CONFIGS = {
     ("dq_rel", 16): (64, 64, 4, 2), ("dq_rel", 32): (64, 64, 4, 2),
     ("dq_rel", 64): (64, 64, 4, 2), ("dq_rel", 128): (64, 64, 4, 1),
     ("dkdv_rel", 16): (64, 64, 4, 1), ("dkdv_rel", 32): (64, 64, 4, 1),
-    ("dkdv_rel", 64): (64, 64, 4, 1), ("dkdv_rel", 128): (64, 64, 8, 1),
+    ("dkdv_rel", 64): (64, 64, 4, 1), ("dkdv_rel", 128): (32, 64, 4, 1),
 }
 FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
