@@ -35,7 +35,8 @@ def profile(name, steps=3, rows=25, compiled=False):
         torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events) / steps / 1e3
-    print(f"== {name}{' (compiled)' if compiled else ''}: wall {wall * 1e3:.2f} ms/step, host queueing {host * 1e3:.2f} ms/step, "
+    label = f"{name} (compiled)" if compiled else name
+    print(f"== {label}: wall {wall * 1e3:.2f} ms/step, host queueing {host * 1e3:.2f} ms/step, "
           f"GPU kernels {gpu_total:.2f} ms/step", flush=True)
     print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60),
           flush=True)

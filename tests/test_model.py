@@ -331,9 +331,10 @@ def test_compiled_training_matches_eager(dynamic):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_with_the_kernels_matches_the_reference_on_gpu(monkeypatch):
     """Eager training steps with the GPU kernels (auto backend) against the same model on the
-    reference ops, fp32: the losses of every step and the first step's gradients. Later steps' compressor gradients are about
-    1e-11 here (the compressor starts as an exact average) and differ by about 2% between
-    any two backends (seen with the Triton interpreter on the CPU), so they are not compared."""
+    reference ops, fp32: the losses of every step and the first step's gradients. Later
+    steps' compressor gradients are about 1e-11 here (the compressor starts as an exact
+    average) and differ by about 2% between any two backends (seen with the Triton
+    interpreter on the CPU), so they are not compared."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     config = {**D1024_LIKE, "dim": 64, "heads": 4}
     kernels = make_model(**config, backend="auto").cuda()  # same seed: the same weights
