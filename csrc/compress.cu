@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include "check_message.h"
 
 namespace ct_kernels {
 namespace {
@@ -248,14 +249,14 @@ int64_t blocks_for(int64_t total) { return (total + kThreads - 1) / kThreads; }
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == 3, name, " must have shape [B, rows, d], got ", t.sizes());
+  TORCH_CHECK(t.dim() == 3, name, " must have shape [B, rows, d], got ", ct_kernels::shape(t.sizes()));
   TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, name, " must have a contiguous last dimension");
 }
 
 at::Tensor pool_compress(const at::Tensor& x, int64_t rate, bool is_max) {
   check_rows(x, "x");
-  TORCH_CHECK(rate >= 1 && x.size(1) % rate == 0, "rate (", rate,
-              ") must divide the number of rows (", x.size(1), ")");
+  TORCH_CHECK(rate >= 1 && x.size(1) % rate == 0, "rate (", ct_kernels::num(rate),
+              ") must divide the number of rows (", ct_kernels::num(x.size(1)), ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T_out = x.size(1) / rate, d = x.size(2);
   auto out = at::empty({B, T_out, d}, x.options());
@@ -326,8 +327,8 @@ void memory_update(at::Tensor mem, at::Tensor cmem, at::Tensor mem_lens, at::Ten
               "mem, cmem and h must agree in B and d");
   TORCH_CHECK(mem.scalar_type() == h.scalar_type() && cmem.scalar_type() == h.scalar_type(),
               "mem, cmem and h must have one dtype");
-  TORCH_CHECK(rate >= 1 && n >= 1 && n % rate == 0, "rate (", rate,
-              ") must divide the segment length (", n, ")");
+  TORCH_CHECK(rate >= 1 && n >= 1 && n % rate == 0, "rate (", ct_kernels::num(rate),
+              ") must divide the segment length (", ct_kernels::num(n), ")");
   TORCH_CHECK(pool >= kNone && pool <= kGiven, "pool must be 0 (none), 1 (mean), 2 (max) or 3 (given)");
   for (const at::Tensor* lens : {&mem_lens, &cmem_lens})
     TORCH_CHECK(lens->is_cuda() && lens->scalar_type() == at::kInt && lens->is_contiguous() &&

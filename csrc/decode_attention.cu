@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
+#include "check_message.h"
 
 #include <algorithm>
 #include <cmath>
@@ -457,7 +458,7 @@ void launch_decode(DecodeParams& p, int num_splits, const at::Tensor& q) {
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = int64_t(work) * p.num_splits;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "decode_attention: too many blocks (", blocks, ")");
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "decode_attention: too many blocks (", ct_kernels::num(blocks), ")");
   kernel<<<unsigned(blocks), kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_splits > 1) {
@@ -488,14 +489,15 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q, i
               " (as q), got ", t.device());
   TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(1) == rows && t.size(2) == q.size(2) &&
                   t.size(3) == q.size(3),
-              "decode_attention: ", name, " must have shape [B, ", rows, ", H, D] = [", q.size(0), ", ",
-              rows, ", ", q.size(2), ", ", q.size(3), "], got ", t.sizes());
+              "decode_attention: ", name, " must have shape [B, ", ct_kernels::num(rows), ", H, D] = ",
+              ct_kernels::shape({q.size(0), rows, q.size(2), q.size(3)}), ", got ", ct_kernels::shape(t.sizes()));
   TORCH_CHECK(t.stride(3) == 1, "decode_attention: ", name, " must have a contiguous last dimension");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "decode_attention: ", name,
               " must be 16-byte aligned");
   for (int d = 0; d < 3; ++d) {
     TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % kElemsPerThread == 0, "decode_attention: ", name,
-                ".stride(", d, ") must be a multiple of ", kElemsPerThread, " (16-byte rows), got ", t.stride(d));
+                ".stride(", ct_kernels::num(d), ") must be a multiple of ", ct_kernels::num(kElemsPerThread),
+                " (16-byte rows), got ", ct_kernels::num(t.stride(d)));
   }
 }
 
@@ -522,7 +524,7 @@ KeySource make_source(const std::optional<at::Tensor>& k, const std::optional<at
                 lens->scalar_type());
     TORCH_CHECK(lens->device() == q.device(), "decode_attention: ", prefix, "_lens must be on ", q.device());
     TORCH_CHECK(lens->dim() == 1 && lens->size(0) == q.size(0) && lens->is_contiguous(), "decode_attention: ",
-                prefix, "_lens must be a contiguous [B] tensor, got ", lens->sizes());
+                prefix, "_lens must be a contiguous [B] tensor, got ", ct_kernels::shape(lens->sizes()));
     src.lens = lens->data_ptr<int>();
   }
   return src;
@@ -538,23 +540,25 @@ at::Tensor& decode_attention_out(
   TORCH_CHECK(q.is_cuda(), "decode_attention: q must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "decode_attention: q must be float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(q.dim() == 4, "decode_attention: q must be [B, n, H, D], got ", q.sizes());
+  TORCH_CHECK(q.dim() == 4, "decode_attention: q must be [B, n, H, D], got ", ct_kernels::shape(q.sizes()));
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2), head_dim = q.size(3);
-  TORCH_CHECK(n >= 1 && n <= kMaxQueries, "decode_attention: q must hold 1..", kMaxQueries,
-              " queries (q.shape[1]), got ", n);
+  TORCH_CHECK(n >= 1 && n <= kMaxQueries, "decode_attention: q must hold 1..", ct_kernels::num(kMaxQueries),
+              " queries (q.shape[1]), got ", ct_kernels::num(n));
   TORCH_CHECK(head_dim == 64 || head_dim == 128, "decode_attention: head dim (q.shape[3]) must be 64 or 128, got ",
-              head_dim);
+              ct_kernels::num(head_dim));
   TORCH_CHECK(batch * heads < (int64_t(1) << 30), "decode_attention: B * H too large");
   check_operand(q, "q", q, n);
   check_operand(k, "k", q, n);
   check_operand(v, "v", q, n);
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.device() == q.device() && out.sizes() == q.sizes() &&
                   out.is_contiguous() && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
-              "decode_attention: out must be a contiguous, 16-byte-aligned ", q.scalar_type(), " tensor of shape ", q.sizes(),
+              "decode_attention: out must be a contiguous, 16-byte-aligned ", q.scalar_type(), " tensor of shape ",
+              ct_kernels::shape(q.sizes()),
               " on ", q.device());
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "decode_attention: scale must be positive and finite, got ", scale);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "decode_attention: scale must be positive and finite, got ",
+              ct_kernels::real(scale));
   TORCH_CHECK(num_splits >= 0 && num_splits <= kMaxSplits, "decode_attention: num_splits must lie in [0, ",
-              kMaxSplits, "] (0 = automatic), got ", num_splits);
+              ct_kernels::num(kMaxSplits), "] (0 = automatic), got ", ct_kernels::num(num_splits));
 
   DecodeParams p{};
   p.q = q.data_ptr();
@@ -567,8 +571,9 @@ at::Tensor& decode_attention_out(
     const at::Tensor& mask = *key_padding_mask;
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.device() == q.device() && mask.dim() == 2 &&
                     mask.size(0) == batch && mask.size(1) == n && mask.is_contiguous(),
-                "decode_attention: key_padding_mask must be a contiguous bool [B, n] = [", batch, ", ", n,
-                "] tensor on ", q.device(), ", got ", mask.scalar_type(), " ", mask.sizes());
+                "decode_attention: key_padding_mask must be a contiguous bool [B, n] = ",
+                ct_kernels::shape({batch, n}), " tensor on ", q.device(), ", got ", mask.scalar_type(), " ",
+                ct_kernels::shape(mask.sizes()));
     p.key_padding = mask.data_ptr<bool>();
   }
   p.causal = causal;
@@ -588,19 +593,20 @@ at::Tensor& decode_attention_out(
                   name, " must have a contiguous, 16-byte-aligned last dimension");
       for (int d = 0; d + 1 < t.dim(); ++d) {
         TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % kElemsPerThread == 0, "decode_attention: ", name, ".stride(",
-                    d, ") must be a multiple of ", kElemsPerThread);
+                    ct_kernels::num(d), ") must be a multiple of ", ct_kernels::num(kElemsPerThread));
       }
     };
     check_rel(r, "rel_r");
     check_rel(u, "rel_u");
     check_rel(pv, "rel_v");
     TORCH_CHECK(r.dim() == 3 && r.size(0) == heads && r.size(1) >= keys && r.size(2) == head_dim,
-                "decode_attention: rel_r must be [H, R, D] = [", heads, ", >=", keys, ", ", head_dim, "], got ",
-                r.sizes());
-    TORCH_CHECK(u.dim() == 2 && u.size(0) == heads && u.size(1) == head_dim, "decode_attention: rel_u must be [H, D] = [",
-                heads, ", ", head_dim, "], got ", u.sizes());
+                "decode_attention: rel_r must be [H, R, D] = [", ct_kernels::num(heads), ", >=", ct_kernels::num(keys),
+                ", ", ct_kernels::num(head_dim), "], got ", ct_kernels::shape(r.sizes()));
+    TORCH_CHECK(u.dim() == 2 && u.size(0) == heads && u.size(1) == head_dim, "decode_attention: rel_u must be [H, D] = ",
+                ct_kernels::shape({heads, head_dim}), ", got ", ct_kernels::shape(u.sizes()));
     TORCH_CHECK(pv.dim() == 2 && pv.size(0) == heads && pv.size(1) == head_dim,
-                "decode_attention: rel_v must be [H, D] = [", heads, ", ", head_dim, "], got ", pv.sizes());
+                "decode_attention: rel_v must be [H, D] = ", ct_kernels::shape({heads, head_dim}), ", got ",
+                ct_kernels::shape(pv.sizes()));
     p.rel_r = r.data_ptr(), p.r_head = r.stride(0), p.r_row = r.stride(1);
     p.rel_u = u.data_ptr(), p.u_head = u.stride(0);
     p.rel_v = pv.data_ptr(), p.v_head = pv.stride(0);
@@ -627,7 +633,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
                             const std::optional<at::Tensor>& rel_r, const std::optional<at::Tensor>& rel_u,
                             const std::optional<at::Tensor>& rel_v, int64_t num_splits) {
-  TORCH_CHECK(q.dim() == 4, "decode_attention: q must be [B, n, H, D], got ", q.sizes());
+  TORCH_CHECK(q.dim() == 4, "decode_attention: q must be [B, n, H, D], got ", ct_kernels::shape(q.sizes()));
   at::Tensor out = at::empty(q.sizes(), q.options());
   decode_attention_out(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, causal, scale,
                        rel_r, rel_u, rel_v, num_splits, out);
