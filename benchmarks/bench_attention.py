@@ -267,18 +267,29 @@ def tune(passes=None, workers: int = 8):
     """Time every candidate of every pass, kernel only, on every shape of its head dim;
     print the table and keep the candidate with the best geometric mean over the shapes in
     ``attention.GPU_CONFIGS`` for the rest of the process. Candidates are compiled first
-    by ``workers`` processes in parallel (Triton's cache then serves the timing process)."""
+    by ``workers`` processes in parallel (Triton's cache then serves the timing process); a
+    candidate that fails there (out of resources, or a fault) is reported and not timed."""
     import concurrent.futures
     import math
     import multiprocessing
     jobs = list(_tune_jobs(passes))
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for job, error in zip(jobs, pool.map(_compile_job, jobs)):
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        retry = [job for job, error in zip(jobs, pool.map(_compile_job, jobs)) if error]
+    # a candidate that faults leaves its worker's CUDA context unusable for the worker's later
+    # jobs: each failure runs again in a process of its own, and what fails there is skipped
+    failed = set()
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn, max_tasks_per_child=1) as pool:
+        for job, error in zip(retry, pool.map(_compile_job, retry)):
             if error:
                 print(f"tune compile {job[0]} {job[1]}: {error}", flush=True)
+                failed.add((job[0], job[1]))
     inputs = {}
     timings = {}
     for key, config, names, rel_pos in jobs:
+        if (key, config) in failed:  # not launched again here: a fault would end this process
+            timings.setdefault(key, {})[config] = {name: float("inf") for name in names}
+            continue
         current = attention.GPU_CONFIGS[key]
         attention.GPU_CONFIGS[key] = config
         for name in names:
