@@ -334,3 +334,42 @@ def test_tuning_sweep_re_measures_every_launch_configuration():
                bench_attention.TUNE_CANDIDATES.items()
                if attention.GPU_CONFIGS[key] not in candidates}
     assert not missing, f"launch configurations missing from TUNE_CANDIDATES: {missing}"
+
+
+def test_tuning_sweep_skips_candidates_that_fail(monkeypatch):
+    """A candidate that fails in its compile worker (out of resources, or a fault that leaves
+    the worker's CUDA context unusable) runs once more alone; if it fails again it is not
+    timed, so a fault cannot take the timing process down, and it is never chosen."""
+    import concurrent.futures
+
+    from benchmarks import bench_attention
+
+    class InProcessPool:  # the worker pool, run in this process
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, jobs):
+            return [fn(job) for job in jobs]
+
+    key, good, bad = ("dkdv_rel", 128), (64, 64, 8, 1), (32, 64, 4, 1)
+    compiled, timed = [], []
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcessPool)
+    monkeypatch.setattr(bench_attention, "TUNE_CANDIDATES", {key: [good, bad]})
+    monkeypatch.setattr(bench_attention, "_compile_job", lambda job: compiled.append(job[1]) or (
+        "AcceleratorError: an illegal memory access" if job[1] == bad else None))
+    monkeypatch.setattr(bench_attention, "make_inputs", lambda *args: None)
+    monkeypatch.setattr(bench_attention, "pass_launchers", lambda args: {"dkdv": None})
+    # the failing candidate would look faster, were it timed
+    monkeypatch.setattr(bench_attention.harness, "time_ms", lambda fn, rep_ms: timed.append(
+        attention.GPU_CONFIGS[key]) or (0.5 if attention.GPU_CONFIGS[key] == bad else 1.0))
+    monkeypatch.setitem(attention.GPU_CONFIGS, key, bad)
+    bench_attention.tune(["dkdv_rel"])
+    assert compiled == [good, bad, bad]
+    assert set(timed) == {good}
+    assert attention.GPU_CONFIGS[key] == good
