@@ -44,6 +44,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_tile(ptrs, row_valid, d_valid, MASKED: tl.constexpr):
+    """A [rows, BLOCK_D] tile, masked (zeros outside the rows and the head dim) only where
+    MASKED: a tail tile or a padded head dim; whole tiles load without masks."""
+    if MASKED:
+        tile = tl.load(ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _online_softmax_step(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, start, n_keys, qk_scale,
                          offs_d, d_valid, TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -51,15 +62,9 @@ def _online_softmax_step(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, start, n_
     need masked loads; the tail's keys past the end get -inf scores."""
     keys = start + tl.arange(0, BLOCK_N)
     key_valid = keys < n_keys
-    k_ptrs = K + keys[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + keys[:, None] * stride_vn + offs_d[None, :]
-    if TAIL or BLOCK_D != HEAD_DIM:
-        kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    masked: tl.constexpr = TAIL or BLOCK_D != HEAD_DIM
+    k = _load_tile(K + keys[:, None] * stride_kn + offs_d[None, :], key_valid, d_valid, masked)
+    v = _load_tile(V + keys[:, None] * stride_vn + offs_d[None, :], key_valid, d_valid, masked)
     s = _dot(q, tl.trans(k), DOT_PRECISION)  # raw scores
     if TAIL:
         s = tl.where(key_valid[None, :], s, float("-inf"))
@@ -172,18 +177,16 @@ def _recon_loss_bwd_step(dk, dv, k, v, q_base, stride_qn, diff_base, Lse, Delta,
     """dK, dV of one query tile. Only the tail tile (TAIL) and a padded head dim need masked
     loads; the tail's rows past the end get lse = +inf, hence probability 0."""
     offs_m = start + tl.arange(0, BLOCK_M)
-    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
-    diff_ptrs = diff_base + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    if TAIL or BLOCK_D != HEAD_DIM:
-        row_valid = offs_m < n
-        tile_mask = row_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_ptrs, mask=tile_mask, other=0.0)
-        diff = tl.load(diff_ptrs, mask=tile_mask, other=0.0)
+    row_valid = offs_m < n
+    masked: tl.constexpr = TAIL or BLOCK_D != HEAD_DIM
+    q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], row_valid, d_valid,
+                   masked)
+    diff = _load_tile(diff_base + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :], row_valid,
+                      d_valid, masked)
+    if TAIL:
         lse = tl.load(Lse + offs_m, mask=row_valid, other=float("inf"))
         delta = tl.load(Delta + offs_m, mask=row_valid, other=0.0)
     else:
-        q = tl.load(q_ptrs)
-        diff = tl.load(diff_ptrs)
         lse = tl.load(Lse + offs_m)
         delta = tl.load(Delta + offs_m)
     # transposed probabilities P^T [BLOCK_N, BLOCK_M] from the saved LSE
