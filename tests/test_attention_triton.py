@@ -110,6 +110,18 @@ def test_relative_positions(B, n, H, D, m, cm, options, dtype):
 
 
 @pytest.mark.parametrize("rel_pos", [False, True])
+@pytest.mark.parametrize("D", [8, 24, 80, 256])
+def test_head_dims_padded_to_a_power_of_two(D, rel_pos):
+    """Head dims other than 16/32/64/128 run on tiles padded to a power of two (masked head-dim
+    columns); 256 is the largest."""
+    g = torch.Generator().manual_seed(D)
+    args = testing.random_attention_inputs(2, 17, 2, D, 9, 5, dtype=torch.bfloat16,
+                                           device=DEVICE, generator=g, partial=True,
+                                           padding=True, rel_pos=rel_pos)
+    check(args, usage=True)
+
+
+@pytest.mark.parametrize("rel_pos", [False, True])
 def test_float16_and_custom_scale(rel_pos):
     """float16 (relative positions: the position band travels as fp32 pairs)."""
     g = torch.Generator().manual_seed(3)
@@ -186,8 +198,8 @@ def test_backward_run_twice_gives_the_same_gradients(rel_pos):
 
 
 def test_unsupported_inputs_are_named():
-    q = torch.randn(1, 4, 1, 24, device=DEVICE)
-    with pytest.raises(ValueError, match="head dim 24"):
+    q = torch.randn(1, 4, 1, 264, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 264"):
         ct_kernels.compressive_attention(q, q, q, backend="triton")
     q64 = q[..., :16].double()
     with pytest.raises(ValueError, match="dtype"):
@@ -213,7 +225,8 @@ def test_custom_op_registration():
     (1, 64, 96, 64, torch.float16), (1, 0, 0, 128, torch.bfloat16),
     (113, 113, 0, 32, torch.bfloat16), (239, 0, 0, 128, torch.float16),
     (239, 256, 384, 64, torch.bfloat16), (1023, 512, 333, 128, torch.bfloat16),
-    (1023, 0, 1023, 32, torch.float16),
+    (1023, 0, 1023, 32, torch.float16), (239, 113, 256, 96, torch.bfloat16),
+    (113, 64, 0, 256, torch.bfloat16), (512, 512, 512, 256, torch.float16),
 ])
 def test_gpu_shapes(n, m, cm, D, dtype):
     g = torch.Generator().manual_seed(n + m + cm + D)
@@ -226,6 +239,7 @@ def test_gpu_shapes(n, m, cm, D, dtype):
 @pytest.mark.parametrize("n,m,cm,D,dtype", [
     (1, 32, 64, 64, torch.bfloat16), (239, 113, 256, 128, torch.bfloat16),
     (512, 512, 0, 32, torch.bfloat16), (239, 113, 256, 128, torch.float16),
+    (239, 113, 256, 96, torch.bfloat16), (113, 64, 40, 256, torch.bfloat16),
 ])
 def test_gpu_relative_positions(n, m, cm, D, dtype):
     g = torch.Generator().manual_seed(n + D)

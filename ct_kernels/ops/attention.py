@@ -18,7 +18,9 @@ Kernels (one program per (tile, batch*head)):
     mass each key receives (a pass over K only, recomputing probabilities from the saved
     LSE; heads are reduced on the host, so the usage is deterministic).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
-band, key padding); tiles with no valid key are skipped.
+band, key padding); tiles with no valid key are skipped. Any head dim up to 256 runs: the
+tiles' head-dim width BLOCK_D is HEAD_DIM padded to a power of two, and only where it pads do
+loads and stores mask the columns past HEAD_DIM (``_in_head_dim``; compiled out otherwise).
 
 Transformer-XL relative positions are a constexpr branch of the same kernels. The score
 (q_i + u).k_j + (q_i + v).r_d, d = distance, is computed as (q_i + u).(k_j + r_d) + w_d with
@@ -51,7 +53,8 @@ LOG2E = 1.4426950408889634
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64;
 # relative positions at D = 64 on the d64 shape; their tiles re-measured with the packed
 # bands, benchmarks/NOTES.md, Attention sections 10-12):
-# (pass, head_dim) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages). Passes: "fwd",
+# (pass, BLOCK_D) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages), BLOCK_D the head
+# dim padded to a power of two (other head dims run on the padded tiles, masked). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
 # dQ passes need BLOCK_M <= BLOCK_N there).
 GPU_CONFIGS = {
@@ -67,10 +70,19 @@ GPU_CONFIGS = {
     ("dq_rel", 64): (64, 64, 4, 2), ("dq_rel", 128): (64, 64, 4, 1),
     ("dkdv_rel", 16): (64, 64, 4, 1), ("dkdv_rel", 32): (64, 64, 4, 1),
     ("dkdv_rel", 64): (64, 64, 4, 1), ("dkdv_rel", 128): (32, 64, 4, 1),
+    ("fwd", 256): (64, 64, 8, 2), ("dq", 256): (64, 32, 8, 2), ("dkdv", 256): (64, 32, 8, 1),
+    ("fwd_rel", 256): (16, 32, 4, 1), ("dq_rel", 256): (16, 32, 8, 1),
+    ("dkdv_rel", 256): (32, 16, 4, 1),
 }
 FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128, 256)  # the padded head dims (BLOCK_D) with tuned tiles
+MAX_HEAD_DIM = HEAD_DIMS[-1]
+
+
+def block_d(head_dim: int) -> int:
+    """The head dim padded to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def launch_config(pass_name: str, head_dim: int, dtype: torch.dtype):
@@ -78,7 +90,7 @@ def launch_config(pass_name: str, head_dim: int, dtype: torch.dtype):
         return INTERPRETER_CONFIG
     if dtype == torch.float32:
         return FP32_CONFIG
-    return GPU_CONFIGS[(pass_name, head_dim)]
+    return GPU_CONFIGS[(pass_name, block_d(head_dim))]
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -92,22 +104,34 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _position_rows(R_h, sr_n, R_rows, first, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _in_head_dim(mask, d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile's row mask, also masking the columns d >= HEAD_DIM where BLOCK_D pads the head
+    dim to a power of two (unchanged otherwise: no column mask is computed)."""
+    if HEAD_DIM < BLOCK_D:
+        mask = mask & (d < HEAD_DIM)
+    return mask
+
+
+@triton.jit
+def _position_rows(R_h, sr_n, R_rows, first, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
     """r [BLOCK_T, D] of the distances first.. (zeros outside [0, R)), those distances and
     which of them exist."""
     rows = first + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
     in_r = (rows >= 0) & (rows < R_rows)
-    r = tl.load(R_h + rows[:, None] * sr_n + tl.arange(0, BLOCK_D)[None, :],
-                mask=in_r[:, None], other=0.0)
+    r = tl.load(R_h + rows[:, None] * sr_n + offs_d[None, :],
+                mask=_in_head_dim(in_r[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D), other=0.0)
     return r, rows, in_r
 
 
 @triton.jit
 def _position_scores(q, R_h, W_h, sr_n, R_rows, first, KEY_MAJOR: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """(q_i + u).r_d + w_d of the BLOCK_T distances d = first..: [BLOCK_M, BLOCK_T], or the
     transpose [BLOCK_T, BLOCK_M] with KEY_MAJOR (q is q + u)."""
-    r, rows, in_r = _position_rows(R_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D)
+    r, rows, in_r = _position_rows(R_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D, HEAD_DIM)
     w = tl.load(W_h + rows, mask=in_r, other=0.0)
     if KEY_MAJOR:
         scores = _dot(r, tl.trans(q), PRECISION) + w[:, None]
@@ -208,7 +232,8 @@ def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask,
 
 @triton.jit
 def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, pad_on, KEY_MAJOR: tl.constexpr,
-              HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
     """Keys start.. of a source (K^T [D, BLOCK_N], or K [BLOCK_N, D] with KEY_MAJOR),
     which of them hold data, and whether the tile needs masking for it (partial memory,
     source tail, key padding where ``pad_on``: the segment's keys)."""
@@ -216,10 +241,12 @@ def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, pad_on, KEY_MAJOR: t
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
     if KEY_MAJOR:
-        k = tl.load(Kp + offs_n[:, None] * sk_n + offs_d[None, :], mask=in_src[:, None],
+        k = tl.load(Kp + offs_n[:, None] * sk_n + offs_d[None, :],
+                    mask=_in_head_dim(in_src[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D),
                     other=0.0)
     else:
-        k = tl.load(Kp + offs_n[None, :] * sk_n + offs_d[:, None], mask=in_src[None, :],
+        k = tl.load(Kp + offs_n[None, :] * sk_n + offs_d[:, None],
+                    mask=_in_head_dim(in_src[None, :], offs_d[:, None], HEAD_DIM, BLOCK_D),
                     other=0.0)
     key_ok = in_src & (offs_n >= valid_lo)
     partial = (start < valid_lo) | (start + BLOCK_N > size)
@@ -234,7 +261,7 @@ def _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, pad_on, KEY_MAJOR: t
 def _query_program(Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b,
                    sr_h, H, n, m, cm, R_rows, HAS_MEM_LENS: tl.constexpr,
                    HAS_CMEM_LENS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """What a query-tile program (forward, dQ) starts from: its batch and head, query rows,
     the query tile, where each memory's valid slots begin, the tile's global position, the
     end of the segment keys it sees, and its per-head / per-sample base pointers (r, w, key
@@ -247,7 +274,8 @@ def _query_program(Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < n
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=_in_head_dim(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D),
+                other=0.0)
     valid_lo_c = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
     valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
     query_pos0 = cm + m + pid_m * BLOCK_M
@@ -261,14 +289,16 @@ def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, 
                         query_pos0, R_h, W_h, sr_n, R_rows,
                         IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                         REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """Scores of the key tile at slot ``start`` of a source for a query tile (forward, dQ):
     (scores, k^T, lower). With relative positions the tile spans the distances
     query_pos0 - (key_base + start) - T + [0, 2T): ``upper`` is the upper half, carried from
     the previous tile, and the lower half scored here is returned for the next tile (BLOCK_N
     = T keys on) to take as its upper half; without, ``upper`` passes through."""
     kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
-                                       False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D)
+                                       False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D,
+                                       HEAD_DIM)
     if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
         apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
     band = 0.0
@@ -276,7 +306,7 @@ def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, 
     if REL_POS:
         lower = _position_scores(q, R_h, W_h, sr_n, R_rows,
                                  query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
-                                 BLOCK_D, PRECISION)
+                                 BLOCK_D, HEAD_DIM, PRECISION)
         band = _position_band(lower, upper, q)
     s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask,
                 False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
@@ -286,13 +316,13 @@ def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, 
 @triton.jit
 def _first_upper_half(q, R_h, W_h, sr_n, R_rows, first, key_base, query_pos0,
                       REL_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """The upper half of the band of a source's first key tile (slot ``first``), the carry
     that ``_query_major_scores`` starts from (a placeholder without relative positions)."""
     upper = 0.0
     if REL_POS:
         upper = _position_scores(q, R_h, W_h, sr_n, R_rows, query_pos0 - key_base - first,
-                                 False, BLOCK_T, BLOCK_D, PRECISION)
+                                 False, BLOCK_T, BLOCK_D, HEAD_DIM, PRECISION)
     return upper
 
 
@@ -302,17 +332,18 @@ def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_l
                 key_base, query_pos0, R_h, W_h, sr_n, R_rows, scale_log2,
                 IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                 REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Online softmax over slots [first tile with valid slots, hi) of one key source."""
     offs_d = tl.arange(0, BLOCK_D)
     first = valid_lo // BLOCK_N * BLOCK_N
     upper = _first_upper_half(q, R_h, W_h, sr_n, R_rows, first, key_base, query_pos0, REL_POS,
-                              BLOCK_T, BLOCK_D, PRECISION)
+                              BLOCK_T, BLOCK_D, HEAD_DIM, PRECISION)
     for start in range(first, hi, BLOCK_N):
         s, _, upper = _query_major_scores(
             q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base, query_pos0, R_h,
             W_h, sr_n, R_rows, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
-            BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
+            BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
         # rescale the running state (log2 domain: the maximum of the raw scores is scaled
         # per row, each score in the exponent's FMA); a row with no key yet keeps m = -inf,
         # l = 0, acc = 0
@@ -323,7 +354,8 @@ def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_l
         l_i = l_i * alpha + tl.sum(p, 1)
         offs_n = start + tl.arange(0, BLOCK_N)
         v = tl.load(Vp + offs_n[:, None] * sv_n + offs_d[None, :],
-                    mask=(offs_n < size)[:, None], other=0.0)
+                    mask=_in_head_dim((offs_n < size)[:, None], offs_d[None, :], HEAD_DIM,
+                                      BLOCK_D), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -338,14 +370,14 @@ def _fwd_kernel(
     H, n, m, cm, R_rows, scale_log2,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # query tile (q + u with relative positions)
     (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0, seg_hi, R_h,
      W_h, Pad_b) = _query_program(
         Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm, R_rows,
-        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D)
+        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D, HEAD_DIM)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -354,24 +386,25 @@ def _fwd_kernel(
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
         sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
-        PRECISION)
+        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
+        BLOCK_T, PRECISION)
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
         smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
-        PRECISION)
+        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
+        BLOCK_T, PRECISION)
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
         sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, True, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
-        PRECISION)
+        scale_log2, True, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
+        BLOCK_T, PRECISION)
 
     # epilogue: normalise; rows that saw no key output zeros and store LSE = +inf
     no_key = l_i == 0.0
     out = acc / tl.where(no_key, 1.0, l_i)[:, None]
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+             out.to(Out.dtype.element_ty),
+             mask=_in_head_dim(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D))
     lse = tl.where(no_key, float("inf"), m_i + tl.math.log2(tl.where(no_key, 1.0, l_i)))
     tl.store(Lse + pid_bh.to(tl.int64) * n + offs_m, lse, mask=row_ok)
 
@@ -379,16 +412,18 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------- backward: dQ
 @triton.jit
 def _position_gradients(dq, grad, q, R_h, DR_h, DW_h, sr_n, R_rows, first,
-                        D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Adds the position part of dQ for the BLOCK_T distances first.. (grad: their score
     gradients per query, fp32 [BLOCK_M, BLOCK_T]) and their dr, dw contributions (atomics)."""
-    r, rows, in_r = _position_rows(R_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D)
+    r, rows, in_r = _position_rows(R_h, sr_n, R_rows, first, BLOCK_T, BLOCK_D, HEAD_DIM)
     g = grad.to(q.dtype)
     dq += _dot(g, r, PRECISION)
     dr = _dot(tl.trans(g), q, PRECISION)  # [BLOCK_T, D]
-    tl.atomic_add(DR_h + rows[:, None] * D + tl.arange(0, BLOCK_D)[None, :], dr,
-                  mask=in_r[:, None], sem="relaxed")
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.atomic_add(DR_h + rows[:, None] * HEAD_DIM + offs_d[None, :], dr,
+                  mask=_in_head_dim(in_r[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D),
+                  sem="relaxed")
     tl.atomic_add(DW_h + rows, tl.sum(grad, 0), mask=in_r, sem="relaxed")
     return dq
 
@@ -396,7 +431,7 @@ def _position_gradients(dq, grad, q, R_h, DR_h, DW_h, sr_n, R_rows, first,
 @triton.jit
 def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo, hi,
                key_base, query_pos0, R_h, W_h, DR_h, DW_h, sr_n, R_rows, scale_log2, scale,
-               D: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
+               HEAD_DIM: tl.constexpr, IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr,
                CAUSAL: tl.constexpr, REL_POS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                PRECISION: tl.constexpr):
@@ -407,18 +442,19 @@ def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, val
     offs_d = tl.arange(0, BLOCK_D)
     first = valid_lo // BLOCK_N * BLOCK_N
     upper = _first_upper_half(q, R_h, W_h, sr_n, R_rows, first, key_base, query_pos0, REL_POS,
-                              BLOCK_T, BLOCK_D, PRECISION)
+                              BLOCK_T, BLOCK_D, HEAD_DIM, PRECISION)
     if REL_POS:
         grad_upper = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
     for start in range(first, hi, BLOCK_N):
         s, kt, upper = _query_major_scores(
             q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base, query_pos0, R_h,
             W_h, sr_n, R_rows, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
-            BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
+            BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
         p = tl.math.exp2(s * scale_log2 - lse[:, None])
         offs_n = start + tl.arange(0, BLOCK_N)
         vt = tl.load(Vp + offs_n[None, :] * sv_n + offs_d[:, None],
-                     mask=(offs_n < size)[None, :], other=0.0)
+                     mask=_in_head_dim((offs_n < size)[None, :], offs_d[:, None], HEAD_DIM,
+                                       BLOCK_D), other=0.0)
         dp = _dot(do, vt, PRECISION)
         # gradient of the unscaled score (q + u).k (+ position term); without relative
         # positions the softmax scale is applied to dq once, at the end
@@ -431,15 +467,15 @@ def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, val
             # this tile's upper distances are complete (no later tile reaches them)
             grad_lower, grad_tile_upper = _band_gradient(ds, BLOCK_M, BLOCK_T)
             dq = _position_gradients(dq, grad_upper + grad_tile_upper, q, R_h, DR_h, DW_h,
-                                     sr_n, R_rows, query_pos0 - key_base - start, D, BLOCK_T,
-                                     BLOCK_D, PRECISION)
+                                     sr_n, R_rows, query_pos0 - key_base - start, HEAD_DIM,
+                                     BLOCK_T, BLOCK_D, PRECISION)
             grad_upper = grad_lower
     if REL_POS:
         if hi > first:  # the last tile's lower distances
             last = first + (hi - 1 - first) // BLOCK_N * BLOCK_N
             dq = _position_gradients(dq, grad_upper, q, R_h, DR_h, DW_h, sr_n, R_rows,
-                                     query_pos0 - key_base - last - BLOCK_T, D, BLOCK_T,
-                                     BLOCK_D, PRECISION)
+                                     query_pos0 - key_base - last - BLOCK_T, HEAD_DIM,
+                                     BLOCK_T, BLOCK_D, PRECISION)
     return dq
 
 
@@ -453,52 +489,53 @@ def _bwd_dq_kernel(
     H, n, m, cm, R_rows, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
     (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0, seg_hi, R_h,
      W_h, Pad_b) = _query_program(
         Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm, R_rows,
-        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D)
+        HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D, HEAD_DIM)
 
     # delta = rowsum(dO * O), stored for the dK/dV pass
+    tile_ok = _in_head_dim(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+                 mask=tile_ok, other=0.0)
     o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=tile_ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     stats = pid_bh.to(tl.int64) * n + offs_m
     tl.store(Delta + stats, delta, mask=row_ok)
     lse = tl.load(Lse + stats, mask=row_ok, other=float("inf"))
-    DR_h = DR + h * R_rows * BLOCK_D
+    DR_h = DR + h * R_rows * HEAD_DIM
     DW_h = DW + h * R_rows
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_source(
         dq, q, do, lse, delta, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
         sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, W_h, DR_h, DW_h,
-        sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD, CAUSAL, REL_POS,
+        sr_n, R_rows, scale_log2, scale, HEAD_DIM, False, HAS_PAD, CAUSAL, REL_POS,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
     dq = _dq_source(
         dq, q, do, lse, delta, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
         smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, W_h, DR_h, DW_h,
-        sr_n, R_rows, scale_log2, scale, BLOCK_D, False, HAS_PAD, CAUSAL, REL_POS,
+        sr_n, R_rows, scale_log2, scale, HEAD_DIM, False, HAS_PAD, CAUSAL, REL_POS,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
     dq = _dq_source(
         dq, q, do, lse, delta, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
         sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, W_h, DR_h, DW_h,
-        sr_n, R_rows, scale_log2, scale, BLOCK_D, True, HAS_PAD, CAUSAL, REL_POS,
+        sr_n, R_rows, scale_log2, scale, HEAD_DIM, True, HAS_PAD, CAUSAL, REL_POS,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
 
     # dq = content part + position part; with relative positions its sum over rows (the
     # gradient of q + u) is added into DQSUM (fp32 atomics)
     if not REL_POS:
         dq = dq * scale
-    tl.store(DQ + b * n * H * BLOCK_D + h * BLOCK_D + offs_m[:, None] * H * BLOCK_D
-             + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + b * n * H * HEAD_DIM + h * HEAD_DIM + offs_m[:, None] * H * HEAD_DIM
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok)
     if REL_POS:
-        tl.atomic_add(DQSUM + h * BLOCK_D + offs_d, tl.sum(dq, 0), sem="relaxed")
+        tl.atomic_add(DQSUM + h * HEAD_DIM + offs_d, tl.sum(dq, 0),
+                      mask=_in_head_dim(offs_d >= 0, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- backward: dK/dV
@@ -508,8 +545,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
                query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                REL_POS: tl.constexpr, USAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-               PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile (slots start.. of a source) against every query tile that sees it:
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
     USAGE the per-key softmax mass into Usage (this head's row of [B, H, L])."""
@@ -518,10 +555,10 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
     in_src = offs_n < size
     # key-major tiles ([keys, queries]): P^T and dS^T feed the dV / dK products directly
     k, key_ok, partial = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, is_segment,
-                                   True, HAS_PAD, BLOCK_N, BLOCK_D)
+                                   True, HAS_PAD, BLOCK_N, BLOCK_D, HEAD_DIM)
+    kv_ok = _in_head_dim(in_src[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D)
     if not USAGE:
-        v = tl.load(Vp + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_src[:, None],
-                    other=0.0)
+        v = tl.load(Vp + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     usage = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -535,8 +572,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
     for qs in range(q_lo, n, BLOCK_M):
         offs_m = qs + tl.arange(0, BLOCK_M)
         row_ok = offs_m < n
-        q = tl.load(Q + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok[:, None],
-                    other=0.0)
+        q_ok = _in_head_dim(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D)
+        q = tl.load(Q + offs_m[:, None] * sq_n + offs_d[None, :], mask=q_ok, other=0.0)
         lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
         apply_mask = partial
         if CAUSAL:  # the diagonal band: some segment key after some query
@@ -546,17 +583,16 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
             first = query_base + qs - key_base - start - BLOCK_T
             band = _position_band(
                 _position_scores(q, R_h, W_h, sr_n, R_rows, first, True, BLOCK_T, BLOCK_D,
-                                 PRECISION),
+                                 HEAD_DIM, PRECISION),
                 _position_scores(q, R_h, W_h, sr_n, R_rows, first + BLOCK_T, True, BLOCK_T,
-                                 BLOCK_D, PRECISION), q)
+                                 BLOCK_D, HEAD_DIM, PRECISION), q)
         s_t = _scores(q, k, band, query_base + qs, key_base + start, key_ok, apply_mask,
                       True, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if USAGE:
             usage += tl.sum(p_t, 1)
         else:
-            do = tl.load(DO + offs_m[:, None] * sdo_n + offs_d[None, :], mask=row_ok[:, None],
-                         other=0.0)
+            do = tl.load(DO + offs_m[:, None] * sdo_n + offs_d[None, :], mask=q_ok, other=0.0)
             delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
             dv += _dot(p_t.to(do.dtype), do, PRECISION)
             dp_t = _dot(v, tl.trans(do), PRECISION)
@@ -567,8 +603,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
     else:
         tile = offs_n[:, None] * row_stride + offs_d[None, :]
-        tl.store(DKp + tile, (dk * scale).to(DKp.dtype.element_ty), mask=in_src[:, None])
-        tl.store(DVp + tile, dv.to(DVp.dtype.element_ty), mask=in_src[:, None])
+        tl.store(DKp + tile, (dk * scale).to(DKp.dtype.element_ty), mask=kv_ok)
+        tl.store(DVp + tile, dv.to(DVp.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit(do_not_specialize=["sk_n", "sv_n", "smk_n", "smv_n", "sck_n", "scv_n", "n", "m", "cm",
@@ -582,7 +618,7 @@ def _bwd_dkdv_kernel(
     H, n, m, cm, R_rows, tiles_c, tiles_m, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -598,32 +634,32 @@ def _bwd_dkdv_kernel(
     R_h = R + h * sr_h
     W_h = W + h * R_rows
     Pad_b = Pad + b * spad_b
-    head = h * BLOCK_D  # offset of this (b, h) in a contiguous [B, S, H, D] gradient
+    head = h * HEAD_DIM  # offset of this (b, h) in a contiguous [B, S, H, D] gradient
     # the program's key tile lies in exactly one source: pick its tensors and bounds with
     # scalar selects, so that the tile code (and its shared memory) exists once
     is_segment = pid_n >= tiles_c + tiles_m
     Kp, Vp, sk, sv = K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, sk_n, sv_n
-    DKp, DVp = DK + b * n * H * BLOCK_D + head, DV + b * n * H * BLOCK_D + head
+    DKp, DVp = DK + b * n * H * HEAD_DIM + head, DV + b * n * H * HEAD_DIM + head
     size, valid_lo, key_base = n, n * 0, cm + m
     start = (pid_n - tiles_c - tiles_m) * BLOCK_N
     if pid_n < tiles_c:
         Kp, Vp, sk, sv = CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h, sck_n, scv_n
-        DKp, DVp = DCK + b * cm * H * BLOCK_D + head, DCV + b * cm * H * BLOCK_D + head
+        DKp, DVp = DCK + b * cm * H * HEAD_DIM + head, DCV + b * cm * H * HEAD_DIM + head
         size, valid_lo, key_base = cm, cm * 0, cm * 0
         if HAS_CMEM_LENS:
             valid_lo = cm - tl.load(CmemLens + b)
         start = pid_n * BLOCK_N
     elif pid_n < tiles_c + tiles_m:
         Kp, Vp, sk, sv = MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h, smk_n, smv_n
-        DKp, DVp = DMK + b * m * H * BLOCK_D + head, DMV + b * m * H * BLOCK_D + head
+        DKp, DVp = DMK + b * m * H * HEAD_DIM + head, DMV + b * m * H * HEAD_DIM + head
         size, valid_lo, key_base = m, m * 0, cm
         if HAS_MEM_LENS:
             valid_lo = m - tl.load(MemLens + b)
         start = (pid_n - tiles_c) * BLOCK_N
     _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
-               H * BLOCK_D, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
+               H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
                cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
-               REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
+               REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -688,7 +724,7 @@ class _Call:
         self.flags = dict(
             HAS_MEM_LENS=mem_lens is not None, HAS_CMEM_LENS=cmem_lens is not None,
             HAS_PAD=key_padding_mask is not None, CAUSAL=causal, REL_POS=rel_pos,
-            BLOCK_D=self.D, PRECISION=_dot_precision(q.dtype))
+            BLOCK_D=block_d(self.D), HEAD_DIM=self.D, PRECISION=_dot_precision(q.dtype))
 
     def meta(self, pass_name):
         """Constexpr flags and launch configuration of one pass."""
@@ -944,8 +980,8 @@ def _(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, r, u, v_b
 def _unsupported(dtype=None, head_dim=None, **_):
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} (needs float16, bfloat16 or float32)"
-    if head_dim not in HEAD_DIMS:
-        return f"head dim {head_dim} (needs one of {HEAD_DIMS})"
+    if head_dim is not None and head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} (needs at most {MAX_HEAD_DIM})"
     return None
 
 

@@ -38,7 +38,8 @@ import triton.language as tl
 from ct_kernels import dispatch
 from ct_kernels.launch import launch
 # the bf16-safe dot of the attention kernels (fp32 accumulation; exact in the CPU interpreter)
-from ct_kernels.ops.attention import _dot, _dot_precision
+# and their head-dim padding
+from ct_kernels.ops.attention import _dot, _dot_precision, block_d as _block_d
 
 LOG2E = 1.4426950408889634
 
@@ -254,11 +255,6 @@ def _recon_loss_bwd_kernel(
 def _unit_last_stride(t):
     # the kernels take any strides but the head dimension's, which must be 1
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _block_d(head_dim):
-    """Head dim padded to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 MAX_HEAD_DIM = 128
