@@ -3,12 +3,14 @@
 Backends register implementations per op with ``register``. ``backend="auto"`` picks the
 first backend in ``PREFERENCE`` that is available, runs on the inputs' device and accepts
 the inputs; naming a backend that cannot run the inputs is a ``ValueError`` saying why.
+CUDA inputs that only the reference accepts get a warning (once per op and reasons).
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
+import warnings
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
@@ -77,16 +79,37 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=5)  # the caller of the ct_kernels op
+
+
+def _warn_reference_fallback(op: str, declined: tuple) -> None:
+    """Warns (once per op and reasons) that CUDA inputs run on the reference implementation,
+    which materialises what the kernels avoid; silent while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in declined)
+    _warn_once(f"ct_kernels: {op} on CUDA tensors falls back to the reference implementation "
+               f"(unsupported by {reasons})")
+
+
 def resolve(op: str, backend: str, device: torch.device, **inputs) -> Callable:
     """The implementation of ``op`` that runs ``inputs`` (keyword facts about them)."""
     impls = _REGISTRY.get(op, {})
     if backend == "auto":
         available = available_backends()
+        declined = []  # (backend, reason) of faster backends that cannot run these inputs
         for name in PREFERENCE:
             impl = impls.get(name)
-            if (impl is not None and name in available and _runs_on(name, device)
-                    and (impl.unsupported is None or impl.unsupported(**inputs) is None)):
+            if impl is None or name not in available or not _runs_on(name, device):
+                continue
+            reason = impl.unsupported(**inputs) if impl.unsupported is not None else None
+            if reason is None:
+                if name == "reference" and declined and device.type == "cuda":
+                    _warn_reference_fallback(op, tuple(declined))
                 return impl.fn
+            declined.append((name, reason))
         raise AssertionError("the reference backend accepts every valid input")  # unreachable
     if backend not in PREFERENCE:
         raise ValueError(f"backend must be 'auto' or one of {PREFERENCE}, got {backend!r}")

@@ -1,5 +1,6 @@
 """Public API: dispatch, backends, and clear errors for bad inputs."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -139,3 +140,22 @@ def test_autoencoding_loss_bad_inputs():
 def test_validate_command_passes():
     from ct_kernels import validate
     assert validate.main(["--backend", "reference", "--seed", "3"]) == 0
+
+
+def test_auto_warns_once_when_cuda_inputs_fall_back_to_the_reference(monkeypatch):
+    """The reference materialises the scores: CUDA inputs that no kernel accepts say so."""
+    monkeypatch.setattr(dispatch, "available_backends", lambda: ["triton", "reference"])
+    dispatch._warn_once.cache_clear()
+    reference_fn = dispatch._REGISTRY["attention"]["reference"].fn
+    facts = dict(dtype=torch.bfloat16, head_dim=320, n=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch.resolve("attention", "auto", torch.device("cpu"), **facts)  # CPU: expected
+    with pytest.warns(UserWarning, match=r"attention on CUDA tensors falls back to the reference "
+                                         r"implementation \(unsupported by triton: head dim 320"):
+        assert dispatch.resolve("attention", "auto", torch.device("cuda"), **facts) is reference_fn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch.resolve("attention", "auto", torch.device("cuda"), **facts)  # once only
+        dispatch.resolve("attention", "auto", torch.device("cuda"),  # a kernel runs them
+                         dtype=torch.bfloat16, head_dim=96, n=4)
