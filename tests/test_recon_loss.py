@@ -88,6 +88,7 @@ def check_recon(B, n, H, D, ns, rate, dtype, seed=0):
     (1, 3, 1, 16, 130, 2),     # one compressed key past a whole tile
     (1, 9, 2, 24, 10, 5),      # head dim that is no power of two
     (1, 5, 1, 128, 9, 3),      # the GPU tiles of head dim 128
+    (1, 6, 2, 200, 11, 2),     # head dim padded to 256, the largest
 ])
 def test_recon_loss_interpreter(B, n, H, D, ns, rate, dtype):
     check_recon(B, n, H, D, ns, rate, dtype)
@@ -152,7 +153,7 @@ def test_recon_loss_strided_inputs_and_scale():
 
 
 @pytest.mark.parametrize("dtype,D,words", [(torch.float64, 16, "dtype torch.float64"),
-                                           (torch.float32, 160, "head dim 160")])
+                                           (torch.float32, 264, "head dim 264")])
 def test_recon_loss_triton_refuses_with_reason(dtype, D, words):
     tensors = [t.to(dtype) for t in _recon_inputs(1, 2, 1, D, 2, 2)]
     with pytest.raises(ValueError, match=words):
@@ -161,7 +162,7 @@ def test_recon_loss_triton_refuses_with_reason(dtype, D, words):
 
 @GPU
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
 @pytest.mark.parametrize("B,H,n,ns,rate", [(16, 8, 512, 512, 2), (8, 8, 768, 768, 3)])
 def test_recon_loss_gpu_paper_shapes(B, H, n, ns, rate, D, dtype):
     check_recon(B, n, H, D, ns, rate, dtype)

@@ -257,14 +257,16 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 256
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). D = 128: the fastest of the configurations timed
 # on the H200 by benchmarks/bench_recon_loss.py:sweep (benchmarks/NOTES.md); smaller head
-# dims: chosen to fit sm_90 registers without spills (ptxas -v). The forward holds two fp32
-# [BLOCK_M, D] tiles (O_old while O_comp accumulates). float32 tiles take twice the
+# dims and 256: chosen to fit sm_90 registers without spills (ptxas -v). The forward holds
+# two fp32 [BLOCK_M, D] tiles (O_old while O_comp accumulates). float32 tiles take twice the
 # registers and shared memory.
-FWD_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}
-BWD_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 128, 8, 3)}
+FWD_CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (64, 64, 4, 3),
+               256: (64, 32, 8, 2)}
+BWD_CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 128, 8, 3),
+               256: (32, 64, 8, 2)}
 FP32_FWD_CONFIG = (16, 32, 8, 2)
 FP32_BWD_CONFIG = (32, 32, 8, 2)
 
