@@ -47,13 +47,14 @@ def main():
     parser.add_argument("configs", nargs="*", help=f"any of {', '.join(CONFIGS)} (default: all)")
     parser.add_argument("--compiled", action="store_true",
                         help="the model under torch.compile (the kernels a compiled step runs)")
+    parser.add_argument("--rows", type=int, default=25, help="table rows (default 25)")
     options = parser.parse_args()
     names = options.configs or CONFIGS
     for name in names:
         if name not in CONFIGS:
             parser.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
     for name in names:
-        profile(name, compiled=options.compiled)
+        profile(name, rows=options.rows, compiled=options.compiled)
 
 
 if __name__ == "__main__":
