@@ -227,6 +227,7 @@ def test_custom_op_registration():
     (239, 256, 384, 64, torch.bfloat16), (1023, 512, 333, 128, torch.bfloat16),
     (1023, 0, 1023, 32, torch.float16), (239, 113, 256, 96, torch.bfloat16),
     (113, 64, 0, 256, torch.bfloat16), (512, 512, 512, 256, torch.float16),
+    (113, 40, 17, 24, torch.float16), (239, 0, 100, 80, torch.bfloat16),
 ])
 def test_gpu_shapes(n, m, cm, D, dtype):
     g = torch.Generator().manual_seed(n + m + cm + D)
@@ -240,6 +241,7 @@ def test_gpu_shapes(n, m, cm, D, dtype):
     (1, 32, 64, 64, torch.bfloat16), (239, 113, 256, 128, torch.bfloat16),
     (512, 512, 0, 32, torch.bfloat16), (239, 113, 256, 128, torch.float16),
     (239, 113, 256, 96, torch.bfloat16), (113, 64, 40, 256, torch.bfloat16),
+    (113, 40, 17, 24, torch.float16), (239, 0, 100, 80, torch.bfloat16),
 ])
 def test_gpu_relative_positions(n, m, cm, D, dtype):
     g = torch.Generator().manual_seed(n + D)
