@@ -53,8 +53,7 @@ LOG2E = 1.4426950408889634
 # 64 and 128 measured on the DESIGN.md shapes, best geometric mean; 16 and 32 follow 64;
 # relative positions at D = 64 on the d64 shape; their tiles re-measured with the packed
 # bands, benchmarks/NOTES.md, Attention sections 10-12; D = 256: the fastest of five
-# spill-free candidates per pass, and relative-position tiles chosen offline for registers,
-# section 16):
+# candidates per pass at B8-H8-n512-m512-cm1024, section 16):
 # (pass, BLOCK_D) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages), BLOCK_D the head
 # dim padded to a power of two (other head dims run on the padded tiles, masked). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
@@ -73,8 +72,8 @@ GPU_CONFIGS = {
     ("dkdv_rel", 16): (64, 64, 4, 1), ("dkdv_rel", 32): (64, 64, 4, 1),
     ("dkdv_rel", 64): (64, 64, 4, 1), ("dkdv_rel", 128): (32, 64, 4, 1),
     ("fwd", 256): (64, 32, 4, 2), ("dq", 256): (64, 32, 4, 2), ("dkdv", 256): (32, 64, 8, 1),
-    ("fwd_rel", 256): (16, 32, 4, 1), ("dq_rel", 256): (16, 32, 8, 1),
-    ("dkdv_rel", 256): (32, 16, 4, 1),
+    ("fwd_rel", 256): (32, 32, 4, 1), ("dq_rel", 256): (32, 32, 4, 1),
+    ("dkdv_rel", 256): (32, 32, 4, 1),
 }
 FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
