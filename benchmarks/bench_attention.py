@@ -31,6 +31,8 @@ SHAPES = {
     "long": (4, 8, 2048, 2048, 4096, 128),
 }
 RELPOS_SHAPES = ("pg19-like", "enwik8-like")
+# the tuning sweep's shapes: the benchmark's, and one for the head dim none of them has
+TUNE_SHAPES = {**SHAPES, "d256": (8, 8, 512, 512, 1024, 256)}
 CPU_SHAPES = {"cpu-small": (1, 2, 24, 16, 32, 16)}
 CSV = "attention.csv"
 # also timed as CUDA graph replays (provider "<name>-graph"): GPU time without the Python,
@@ -202,6 +204,15 @@ TUNE_CANDIDATES = {
                         (64, 32, 4, 2), (32, 64, 8, 2), (64, 64, 4, 1), (32, 64, 4, 1)],
     ("dkdv_rel", 64): [(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2),
                        (32, 128, 4, 2)],
+    ("fwd", 256): [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 4, 1)],
+    ("dq", 256): [(64, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 8, 1)],
+    ("dkdv", 256): [(64, 32, 8, 1), (32, 32, 8, 1), (32, 32, 4, 1), (64, 32, 8, 2), (32, 64, 8, 1)],
+    ("fwd_rel", 256): [(16, 32, 4, 1), (16, 16, 4, 1), (32, 32, 4, 1), (32, 32, 8, 1),
+                       (16, 32, 4, 2)],
+    ("dq_rel", 256): [(16, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1), (32, 32, 8, 1),
+                      (32, 32, 4, 1)],
+    ("dkdv_rel", 256): [(32, 16, 4, 1), (16, 32, 8, 1), (32, 32, 4, 1), (16, 16, 4, 1),
+                        (32, 32, 8, 1)],
 }
 
 
@@ -240,7 +251,7 @@ def _tune_jobs(passes=None):
         if passes and pass_name not in passes:
             continue
         rel_pos = pass_name.endswith("_rel")
-        names = [name for name, shape in SHAPES.items() if shape[-1] == head_dim]
+        names = [name for name, shape in TUNE_SHAPES.items() if shape[-1] == head_dim]
         if rel_pos:  # the relative-position shapes, or any shape of that head dim
             names = [name for name in names if name in RELPOS_SHAPES] or names
         for config in candidates:
@@ -253,7 +264,7 @@ def _compile_job(job):
     current = attention.GPU_CONFIGS[key]  # a worker runs several jobs: restore it after
     attention.GPU_CONFIGS[key] = config
     try:
-        launch = pass_launchers(make_inputs(SHAPES[names[0]], torch.bfloat16, "cuda", rel_pos))
+        launch = pass_launchers(make_inputs(TUNE_SHAPES[names[0]], torch.bfloat16, "cuda", rel_pos))
         launch[key[0].replace("_rel", "")]()
         torch.cuda.synchronize()
         return None
@@ -294,7 +305,8 @@ def tune(passes=None, workers: int = 8):
         attention.GPU_CONFIGS[key] = config
         for name in names:
             if (name, rel_pos) not in inputs:
-                inputs[(name, rel_pos)] = pass_launchers(make_inputs(SHAPES[name], torch.bfloat16, "cuda", rel_pos))
+                inputs[(name, rel_pos)] = pass_launchers(
+                    make_inputs(TUNE_SHAPES[name], torch.bfloat16, "cuda", rel_pos))
             try:
                 ms = harness.time_ms(inputs[(name, rel_pos)][key[0].replace("_rel", "")], rep_ms=100)
             except Exception:  # noqa: BLE001  (out of resources: not a candidate)
