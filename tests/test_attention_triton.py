@@ -201,6 +201,11 @@ def test_unsupported_inputs_are_named():
     q = torch.randn(1, 4, 1, 264, device=DEVICE)
     with pytest.raises(ValueError, match="head dim 264"):
         ct_kernels.compressive_attention(q, q, q, backend="triton")
+    q200 = q[..., :200]
+    with pytest.raises(ValueError, match="float32 with head dim 200"):
+        ct_kernels.compressive_attention(q200, q200, q200, backend="triton")
+    ct_kernels.compressive_attention(q200.bfloat16(), q200.bfloat16(), q200.bfloat16(),
+                                     backend="triton")  # 16-bit inputs: up to 256
     q64 = q[..., :16].double()
     with pytest.raises(ValueError, match="dtype"):
         ct_kernels.compressive_attention(q64, q64, q64, backend="triton")

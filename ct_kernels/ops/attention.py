@@ -79,6 +79,9 @@ FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / sh
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
 HEAD_DIMS = (16, 32, 64, 128, 256)  # the padded head dims (BLOCK_D) with tuned tiles
 MAX_HEAD_DIM = HEAD_DIMS[-1]
+# float32 (a correctness path) stops at 128: above it its tiles spill kilobytes per thread,
+# and it has not been run on a GPU
+FP32_MAX_HEAD_DIM = 128
 
 
 def block_d(head_dim: int) -> int:
@@ -983,6 +986,8 @@ def _unsupported(dtype=None, head_dim=None, **_):
         return f"dtype {dtype} (needs float16, bfloat16 or float32)"
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim} (needs at most {MAX_HEAD_DIM})"
+    if dtype == torch.float32 and head_dim is not None and head_dim > FP32_MAX_HEAD_DIM:
+        return f"float32 with head dim {head_dim} (float32 needs at most {FP32_MAX_HEAD_DIM})"
     return None
 
 

@@ -258,6 +258,7 @@ def _unit_last_stride(t):
 
 
 MAX_HEAD_DIM = 256
+FP32_MAX_HEAD_DIM = 128  # as the attention kernels' (float32 is a correctness path)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). D = 128: the fastest of the configurations timed
 # on the H200 by benchmarks/bench_recon_loss.py:sweep (benchmarks/NOTES.md); smaller head
 # dims and 256: chosen to fit sm_90 registers without spills (ptxas -v). The forward holds
@@ -372,6 +373,8 @@ def _unsupported(dtype=None, head_dim=None, **_):
         return f"dtype {dtype} (supported: float16, bfloat16, float32)"
     if head_dim is not None and head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    if dtype == torch.float32 and head_dim is not None and head_dim > FP32_MAX_HEAD_DIM:
+        return f"float32 with head dim {head_dim} > {FP32_MAX_HEAD_DIM}"
     return None
 
 
