@@ -25,6 +25,17 @@ _COMPILED: dict = {}
 _MAX_ENTRIES = 4096  # distinct shapes and kernels; cleared when exceeded
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain integer arithmetic: ``triton.cdiv`` called from Python goes
+    through Triton's JIT-function machinery, microseconds per call on the host."""
+    return -(-a // b)
+
+
+def next_power_of_2(x: int) -> int:
+    """The smallest power of two >= x (x >= 1); host-side, as ``cdiv``."""
+    return 1 << (x - 1).bit_length()
+
+
 def specialization_key(args: Sequence[Any]):
     """(key, aligned): the non-tensor arguments as they are (with their type where ``==``
     would confuse 1, 1.0 and True), each tensor's dtype; and whether every tensor's data

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ct_kernels import dispatch
-from ct_kernels.launch import launch
+from ct_kernels.launch import cdiv, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -86,7 +86,7 @@ FP32_MAX_HEAD_DIM = 128
 
 def block_d(head_dim: int) -> int:
     """The head dim padded to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
+    return max(16, next_power_of_2(head_dim))
 
 
 def launch_config(pass_name: str, head_dim: int, dtype: torch.dtype):
@@ -752,7 +752,7 @@ class _Call:
 def _launch_fwd(c, out, lse):
     """The forward pass: writes out and lse."""
     meta = c.meta("fwd")
-    grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
+    grid = (cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
     launch(_fwd_kernel, grid, (
         c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
@@ -772,14 +772,14 @@ def _forward_call(c):
 
 
 def _key_tiles(c, block_n):
-    return triton.cdiv(c.cm, block_n), triton.cdiv(c.m, block_n), triton.cdiv(c.n, block_n)
+    return cdiv(c.cm, block_n), cdiv(c.m, block_n), cdiv(c.n, block_n)
 
 
 def _launch_dq(c, out, grad_out, lse, delta, dq, rel_grads=None):
     """The dQ pass (also stores delta); with relative positions adds into rel_grads =
     (dr [H, R, D], dw [H, R], dq_sum [H, D]: the sum of dq over rows), fp32."""
     meta = c.meta("dq")
-    grid = (triton.cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
+    grid = (cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
     launch(_bwd_dq_kernel, grid, (
         c.q, *c.sources, out, grad_out, dq, lse, delta, *c.lens, c.pad, *c.rel,
         *(rel_grads or (c.q,) * 3),

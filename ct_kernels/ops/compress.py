@@ -26,7 +26,7 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ct_kernels import dispatch, reference
-from ct_kernels.launch import launch
+from ct_kernels.launch import cdiv, launch, next_power_of_2
 
 # memory_update's pool modes (csrc/compress.cu: enum Pool)
 POOL_NONE, POOL_MEAN, POOL_MAX, POOL_GIVEN = 0, 1, 2, 3
@@ -37,8 +37,8 @@ def _launch(kernel, rows, d, dtype, *args, **meta):
     """One program per (row, BLOCK_D columns). Every element is owned by one thread (no
     replication, which the in-place update relies on), 8 bf16 per thread at full width;
     accumulation in fp32 (fp64 for fp64)."""
-    block = max(32, min(1024, triton.next_power_of_2(d)))
-    launch(kernel, (rows, triton.cdiv(d, block)), args,
+    block = max(32, min(1024, next_power_of_2(d)))
+    launch(kernel, (rows, cdiv(d, block)), args,
            dict(meta, ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK_D=block,
                 num_warps=max(1, min(4, block // 256))))
 

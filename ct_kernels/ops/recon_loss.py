@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ct_kernels import dispatch
-from ct_kernels.launch import launch
+from ct_kernels.launch import cdiv, launch
 # the bf16-safe dot of the attention kernels (fp32 accumulation; exact in the CPU interpreter)
 # and their head-dim padding
 from ct_kernels.ops.attention import _dot, _dot_precision, block_d as _block_d
@@ -302,7 +302,7 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
     block_d = _block_d(D)
     block_m, block_n, num_warps, num_stages = config or _fwd_config(block_d, q.dtype)
     scales, scale_flag = _scale_args(scale)
-    grid = (-(-n // block_m), B * H)
+    grid = (cdiv(n, block_m), B * H)
     partial = _empty((B * H * grid[0],), torch.float32, q.device)
     if save_for_backward:
         diff = _empty(q.shape, q.dtype, q.device)
@@ -335,7 +335,7 @@ def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, c
     scales, scale_flag = _scale_args(scale)
     d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
     d_comp_v = _empty(comp_k.shape, comp_k.dtype, q.device)
-    launch(_recon_loss_bwd_kernel, (-(-nc // block_n), B * H), (
+    launch(_recon_loss_bwd_kernel, (cdiv(nc, block_n), B * H), (
         q, comp_k, comp_v, diff, lse, delta, grad_loss, d_comp_k, d_comp_v,
         *q.stride()[:3], *comp_k.stride()[:3], *comp_v.stride()[:3],
         H, n, nc, *scales, q.numel()), dict(
