@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ct_kernels import dispatch
-from ct_kernels.launch import launch
+from ct_kernels.launch import cdiv, launch
 # the bf16-safe dot of the attention kernels (fp32 accumulation; exact in the CPU interpreter)
 from ct_kernels.ops.attention import _dot, _dot_precision
 
@@ -96,7 +96,7 @@ class AutoencodingLossFunction(torch.autograd.Function):
         save = any(ctx.needs_input_grad[1:])
 
         block_m, block_n, block_k, num_warps, num_stages = _config(old.dtype)
-        grid = (-(-M // block_m), -(-N // block_n))
+        grid = (cdiv(M, block_m), cdiv(N, block_n))
         partial = _empty((grid[0] * grid[1],), torch.float32, old.device)
         resid = _empty((M, N), old.dtype, old.device) if save else old_mat
         launch(_autoencoding_loss_fwd_kernel, grid, (
