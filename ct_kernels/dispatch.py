@@ -81,7 +81,7 @@ def _runs_on(backend: str, device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=5)  # the caller of the ct_kernels op
+    warnings.warn(message, stacklevel=5)  # the caller of a ct_kernels.functional op
 
 
 def _warn_reference_fallback(op: str, declined: tuple) -> None:

@@ -236,7 +236,7 @@ arg_type = lambda n: (("*fp32" if n in fp32_buffers else "*" + dtype) if n in bu
                       scalar if n.endswith("_scale") else integer if n == "numel" else "i32")
 
 D = 128
-block_d = ops._block_d(D)
+block_d = ops.padded_head_dim(D)
 common = dict(HEAD_DIM=D, DEFAULT_SCALE=default_scale, BLOCK_D=block_d,
               DOT_PRECISION=ops._dot_precision(torch_dtype))
 block_m, block_n, _, _ = ops._fwd_config(block_d, torch_dtype)

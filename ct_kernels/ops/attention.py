@@ -84,7 +84,7 @@ MAX_HEAD_DIM = HEAD_DIMS[-1]
 FP32_MAX_HEAD_DIM = 128
 
 
-def block_d(head_dim: int) -> int:
+def padded_head_dim(head_dim: int) -> int:
     """The head dim padded to a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, next_power_of_2(head_dim))
 
@@ -94,7 +94,7 @@ def launch_config(pass_name: str, head_dim: int, dtype: torch.dtype):
         return INTERPRETER_CONFIG
     if dtype == torch.float32:
         return FP32_CONFIG
-    return GPU_CONFIGS[(pass_name, block_d(head_dim))]
+    return GPU_CONFIGS[(pass_name, padded_head_dim(head_dim))]
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -728,7 +728,7 @@ class _Call:
         self.flags = dict(
             HAS_MEM_LENS=mem_lens is not None, HAS_CMEM_LENS=cmem_lens is not None,
             HAS_PAD=key_padding_mask is not None, CAUSAL=causal, REL_POS=rel_pos,
-            BLOCK_D=block_d(self.D), HEAD_DIM=self.D, PRECISION=_dot_precision(q.dtype))
+            BLOCK_D=padded_head_dim(self.D), HEAD_DIM=self.D, PRECISION=_dot_precision(q.dtype))
 
     def meta(self, pass_name):
         """Constexpr flags and launch configuration of one pass."""

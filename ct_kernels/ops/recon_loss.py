@@ -37,9 +37,9 @@ import triton.language as tl
 
 from ct_kernels import dispatch
 from ct_kernels.launch import cdiv, launch
-# the bf16-safe dot of the attention kernels (fp32 accumulation; exact in the CPU interpreter)
-# and their head-dim padding
-from ct_kernels.ops.attention import _dot, _dot_precision, block_d as _block_d
+# from the attention kernels: the bf16-safe dot (fp32 accumulation; exact in the CPU
+# interpreter), the head-dim padding and the inputs they decline (dtype, head dim)
+from ct_kernels.ops.attention import _dot, _dot_precision, _unsupported, padded_head_dim
 
 LOG2E = 1.4426950408889634
 
@@ -257,8 +257,6 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-MAX_HEAD_DIM = 256
-FP32_MAX_HEAD_DIM = 128  # as the attention kernels' (float32 is a correctness path)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). D = 128: the fastest of the configurations timed
 # on the H200 by benchmarks/bench_recon_loss.py:sweep (benchmarks/NOTES.md); smaller head
 # dims and 256: chosen to fit sm_90 registers without spills (ptxas -v). The forward holds
@@ -299,7 +297,7 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
     scale: the softmax scale, None for head_dim ** -0.5.
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages), default ``_fwd_config``."""
     B, n, H, D = q.shape
-    block_d = _block_d(D)
+    block_d = padded_head_dim(D)
     block_m, block_n, num_warps, num_stages = config or _fwd_config(block_d, q.dtype)
     scales, scale_flag = _scale_args(scale)
     grid = (cdiv(n, block_m), B * H)
@@ -330,7 +328,7 @@ def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, c
     returns."""
     B, n, H, D = q.shape
     nc = comp_k.shape[1]
-    block_d = _block_d(D)
+    block_d = padded_head_dim(D)
     block_m, block_n, num_warps, num_stages = config or _bwd_config(block_d, q.dtype)
     scales, scale_flag = _scale_args(scale)
     d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
@@ -366,16 +364,6 @@ class ReconLossFunction(torch.autograd.Function):
                 d_comp_k if ctx.needs_input_grad[3] else None,
                 d_comp_v if ctx.needs_input_grad[4] else None,
                 None)
-
-
-def _unsupported(dtype=None, head_dim=None, **_):
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {dtype} (supported: float16, bfloat16, float32)"
-    if head_dim is not None and head_dim > MAX_HEAD_DIM:
-        return f"head dim {head_dim} > {MAX_HEAD_DIM}"
-    if dtype == torch.float32 and head_dim is not None and head_dim > FP32_MAX_HEAD_DIM:
-        return f"float32 with head dim {head_dim} > {FP32_MAX_HEAD_DIM}"
-    return None
 
 
 @dispatch.register("recon_loss", "triton", unsupported=_unsupported)
