@@ -6,7 +6,9 @@ Rows (benchmarks/results/attention.csv):
       K/V), flex (compiled flex_attention with a bottom-right causal block mask).
   op ``relpos_attention``: Transformer-XL relative positions on pg19-like and enwik8-like,
       providers ct_triton, naive (reference gather), flex (position scores materialized as
-      [B, H, n, L] and added in score_mod), sdpa_bias (a float bias [B, H, n, L]).
+      [B, H, n, L] and added in score_mod), sdpa_bias (a float bias [B, H, n, L]);
+      ct_triton_stored is ct_triton with store_score_grads=True (its backward keeps the
+      [B, H, n, L] score gradients instead of recomputing the scores).
 Modes fwd (no grad) and fwd+bwd (gradients for q, k, v, both memories and r, u, v).
 FLOPs = 4 B H D (n (m + cm) + n (n + 1) / 2), x3.5 for fwd+bwd (QK and PV only).
 Peers get the concatenated K/V: the torch.cat is part of their time, as for a user.
@@ -37,7 +39,7 @@ CPU_SHAPES = {"cpu-small": (1, 2, 24, 16, 32, 16)}
 CSV = "attention.csv"
 # also timed as CUDA graph replays (provider "<name>-graph"): GPU time without the Python,
 # autograd and launch work per call, which a training step overlaps with earlier GPU work
-GRAPH_PROVIDERS = ("ct_triton", "sdpa_flash", "flex")
+GRAPH_PROVIDERS = ("ct_triton", "ct_triton_stored", "sdpa_flash", "flex")
 
 
 def attention_flops(B, H, n, m, cm, D):
@@ -114,7 +116,8 @@ def providers(args, rel_pos, device):
                                              attn_mask=bias)
         return out.transpose(1, 2)
 
-    fns.update(flex=flex_positions, sdpa_bias=sdpa_bias)
+    fns.update(flex=flex_positions, sdpa_bias=sdpa_bias, ct_triton_stored=lambda: (
+        ct_kernels.compressive_attention(**args, backend="triton", store_score_grads=True)))
     return fns
 
 
@@ -216,6 +219,10 @@ TUNE_CANDIDATES = {
                       (32, 32, 4, 1)],
     ("dkdv_rel", 256): [(32, 16, 4, 1), (16, 32, 8, 1), (32, 32, 4, 1), (16, 16, 4, 1),
                         (32, 32, 8, 1)],
+    ("dq_stored_rel", 128): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2),
+                             (64, 128, 4, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
+    ("dq_stored_rel", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2),
+                            (64, 128, 4, 2)],
 }
 
 
@@ -241,10 +248,22 @@ def pass_launchers(args):
     grads = [torch.empty_like(tensors[k]) if tensors.get(k) is not None else dq
              for k in ("k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v")]
     scratch_out, scratch_lse, scratch_delta = torch.empty_like(out), torch.empty_like(lse), torch.empty_like(delta)
-    return {"fwd": lambda: attention._launch_fwd(call, scratch_out, scratch_lse),
-            "dq": lambda: attention._launch_dq(call, out, grad_out, lse, scratch_delta, dq,
-                                               rel_grads),
-            "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads)}
+    launchers = {"fwd": lambda: attention._launch_fwd(call, scratch_out, scratch_lse),
+                 "dq": lambda: attention._launch_dq(call, out, grad_out, lse, scratch_delta, dq,
+                                                    rel_grads),
+                 "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads)}
+    if r is not None:  # the backward from stored score gradients (store_score_grads=True)
+        score_grads = q.new_empty(call.B * call.H, call.n, call.cm + call.m + call.n)
+        attention._launch_dkdv(call, grad_out, lse, delta, grads, score_grads)
+        launchers["dkdv_stored"] = lambda: attention._launch_dkdv(call, grad_out, lse, delta,
+                                                                  grads, score_grads)
+        launchers["dq_stored"] = lambda: attention._launch_dq_stored(call, score_grads, dq,
+                                                                     rel_grads)
+    return launchers
+
+
+# the launch configuration a launcher of ``pass_launchers`` runs on, where it is another's
+CONFIG_OF = {"dkdv_stored": "dkdv"}
 
 
 def _tune_jobs(passes=None):

@@ -24,6 +24,7 @@ def compressive_attention(
     q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=None, *,
     mem_lens=None, cmem_lens=None, key_padding_mask=None, causal=True, scale=None,
     rel_pos: Optional[RelativePosition] = None, return_key_usage=False, backend="auto",
+    store_score_grads=False,
 ):
     """Attention of a segment's queries over ``[cmem | mem | segment]`` keys.
 
@@ -41,6 +42,10 @@ def compressive_attention(
         return_key_usage: also return usage [B, cm + m + n], the softmax mass each key
             received summed over heads and queries (no gradient).
         backend: "auto", "reference", "triton" or "cuda".
+        store_score_grads: with ``rel_pos`` on the Triton backend, the backward keeps the
+            score gradients ([B, H, n, cm + m + n] in q's dtype, alive during the backward)
+            and forms dq and the position gradients from them, instead of a second pass
+            that recomputes the scores: faster, for that much memory. Ignored otherwise.
 
     Returns:
         out [B, n, H, D], or (out, usage). A query that sees no key outputs zeros.
@@ -92,7 +97,8 @@ def compressive_attention(
                             key_padding=key_padding_mask is not None)
     return impl(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens=mem_lens, cmem_lens=cmem_lens,
                 key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                rel_pos=rel_pos, return_key_usage=return_key_usage)
+                rel_pos=rel_pos, return_key_usage=return_key_usage,
+                store_score_grads=bool(store_score_grads))
 
 
 def compress(x, rate, method, *, weight=None, bias=None, usage=None, backend="auto", **options):

@@ -71,12 +71,13 @@ SM90_MAX_SHARED = 232448  # bytes of shared memory one block may opt in to on sm
 
 
 def report(head_dim, rel_pos, compiled, dtype=torch.bfloat16):
-    """Compile the three passes for one head dim; print their resources; True if all fit."""
+    """Compile the passes for one head dim; print their resources; True if all fit."""
     suffix = "_rel" if rel_pos else ""
     args = bench_attention.make_inputs((1, 1, 128, 128, 128, head_dim), dtype, "cpu", rel_pos)
     fits = True
     for pass_name, launch in bench_attention.pass_launchers(args).items():
-        config = attention.launch_config(pass_name + suffix, head_dim, dtype)
+        config = attention.launch_config(bench_attention.CONFIG_OF.get(pass_name, pass_name)
+                                         + suffix, head_dim, dtype)
         label = pass_name + suffix + ("" if dtype == torch.bfloat16 else
                                       " " + str(dtype).split(".")[-1])
         del compiled[:]
@@ -116,7 +117,7 @@ def main():
             int(v) for v in values.split(","))
     triton.runtime.driver.set_active(_Sm90Driver())
     compiled = []
-    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel"):
         setattr(attention, name, _CompileOnly(getattr(attention, name), compiled))
     attention.dispatch.triton_interpreted = lambda: False
     dtype = getattr(torch, options.dtype)

@@ -102,11 +102,15 @@ def test_forward_and_gradients(B, n, H, D, m, cm, options, dtype):
     (2, 13, 1, 32, 7, 5, {"partial": True, "padding": True}),
     (1, 21, 2, 16, 0, 11, {"extra_rows": 29}),  # R well beyond L
 ])
-def test_relative_positions(B, n, H, D, m, cm, options, dtype):
+@pytest.mark.parametrize("store_score_grads", [False, True])
+def test_relative_positions(B, n, H, D, m, cm, options, dtype, store_score_grads):
+    """Both backwards: the dQ pass recomputing the scores, and the one reading the score
+    gradients the dK/dV pass stored (poisoned first: entries it did not write must not be
+    read)."""
     g = torch.Generator().manual_seed(7 + n)
     args = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=dtype, device=DEVICE,
                                            generator=g, rel_pos=True, **options)
-    check(args)
+    check(args, store_score_grads=store_score_grads)
 
 
 @pytest.mark.parametrize("rel_pos", [False, True])
@@ -214,12 +218,13 @@ def test_unsupported_inputs_are_named():
     assert torch.allclose(out, reference.compressive_attention(q, q, q))
 
 
-def test_custom_op_registration():
+@pytest.mark.parametrize("store_score_grads", [False, True])
+def test_custom_op_registration(store_score_grads):
     g = torch.Generator().manual_seed(9)
     a = testing.random_attention_inputs(1, 5, 1, 16, 3, 2, device=DEVICE, generator=g,
                                         rel_pos=True, requires_grad=True)
     args = (a["q"], a["k"], a["v"], a["mem_k"], a["mem_v"], a["cmem_k"], a["cmem_v"], None, None,
-            None, *a["rel_pos"], True, 0.25)
+            None, *a["rel_pos"], True, 0.25, store_score_grads)
     torch.library.opcheck(attention.attention_fwd, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -248,12 +253,13 @@ def test_gpu_shapes(n, m, cm, D, dtype):
     (239, 113, 256, 96, torch.bfloat16), (113, 64, 40, 256, torch.bfloat16),
     (113, 40, 17, 24, torch.float16), (239, 0, 100, 80, torch.bfloat16),
 ])
-def test_gpu_relative_positions(n, m, cm, D, dtype):
+@pytest.mark.parametrize("store_score_grads", [False, True])
+def test_gpu_relative_positions(n, m, cm, D, dtype, store_score_grads):
     g = torch.Generator().manual_seed(n + D)
     args = testing.random_attention_inputs(2, n, 2, D, m, cm, dtype=dtype,
                                            device="cuda", generator=g, partial=True,
                                            rel_pos=True)
-    check(args)
+    check(args, store_score_grads=store_score_grads)
 
 
 @GPU
@@ -295,7 +301,8 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(grad, a[k].grad, msg=k)
 
 
-def test_compiled_backward_reads_the_lengths_of_the_call():
+@pytest.mark.parametrize("store_score_grads", [False, True])
+def test_compiled_backward_reads_the_lengths_of_the_call(store_score_grads):
     # a caller that updates its length buffer in place after the call (as the model's
     # memories do) and clones it for the call: inductor drops that clone, so the backward
     # must not read the caller's buffer (it did, and saw the updated lengths)
@@ -307,7 +314,8 @@ def test_compiled_backward_reads_the_lengths_of_the_call():
     def layer(q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias, mem_lens):
         out = ct_kernels.compressive_attention(
             q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens=mem_lens.clone(),
-            rel_pos=ct_kernels.RelativePosition(r, u, v_bias), backend="triton")
+            rel_pos=ct_kernels.RelativePosition(r, u, v_bias), backend="triton",
+            store_score_grads=store_score_grads)
         mem_lens.add_(4).clamp_(max=6)  # the memory fills after the call
         return (out.float() ** 2).sum()
 
@@ -333,6 +341,21 @@ def test_gpu_tile_sizes(monkeypatch, config, rel_pos):
     args = testing.random_attention_inputs(2, 140, 1, 16, 70, 45, device=DEVICE, generator=g,
                                            partial=True, padding=True, rel_pos=rel_pos)
     check(args, usage=True)
+
+
+@pytest.mark.parametrize("dkdv,dq_stored", [((16, 16, 4, 1), (32, 16, 4, 1)),
+                                             ((32, 64, 4, 1), (64, 64, 4, 2)),
+                                             ((64, 32, 4, 1), (16, 32, 4, 2))])
+def test_stored_score_grads_whatever_the_two_passes_tiles(monkeypatch, dkdv, dq_stored):
+    # the dQ pass reads back only what the dK/dV pass wrote (the rest stays poisoned): query
+    # rows the dK/dV pass skips for a segment key tile, slots before a memory's valid ones
+    configs = {"dkdv_rel": dkdv, "dq_stored_rel": dq_stored}
+    monkeypatch.setattr(attention, "launch_config",
+                        lambda pass_name, *_: configs.get(pass_name, (16, 16, 4, 1)))
+    g = torch.Generator().manual_seed(13)
+    args = testing.random_attention_inputs(2, 150, 1, 16, 70, 45, device=DEVICE, generator=g,
+                                           partial=True, padding=True, rel_pos=True)
+    check(args, store_score_grads=True)
 
 
 def test_relative_positions_reject_taller_than_wide_query_tiles(monkeypatch):

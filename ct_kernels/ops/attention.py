@@ -57,7 +57,8 @@ LOG2E = 1.4426950408889634
 # (pass, BLOCK_D) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages), BLOCK_D the head
 # dim padded to a power of two (other head dims run on the padded tiles, masked). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
-# dQ passes need BLOCK_M <= BLOCK_N there).
+# dQ passes need BLOCK_M <= BLOCK_N there); "dq_stored_rel", the dQ pass from stored score
+# gradients (not yet swept: a first guess, benchmarks/NOTES.md, Attention section 17).
 GPU_CONFIGS = {
     ("fwd", 16): (128, 64, 4, 3), ("fwd", 32): (128, 64, 4, 3),
     ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (64, 64, 4, 3),
@@ -74,6 +75,9 @@ GPU_CONFIGS = {
     ("fwd", 256): (64, 32, 4, 2), ("dq", 256): (64, 32, 4, 2), ("dkdv", 256): (32, 64, 8, 1),
     ("fwd_rel", 256): (32, 32, 4, 1), ("dq_rel", 256): (32, 32, 4, 1),
     ("dkdv_rel", 256): (32, 32, 4, 1),
+    ("dq_stored_rel", 16): (64, 64, 4, 2), ("dq_stored_rel", 32): (64, 64, 4, 2),
+    ("dq_stored_rel", 64): (64, 64, 4, 2), ("dq_stored_rel", 128): (64, 64, 4, 2),
+    ("dq_stored_rel", 256): (64, 32, 4, 2),
 }
 FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
@@ -415,6 +419,33 @@ def _fwd_kernel(
 
 # ----------------------------------------------------------------------------- backward: dQ
 @triton.jit
+def _row_delta(Out, DO, Delta, b, h, pid_bh, offs_m, offs_d, row_ok, so_b, so_n, so_h, sdo_b,
+               sdo_n, sdo_h, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A query tile's dO, and delta = rowsum(dO * O), stored for the dK/dV pass."""
+    tile_ok = _in_head_dim(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :],
+                 mask=tile_ok, other=0.0)
+    o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * n + offs_m, delta, mask=row_ok)
+    return do, delta
+
+
+@triton.jit
+def _store_dq(DQ, DQSUM, dq, b, h, offs_m, offs_d, row_ok, n, H, REL_POS: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stores a query tile's dq (contiguous [B, n, H, D]); with relative positions its sum
+    over rows (the gradient of q + u) is added into DQSUM (fp32 atomics)."""
+    tl.store(DQ + b * n * H * HEAD_DIM + h * HEAD_DIM + offs_m[:, None] * H * HEAD_DIM
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=_in_head_dim(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D))
+    if REL_POS:
+        tl.atomic_add(DQSUM + h * HEAD_DIM + offs_d, tl.sum(dq, 0),
+                      mask=_in_head_dim(offs_d >= 0, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
+
+
+@triton.jit
 def _position_gradients(dq, grad, q, R_h, DR_h, DW_h, sr_n, R_rows, first,
                         HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
@@ -501,16 +532,9 @@ def _bwd_dq_kernel(
         Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm, R_rows,
         HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D, HEAD_DIM)
 
-    # delta = rowsum(dO * O), stored for the dK/dV pass
-    tile_ok = _in_head_dim(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :],
-                 mask=tile_ok, other=0.0)
-    o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
-                mask=tile_ok, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    stats = pid_bh.to(tl.int64) * n + offs_m
-    tl.store(Delta + stats, delta, mask=row_ok)
-    lse = tl.load(Lse + stats, mask=row_ok, other=float("inf"))
+    do, delta = _row_delta(Out, DO, Delta, b, h, pid_bh, offs_m, offs_d, row_ok, so_b, so_n,
+                           so_h, sdo_b, sdo_n, sdo_h, n, HEAD_DIM, BLOCK_D)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * n + offs_m, mask=row_ok, other=float("inf"))
     DR_h = DR + h * R_rows * HEAD_DIM
     DW_h = DW + h * R_rows
 
@@ -531,29 +555,103 @@ def _bwd_dq_kernel(
         sr_n, R_rows, scale_log2, scale, HEAD_DIM, True, HAS_PAD, CAUSAL, REL_POS,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T, PRECISION)
 
-    # dq = content part + position part; with relative positions its sum over rows (the
-    # gradient of q + u) is added into DQSUM (fp32 atomics)
     if not REL_POS:
         dq = dq * scale
-    tl.store(DQ + b * n * H * HEAD_DIM + h * HEAD_DIM + offs_m[:, None] * H * HEAD_DIM
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok)
-    if REL_POS:
-        tl.atomic_add(DQSUM + h * HEAD_DIM + offs_d, tl.sum(dq, 0),
-                      mask=_in_head_dim(offs_d >= 0, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
+    _store_dq(DQ, DQSUM, dq, b, h, offs_m, offs_d, row_ok, n, H, REL_POS, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------- backward: dQ from
+# stored score gradients (relative positions, ``store_score_grads``): the dK/dV pass runs first
+# and keeps the scaled score gradients dS [B*H, n, L]; this pass reads them back instead of
+# recomputing scores, probabilities and dP, and needs no re-alignment in registers: the
+# gradient of a distance d is a sheared read of dS (row i, key cm + m + i - d).
+@triton.jit
+def _bwd_delta_kernel(Out, DO, Delta, so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, H, n,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta = rowsum(dO * O), for a backward whose dK/dV pass runs before its dQ pass."""
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _row_delta(Out, DO, Delta, (pid_bh // H).to(tl.int64), pid_bh % H, pid_bh, offs_m,
+               tl.arange(0, BLOCK_D), offs_m < n, so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, n,
+               HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _stored_dq_source(dq, DS_rows, Kp, sk_n, size, valid_lo, hi, key_base, query_pos, row_ok,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """The content part of dQ from one key source: stored dS [BLOCK_M, keys] @ K over its
+    slots [valid_lo, hi). Only entries the dK/dV pass wrote are read (valid slots, keys at or
+    before the query)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = (offs_n >= valid_lo) & (offs_n < size)
+        written = (row_ok[:, None] & key_ok[None, :]
+                   & (key_base + offs_n[None, :] <= query_pos[:, None]))
+        ds = tl.load(DS_rows + key_base + offs_n[None, :], mask=written, other=0.0)
+        k = tl.load(Kp + offs_n[:, None] * sk_n + offs_d[None, :],
+                    mask=_in_head_dim(key_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D),
+                    other=0.0)
+        dq += _dot(ds, k, PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_stored_kernel(
+    Q, K, MK, CK, DS, DQ, MemLens, CmemLens, R, W, DR, DW, DQSUM,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, smk_b, smk_n, smk_h, sck_b, sck_n, sck_h, sr_h, sr_n,
+    H, n, m, cm, R_rows,
+    HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    (pid_bh, b, h, offs_m, offs_d, row_ok, q, valid_lo_c, valid_lo_m, query_pos0, seg_hi, R_h,
+     W_h, _) = _query_program(
+        Q, MemLens, CmemLens, R, W, Q, sq_b, sq_n, sq_h, 0, sr_h, H, n, m, cm, R_rows,
+        HAS_MEM_LENS, HAS_CMEM_LENS, True, BLOCK_M, BLOCK_D, HEAD_DIM)
+    L = cm + m + n
+    query_pos = query_pos0 + tl.arange(0, BLOCK_M)
+    DS_rows = DS + pid_bh.to(tl.int64) * n * L + offs_m[:, None].to(tl.int64) * L
+
+    # content part: dS against the keys of each source, oldest first
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _stored_dq_source(dq, DS_rows, CK + b * sck_b + h * sck_h, sck_n, cm, valid_lo_c, cm,
+                           0, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+    dq = _stored_dq_source(dq, DS_rows, MK + b * smk_b + h * smk_h, smk_n, m, valid_lo_m, m,
+                           cm, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+    dq = _stored_dq_source(dq, DS_rows, K + b * sk_b + h * sk_h, sk_n, n, 0, seg_hi, cm + m,
+                           query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+
+    # position part: distances d in tiles of BLOCK_N, up to the oldest valid key's distance
+    # from the tile's last row; row i's gradient of d is dS[i, j], j = cm + m + i - d (a
+    # sheared read; slots of a memory before its valid ones were never written)
+    oldest = tl.where(valid_lo_c < cm, valid_lo_c, tl.where(valid_lo_m < m, cm + valid_lo_m, cm + m))
+    DR_h = DR + h * R_rows * HEAD_DIM
+    DW_h = DW + h * R_rows
+    for first in range(0, query_pos0 + BLOCK_M - oldest, BLOCK_N):
+        j = query_pos[:, None] - (first + tl.arange(0, BLOCK_N))[None, :]
+        written = row_ok[:, None] & (j >= 0)
+        written = written & tl.where(j < cm, j >= valid_lo_c, (j >= cm + m) | (j - cm >= valid_lo_m))
+        grad = tl.load(DS_rows + j, mask=written, other=0.0).to(tl.float32)
+        dq = _position_gradients(dq, grad, q, R_h, DR_h, DW_h, sr_n, R_rows, first, HEAD_DIM,
+                                 BLOCK_N, BLOCK_D, PRECISION)
+    _store_dq(DQ, DQSUM, dq, b, h, offs_m, offs_d, row_ok, n, H, True, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- backward: dK/dV
 @triton.jit
-def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
-               row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n,
+def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
+               row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n, L,
                query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
-               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-               REL_POS: tl.constexpr, USAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
+               USAGE: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile (slots start.. of a source) against every query tile that sees it:
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
-    USAGE the per-key softmax mass into Usage (this head's row of [B, H, L])."""
+    USAGE the per-key softmax mass into Usage (this head's row of [B, H, L]). With
+    STORE_DS it also stores the scaled score gradients into this head's [n, L] rows of DS."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
@@ -602,6 +700,10 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
             dp_t = _dot(v, tl.trans(do), PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])  # the softmax scale is applied to dk at the end
             dk += _dot(ds_t.to(q.dtype), q, PRECISION)
+            if STORE_DS:  # as the dQ pass would use them: scaled, in the inputs' dtype
+                tl.store(DS_bh + offs_m[None, :].to(tl.int64) * L + key_base + offs_n[:, None],
+                         (ds_t * scale).to(DS_bh.dtype.element_ty),
+                         mask=in_src[:, None] & row_ok[None, :])
 
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
@@ -614,14 +716,14 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, D
 @triton.jit(do_not_specialize=["sk_n", "sv_n", "smk_n", "smv_n", "sck_n", "scv_n", "n", "m", "cm",
                                "tiles_c", "tiles_m"])
 def _bwd_dkdv_kernel(
-    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage,
+    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage, DS,
     MemLens, CmemLens, Pad, R, W,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
     sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n,
     H, n, m, cm, R_rows, tiles_c, tiles_m, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr, STORE_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -635,6 +737,7 @@ def _bwd_dkdv_kernel(
     stats = Lse + pid_bh.to(tl.int64) * n
     delta = Delta + pid_bh.to(tl.int64) * n
     usage = Usage + pid_bh.to(tl.int64) * L
+    DS_bh = DS + pid_bh.to(tl.int64) * n * L
     R_h = R + h * sr_h
     W_h = W + h * R_rows
     Pad_b = Pad + b * spad_b
@@ -660,10 +763,11 @@ def _bwd_dkdv_kernel(
         if HAS_MEM_LENS:
             valid_lo = m - tl.load(MemLens + b)
         start = (pid_n - tiles_c) * BLOCK_N
-    _dkdv_tile(Qb, DOb, stats, delta, usage, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
-               H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
+    _dkdv_tile(Qb, DOb, stats, delta, usage, DS_bh, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
+               H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n, L,
                cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
-               REL_POS, USAGE, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
+               REL_POS, USAGE, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T,
+               PRECISION)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -694,7 +798,7 @@ class _Call:
     With relative positions the kernels' query is q + u and w = (v - u).r is formed here."""
 
     def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                 key_padding_mask, r, u, v_bias, causal, scale):
+                 key_padding_mask, r, u, v_bias, causal, scale, store_score_grads=False):
         self.q = _last_dim_contiguous(q)
         self.B, self.n, self.H, self.D = q.shape
         self.m = 0 if mem_k is None else mem_k.shape[1]
@@ -725,6 +829,7 @@ class _Call:
         else:
             self.rel, self.r_strides, self.R_rows = (self.q, self.q), (0, 0), 0
         self.dtype, self.scale = q.dtype, scale
+        self.store_score_grads = rel_pos and store_score_grads
         self.flags = dict(
             HAS_MEM_LENS=mem_lens is not None, HAS_CMEM_LENS=cmem_lens is not None,
             HAS_PAD=key_padding_mask is not None, CAUSAL=causal, REL_POS=rel_pos,
@@ -738,7 +843,7 @@ class _Call:
         # BLOCK_T: half the width of a tile's position band. The query-major passes carry
         # half a band from one key tile to the next, BLOCK_N keys on, so T = BLOCK_N there.
         block_t = max(block_m, block_n) if pass_name == "dkdv" else block_n
-        if rel_pos and block_m > block_t:
+        if rel_pos and pass_name in ("fwd", "dq") and block_m > block_t:
             raise ValueError(f"relative positions need BLOCK_M <= BLOCK_N in the {pass_name} "
                              f"pass, got the configuration {(block_m, block_n)}")
         return dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
@@ -787,20 +892,46 @@ def _launch_dq(c, out, grad_out, lse, delta, dq, rel_grads=None):
         *c.pad_strides, *c.r_strides, *c.sizes, c.scale * LOG2E, c.scale), meta)
 
 
-def _launch_dkdv(c, grad_out, lse, delta, grads):
-    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v)."""
+def _launch_dkdv(c, grad_out, lse, delta, grads, score_grads=None):
+    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v). Given
+    score_grads [B * H, n, L], it also stores the scaled score gradients there."""
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
-        c.q, *c.sources, grad_out, lse, delta, *grads, lse, *c.lens, c.pad, *c.rel,
+        c.q, *c.sources, grad_out, lse, delta, *grads, lse,
+        lse if score_grads is None else score_grads, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
-        *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale), dict(meta, USAGE=False))
+        *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale),
+        dict(meta, USAGE=False, STORE_DS=score_grads is not None))
+
+
+def _launch_delta(c, out, grad_out, delta):
+    """delta = rowsum(dO * O) alone (the dQ pass computes it otherwise)."""
+    block_m = 64
+    launch(_bwd_delta_kernel, (cdiv(c.n, block_m), c.B * c.H), (
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), c.H, c.n),
+        dict(BLOCK_M=block_m, BLOCK_D=c.flags["BLOCK_D"], HEAD_DIM=c.D, num_warps=4,
+             num_stages=1))
+
+
+def _launch_dq_stored(c, score_grads, dq, rel_grads):
+    """dQ and the relative-position gradients rel_grads = (dr, dw, dq_sum) (added into)
+    from the score gradients the dK/dV pass stored."""
+    meta = c.meta("dq_stored")
+    k, _, mem_k, _, cmem_k, _ = c.sources
+    flags = {name: meta[name] for name in ("HAS_MEM_LENS", "HAS_CMEM_LENS", "BLOCK_M", "BLOCK_N",
+                                           "BLOCK_D", "HEAD_DIM", "PRECISION", "num_warps",
+                                           "num_stages")}
+    launch(_bwd_dq_stored_kernel, (cdiv(c.n, meta["BLOCK_M"]), c.B * c.H), (
+        c.q, k, mem_k, cmem_k, score_grads, dq, *c.lens, *c.rel, *rel_grads,
+        *_strides(c.q), *c.source_strides[0:3], *c.source_strides[6:9],
+        *c.source_strides[12:15], *c.r_strides, *c.sizes), flags)
 
 
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
-              key_padding_mask, r, u, v_bias, causal, scale):
+              key_padding_mask, r, u, v_bias, causal, scale, store_score_grads):
     c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
-              r, u, v_bias, causal, scale)
+              r, u, v_bias, causal, scale, store_score_grads)
     return _backward_call(c, grad_out, out, lse)
 
 
@@ -825,8 +956,14 @@ def _backward_call(c, grad_out, out, lse):
     rel_grads = torch.zeros(H * (R * D + R + D), dtype=torch.float32, device=device)
     dr, dw, dq_sum = rel_grads.split([H * R * D, H * R, H * D])
     dr, dw, dq_sum = dr.view(H, R, D), dw.view(H, R), dq_sum.view(H, D)
-    _launch_dq(c, out, grad_out, lse, delta, dq, (dr, dw, dq_sum))
-    _launch_dkdv(c, grad_out, lse, delta, grads)
+    if c.store_score_grads:
+        _launch_delta(c, out, grad_out, delta)
+        score_grads = _empty((B * H, n, c.cm + c.m + n), dtype, device)  # read where written
+        _launch_dkdv(c, grad_out, lse, delta, grads, score_grads)
+        _launch_dq_stored(c, score_grads, dq, (dr, dw, dq_sum))
+    else:
+        _launch_dq(c, out, grad_out, lse, delta, dq, (dr, dw, dq_sum))
+        _launch_dkdv(c, grad_out, lse, delta, grads)
     dvb = torch.bmm(dw.unsqueeze(1), c.r32).squeeze(1)  # sum over distances of dw r
     du = dq_sum - dvb
     dr = dr + dw[:, :, None] * c.bias_diff[:, None, :]
@@ -841,9 +978,9 @@ def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, 
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
-        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, *c.lens, c.pad, *c.rel,
+        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, usage, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
-        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale), dict(meta, USAGE=True))
+        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale), dict(meta, USAGE=True, STORE_DS=False))
     return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
 
 
@@ -861,12 +998,13 @@ def _lengths_copy(lens, like):
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mem_k: OptTensor, mem_v: OptTensor,
                   cmem_k: OptTensor, cmem_v: OptTensor, mem_lens: OptTensor,
                   cmem_lens: OptTensor, key_padding_mask: OptTensor, r: OptTensor,
-                  u: OptTensor, v_bias: OptTensor, causal: bool, scale: float
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  u: OptTensor, v_bias: OptTensor, causal: bool, scale: float,
+                  store_score_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out [B, n, H, D], lse [B, H, n] in log2 units, +inf for rows that see no key, and
     int32 copies of mem_lens and cmem_lens (empty when absent)). The backward reads the
     copies: a caller may update its length buffers in place after the call (the model's
-    memories do), and inductor can drop the caller's own defensive clone of them."""
+    memories do), and inductor can drop the caller's own defensive clone of them.
+    store_score_grads: how the backward runs (``compressive_attention``)."""
     out, lse = _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
                         key_padding_mask, r, u, v_bias, causal, scale)
     return out, lse, _lengths_copy(mem_lens, q), _lengths_copy(cmem_lens, q)
@@ -874,7 +1012,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mem_k: OptTensor, mem_v: OptT
 
 @attention_fwd.register_fake
 def _(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, r, u,
-      v_bias, causal, scale):
+      v_bias, causal, scale, store_score_grads):
     B, n, H, D = q.shape
     lengths = lambda t: q.new_empty(0 if t is None else t.shape[0], dtype=torch.int32)  # noqa: E731
     return (q.new_empty(B, n, H, D), q.new_empty(B, H, n, dtype=torch.float32),
@@ -886,19 +1024,19 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mem_k: OptT
                   mem_v: OptTensor, cmem_k: OptTensor, cmem_v: OptTensor, out: Tensor,
                   lse: Tensor, mem_lens: OptTensor, cmem_lens: OptTensor,
                   key_padding_mask: OptTensor, r: OptTensor, u: OptTensor, v_bias: OptTensor,
-                  causal: bool, scale: float
+                  causal: bool, scale: float, store_score_grads: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                              Tensor, Tensor]:
     """(dq, dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v, dr, du, dv_bias); absent inputs get
     empty gradients."""
     grads = _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
-                      cmem_lens, key_padding_mask, r, u, v_bias, causal, scale)
+                      cmem_lens, key_padding_mask, r, u, v_bias, causal, scale, store_score_grads)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @attention_bwd.register_fake
 def _(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
-      key_padding_mask, r, u, v_bias, causal, scale):
+      key_padding_mask, r, u, v_bias, causal, scale, store_score_grads):
     B, n, H, D = q.shape
     like = lambda t, *empty: q.new_empty(t.shape) if t is not None else q.new_empty(*empty)  # noqa: E731
     return (q.new_empty(B, n, H, D), q.new_empty(B, n, H, D), q.new_empty(B, n, H, D),
@@ -908,25 +1046,26 @@ def _(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, r, u,
-     v_bias, causal, scale) = inputs
+     v_bias, causal, scale, store_score_grads) = inputs
     out, lse, *lengths = output
     if lengths:  # the custom op's copies
         mem_lens, cmem_lens = (None if t.numel() == 0 else t for t in lengths)
     ctx.save_for_backward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
                           cmem_lens, key_padding_mask, r, u, v_bias)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.store_score_grads = causal, scale, store_score_grads
 
 
 def _gradients(ctx, grad_out, backward):
     """The inputs' gradients (None for absent or non-differentiable ones) from the saved
     tensors, by ``backward`` (the custom op, or ``_backward`` itself on the eager path)."""
     saved = ctx.saved_tensors
-    dq, dk, dv, dmk, dmv, dck, dcv, dr, du, dvb = backward(grad_out, *saved, ctx.causal, ctx.scale)
+    dq, dk, dv, dmk, dmv, dck, dcv, dr, du, dvb = backward(grad_out, *saved, ctx.causal, ctx.scale,
+                                                           ctx.store_score_grads)
     (_, _, _, mem_k, mem_v, cmem_k, cmem_v, _, _, _, _, _, r, u, v_bias) = saved
     given = lambda t, g: g if t is not None else None  # noqa: E731
     return (dq, dk, dv, given(mem_k, dmk), given(mem_v, dmv), given(cmem_k, dck),
             given(cmem_v, dcv), None, None, None, given(r, dr), given(u, du),
-            given(v_bias, dvb), None, None)
+            given(v_bias, dvb), None, None, None)
 
 
 def _attention_backward(ctx, grad_out, grad_lse, grad_mem_lens, grad_cmem_lens):
@@ -994,8 +1133,10 @@ def _unsupported(dtype=None, head_dim=None, **_):
 @dispatch.register("attention", "triton", unsupported=_unsupported)
 def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=None, *,
                           mem_lens=None, cmem_lens=None, key_padding_mask=None, causal=True,
-                          scale=None, rel_pos=None, return_key_usage=False):
-    """Same arguments and results as ``reference.compressive_attention``."""
+                          scale=None, rel_pos=None, return_key_usage=False,
+                          store_score_grads=False):
+    """Same arguments and results as ``reference.compressive_attention``; with relative
+    positions, store_score_grads selects the backward (``functional.compressive_attention``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     r, u, v_bias = rel_pos if rel_pos is not None else (None, None, None)
     if torch.compiler.is_compiling():
@@ -1006,7 +1147,7 @@ def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=N
     else:  # nothing to differentiate: no autograd node
         attention = _forward
     out, lse = attention(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                         key_padding_mask, r, u, v_bias, causal, scale)
+                         key_padding_mask, r, u, v_bias, causal, scale, bool(store_score_grads))
     if not return_key_usage:
         return out
     detach = lambda t: None if t is None else t.detach()  # noqa: E731

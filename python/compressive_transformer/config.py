@@ -22,6 +22,9 @@ class ModelConfig:
     parameter-free methods (mean, max, most_used).
     memory_layers: 0-based indices of the layers with memories (None: all).
     pre_ln: layer norm before attention/feed-forward (default: after, as the paper).
+    store_score_grads: the attention backward keeps each layer's score gradients
+        ([B, H, n, cm + m + n], one layer at a time) instead of recomputing the scores
+        (``ct_kernels.compressive_attention``): faster on the GPU, that much more memory.
     """
 
     vocab_size: int = 256
@@ -40,6 +43,7 @@ class ModelConfig:
     pre_ln: bool = False
     dropout: float = 0.1
     backend: str = "auto"
+    store_score_grads: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "layers", "heads", "ff_mult", "seg_len", "rate", "dilation"):

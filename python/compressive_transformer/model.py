@@ -166,7 +166,8 @@ class CompressiveLayer(nn.Module):
         attention mass [B, cm + m + n] each key received."""
         result = ct_kernels.compressive_attention(
             q, k, v, *mem_kv, *cmem_kv, mem_lens=mem_lens, cmem_lens=cmem_lens,
-            rel_pos=rel_pos, return_key_usage=want_usage, backend=self.config.backend)
+            rel_pos=rel_pos, return_key_usage=want_usage, backend=self.config.backend,
+            store_score_grads=self.config.store_score_grads)
         out, usage = result if want_usage else (result, None)
         return self.dropout(self.out_proj(out.flatten(2))), usage
 
