@@ -223,6 +223,9 @@ TUNE_CANDIDATES = {
                              (64, 128, 4, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
     ("dq_stored_rel", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2),
                             (64, 128, 4, 2)],
+    ("dkdv_stored_rel", 128): [(32, 64, 4, 1), (64, 64, 4, 1), (32, 64, 4, 2), (64, 64, 8, 1),
+                               (32, 128, 4, 1)],
+    ("dkdv_stored_rel", 64): [(64, 64, 4, 1), (32, 64, 4, 1), (64, 64, 4, 2), (32, 128, 4, 1)],
 }
 
 
@@ -253,17 +256,13 @@ def pass_launchers(args):
                                                     rel_grads),
                  "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads)}
     if r is not None:  # the backward from stored score gradients (store_score_grads=True)
-        score_grads = q.new_empty(call.B * call.H, call.n, call.cm + call.m + call.n)
+        score_grads = q.new_empty(2, call.B * call.H, call.n, call.cm + call.m + call.n)
         attention._launch_dkdv(call, grad_out, lse, delta, grads, score_grads)
         launchers["dkdv_stored"] = lambda: attention._launch_dkdv(call, grad_out, lse, delta,
                                                                   grads, score_grads)
         launchers["dq_stored"] = lambda: attention._launch_dq_stored(call, score_grads, dq,
                                                                      rel_grads)
     return launchers
-
-
-# the launch configuration a launcher of ``pass_launchers`` runs on, where it is another's
-CONFIG_OF = {"dkdv_stored": "dkdv"}
 
 
 def _tune_jobs(passes=None):

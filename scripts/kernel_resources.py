@@ -76,8 +76,7 @@ def report(head_dim, rel_pos, compiled, dtype=torch.bfloat16):
     args = bench_attention.make_inputs((1, 1, 128, 128, 128, head_dim), dtype, "cpu", rel_pos)
     fits = True
     for pass_name, launch in bench_attention.pass_launchers(args).items():
-        config = attention.launch_config(bench_attention.CONFIG_OF.get(pass_name, pass_name)
-                                         + suffix, head_dim, dtype)
+        config = attention.launch_config(pass_name + suffix, head_dim, dtype)
         label = pass_name + suffix + ("" if dtype == torch.bfloat16 else
                                       " " + str(dtype).split(".")[-1])
         del compiled[:]

@@ -349,7 +349,7 @@ def test_gpu_tile_sizes(monkeypatch, config, rel_pos):
 def test_stored_score_grads_whatever_the_two_passes_tiles(monkeypatch, dkdv, dq_stored):
     # the dQ pass reads back only what the dK/dV pass wrote (the rest stays poisoned): query
     # rows the dK/dV pass skips for a segment key tile, slots before a memory's valid ones
-    configs = {"dkdv_rel": dkdv, "dq_stored_rel": dq_stored}
+    configs = {"dkdv_stored_rel": dkdv, "dq_stored_rel": dq_stored}
     monkeypatch.setattr(attention, "launch_config",
                         lambda pass_name, *_: configs.get(pass_name, (16, 16, 4, 1)))
     g = torch.Generator().manual_seed(13)

@@ -57,8 +57,8 @@ LOG2E = 1.4426950408889634
 # (pass, BLOCK_D) -> (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages), BLOCK_D the head
 # dim padded to a power of two (other head dims run on the padded tiles, masked). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
-# dQ passes need BLOCK_M <= BLOCK_N there); "dq_stored_rel", the dQ pass from stored score
-# gradients (not yet swept: a first guess, benchmarks/NOTES.md, Attention section 17).
+# dQ passes need BLOCK_M <= BLOCK_N there); "dkdv_stored_rel" / "dq_stored_rel", the backward
+# from stored score gradients (benchmarks/NOTES.md, Attention section 17).
 GPU_CONFIGS = {
     ("fwd", 16): (128, 64, 4, 3), ("fwd", 32): (128, 64, 4, 3),
     ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (64, 64, 4, 3),
@@ -75,9 +75,12 @@ GPU_CONFIGS = {
     ("fwd", 256): (64, 32, 4, 2), ("dq", 256): (64, 32, 4, 2), ("dkdv", 256): (32, 64, 8, 1),
     ("fwd_rel", 256): (32, 32, 4, 1), ("dq_rel", 256): (32, 32, 4, 1),
     ("dkdv_rel", 256): (32, 32, 4, 1),
-    ("dq_stored_rel", 16): (64, 64, 4, 2), ("dq_stored_rel", 32): (64, 64, 4, 2),
-    ("dq_stored_rel", 64): (64, 64, 4, 2), ("dq_stored_rel", 128): (64, 64, 4, 2),
+    ("dq_stored_rel", 16): (128, 64, 4, 2), ("dq_stored_rel", 32): (128, 64, 4, 2),
+    ("dq_stored_rel", 64): (128, 64, 4, 2), ("dq_stored_rel", 128): (64, 64, 4, 3),
     ("dq_stored_rel", 256): (64, 32, 4, 2),
+    ("dkdv_stored_rel", 16): (64, 64, 4, 1), ("dkdv_stored_rel", 32): (64, 64, 4, 1),
+    ("dkdv_stored_rel", 64): (64, 64, 4, 1), ("dkdv_stored_rel", 128): (32, 64, 4, 1),
+    ("dkdv_stored_rel", 256): (32, 32, 4, 1),
 }
 FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
@@ -562,9 +565,10 @@ def _bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- backward: dQ from
 # stored score gradients (relative positions, ``store_score_grads``): the dK/dV pass runs first
-# and keeps the scaled score gradients dS [B*H, n, L]; this pass reads them back instead of
-# recomputing scores, probabilities and dP, and needs no re-alignment in registers: the
-# gradient of a distance d is a sheared read of dS (row i, key cm + m + i - d).
+# and keeps the scaled score gradients twice, by key (DS [B*H, n, L]) and by distance (DG, row
+# i's key j at column cm + m + i - j); this pass reads them back instead of recomputing scores,
+# probabilities and dP: DS against K, DG against r, with no re-alignment in registers, and
+# both read as whole aligned rows (a sheared read of DS alone costs more than the second store).
 @triton.jit
 def _bwd_delta_kernel(Out, DO, Delta, so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, H, n,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -599,8 +603,9 @@ def _stored_dq_source(dq, DS_rows, Kp, sk_n, size, valid_lo, hi, key_base, query
 
 @triton.jit
 def _bwd_dq_stored_kernel(
-    Q, K, MK, CK, DS, DQ, MemLens, CmemLens, R, W, DR, DW, DQSUM,
+    Q, K, MK, CK, DS, DG, DQ, MemLens, CmemLens, R, W, DR, DW, DQSUM,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, smk_b, smk_n, smk_h, sck_b, sck_n, sck_h, sr_h, sr_n,
+    sds_n,
     H, n, m, cm, R_rows,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -610,9 +615,9 @@ def _bwd_dq_stored_kernel(
      W_h, _) = _query_program(
         Q, MemLens, CmemLens, R, W, Q, sq_b, sq_n, sq_h, 0, sr_h, H, n, m, cm, R_rows,
         HAS_MEM_LENS, HAS_CMEM_LENS, True, BLOCK_M, BLOCK_D, HEAD_DIM)
-    L = cm + m + n
     query_pos = query_pos0 + tl.arange(0, BLOCK_M)
-    DS_rows = DS + pid_bh.to(tl.int64) * n * L + offs_m[:, None].to(tl.int64) * L
+    rows = pid_bh.to(tl.int64) * n * sds_n + offs_m[:, None].to(tl.int64) * sds_n
+    DS_rows, DG_rows = DS + rows, DG + rows
 
     # content part: dS against the keys of each source, oldest first
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -623,17 +628,18 @@ def _bwd_dq_stored_kernel(
     dq = _stored_dq_source(dq, DS_rows, K + b * sk_b + h * sk_h, sk_n, n, 0, seg_hi, cm + m,
                            query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
 
-    # position part: distances d in tiles of BLOCK_N, up to the oldest valid key's distance
-    # from the tile's last row; row i's gradient of d is dS[i, j], j = cm + m + i - d (a
-    # sheared read; slots of a memory before its valid ones were never written)
+    # position part: the gradients by distance d (DG), in tiles of BLOCK_N up to the oldest
+    # valid key's distance from the tile's last row; only entries written are read (row i's
+    # key j = cm + m + i - d exists, and is not a memory slot before the valid ones)
     oldest = tl.where(valid_lo_c < cm, valid_lo_c, tl.where(valid_lo_m < m, cm + valid_lo_m, cm + m))
     DR_h = DR + h * R_rows * HEAD_DIM
     DW_h = DW + h * R_rows
     for first in range(0, query_pos0 + BLOCK_M - oldest, BLOCK_N):
-        j = query_pos[:, None] - (first + tl.arange(0, BLOCK_N))[None, :]
+        dist = first + tl.arange(0, BLOCK_N)
+        j = query_pos[:, None] - dist[None, :]
         written = row_ok[:, None] & (j >= 0)
         written = written & tl.where(j < cm, j >= valid_lo_c, (j >= cm + m) | (j - cm >= valid_lo_m))
-        grad = tl.load(DS_rows + j, mask=written, other=0.0).to(tl.float32)
+        grad = tl.load(DG_rows + dist[None, :], mask=written, other=0.0).to(tl.float32)
         dq = _position_gradients(dq, grad, q, R_h, DR_h, DW_h, sr_n, R_rows, first, HEAD_DIM,
                                  BLOCK_N, BLOCK_D, PRECISION)
     _store_dq(DQ, DQSUM, dq, b, h, offs_m, offs_d, row_ok, n, H, True, HEAD_DIM, BLOCK_D)
@@ -641,8 +647,8 @@ def _bwd_dq_stored_kernel(
 
 # ----------------------------------------------------------------------------- backward: dK/dV
 @triton.jit
-def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, sq_n, sdo_n, Kp, Vp, sk_n, sv_n, DKp, DVp,
-               row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n, L,
+def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk_n, sv_n,
+               DKp, DVp, row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n,
                query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
                USAGE: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -651,7 +657,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, sq_n, sdo_n, Kp, Vp, sk_n, sv_n,
     """One key tile (slots start.. of a source) against every query tile that sees it:
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
     USAGE the per-key softmax mass into Usage (this head's row of [B, H, L]). With
-    STORE_DS it also stores the scaled score gradients into this head's [n, L] rows of DS."""
+    STORE_DS it also stores the scaled score gradients into this head's rows (stride sds_n)
+    of DS, by key, and of DG, by distance."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
@@ -700,10 +707,13 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, sq_n, sdo_n, Kp, Vp, sk_n, sv_n,
             dp_t = _dot(v, tl.trans(do), PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])  # the softmax scale is applied to dk at the end
             dk += _dot(ds_t.to(q.dtype), q, PRECISION)
-            if STORE_DS:  # as the dQ pass would use them: scaled, in the inputs' dtype
-                tl.store(DS_bh + offs_m[None, :].to(tl.int64) * L + key_base + offs_n[:, None],
-                         (ds_t * scale).to(DS_bh.dtype.element_ty),
-                         mask=in_src[:, None] & row_ok[None, :])
+            if STORE_DS:  # as the dQ pass uses them: scaled, in the inputs' dtype
+                ds_kept = (ds_t * scale).to(DS_bh.dtype.element_ty)
+                rows = offs_m[None, :].to(tl.int64) * sds_n
+                kept = in_src[:, None] & row_ok[None, :]
+                tl.store(DS_bh + rows + key_base + offs_n[:, None], ds_kept, mask=kept)
+                dist = query_base + offs_m[None, :] - key_base - offs_n[:, None]
+                tl.store(DG_bh + rows + dist, ds_kept, mask=kept & (dist >= 0))
 
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
@@ -716,11 +726,11 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, sq_n, sdo_n, Kp, Vp, sk_n, sv_n,
 @triton.jit(do_not_specialize=["sk_n", "sv_n", "smk_n", "smv_n", "sck_n", "scv_n", "n", "m", "cm",
                                "tiles_c", "tiles_m"])
 def _bwd_dkdv_kernel(
-    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage, DS,
+    Q, K, V, MK, MV, CK, CV, DO, Lse, Delta, DK, DV, DMK, DMV, DCK, DCV, Usage, DS, DG,
     MemLens, CmemLens, Pad, R, W,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
-    sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n,
+    sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n, sds_n,
     H, n, m, cm, R_rows, tiles_c, tiles_m, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr, STORE_DS: tl.constexpr,
@@ -737,7 +747,8 @@ def _bwd_dkdv_kernel(
     stats = Lse + pid_bh.to(tl.int64) * n
     delta = Delta + pid_bh.to(tl.int64) * n
     usage = Usage + pid_bh.to(tl.int64) * L
-    DS_bh = DS + pid_bh.to(tl.int64) * n * L
+    DS_bh = DS + pid_bh.to(tl.int64) * n * sds_n
+    DG_bh = DG + pid_bh.to(tl.int64) * n * sds_n
     R_h = R + h * sr_h
     W_h = W + h * R_rows
     Pad_b = Pad + b * spad_b
@@ -763,8 +774,8 @@ def _bwd_dkdv_kernel(
         if HAS_MEM_LENS:
             valid_lo = m - tl.load(MemLens + b)
         start = (pid_n - tiles_c) * BLOCK_N
-    _dkdv_tile(Qb, DOb, stats, delta, usage, DS_bh, sq_n, sdo_n, Kp, Vp, sk, sv, DKp, DVp,
-               H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n, L,
+    _dkdv_tile(Qb, DOb, stats, delta, usage, DS_bh, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk, sv,
+               DKp, DVp, H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
                cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
                REL_POS, USAGE, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T,
                PRECISION)
@@ -842,7 +853,7 @@ class _Call:
             pass_name + ("_rel" if rel_pos else ""), self.D, self.dtype)
         # BLOCK_T: half the width of a tile's position band. The query-major passes carry
         # half a band from one key tile to the next, BLOCK_N keys on, so T = BLOCK_N there.
-        block_t = max(block_m, block_n) if pass_name == "dkdv" else block_n
+        block_t = max(block_m, block_n) if pass_name.startswith("dkdv") else block_n
         if rel_pos and pass_name in ("fwd", "dq") and block_m > block_t:
             raise ValueError(f"relative positions need BLOCK_M <= BLOCK_N in the {pass_name} "
                              f"pass, got the configuration {(block_m, block_n)}")
@@ -894,14 +905,16 @@ def _launch_dq(c, out, grad_out, lse, delta, dq, rel_grads=None):
 
 def _launch_dkdv(c, grad_out, lse, delta, grads, score_grads=None):
     """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v). Given
-    score_grads [B * H, n, L], it also stores the scaled score gradients there."""
-    meta = c.meta("dkdv")
+    score_grads [2, B * H, n, >= L], it also stores the scaled score gradients there, by key
+    and by distance."""
+    meta = c.meta("dkdv" if score_grads is None else "dkdv_stored")
+    kept = (lse, lse, 0) if score_grads is None else (*score_grads, score_grads.stride(2))
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
         c.q, *c.sources, grad_out, lse, delta, *grads, lse,
-        lse if score_grads is None else score_grads, *c.lens, c.pad, *c.rel,
+        *kept[:2], *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
-        *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale),
+        kept[2], *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale),
         dict(meta, USAGE=False, STORE_DS=score_grads is not None))
 
 
@@ -923,9 +936,9 @@ def _launch_dq_stored(c, score_grads, dq, rel_grads):
                                            "BLOCK_D", "HEAD_DIM", "PRECISION", "num_warps",
                                            "num_stages")}
     launch(_bwd_dq_stored_kernel, (cdiv(c.n, meta["BLOCK_M"]), c.B * c.H), (
-        c.q, k, mem_k, cmem_k, score_grads, dq, *c.lens, *c.rel, *rel_grads,
+        c.q, k, mem_k, cmem_k, *score_grads, dq, *c.lens, *c.rel, *rel_grads,
         *_strides(c.q), *c.source_strides[0:3], *c.source_strides[6:9],
-        *c.source_strides[12:15], *c.r_strides, *c.sizes), flags)
+        *c.source_strides[12:15], *c.r_strides, score_grads.stride(2), *c.sizes), flags)
 
 
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
@@ -958,7 +971,8 @@ def _backward_call(c, grad_out, out, lse):
     dr, dw, dq_sum = dr.view(H, R, D), dw.view(H, R), dq_sum.view(H, D)
     if c.store_score_grads:
         _launch_delta(c, out, grad_out, delta)
-        score_grads = _empty((B * H, n, c.cm + c.m + n), dtype, device)  # read where written
+        # by key and by distance; rows padded to 16 elements (aligned loads); read where written
+        score_grads = _empty((2, B * H, n, cdiv(c.cm + c.m + n, 16) * 16), dtype, device)
         _launch_dkdv(c, grad_out, lse, delta, grads, score_grads)
         _launch_dq_stored(c, score_grads, dq, (dr, dw, dq_sum))
     else:
@@ -978,8 +992,8 @@ def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, 
     meta = c.meta("dkdv")
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
-        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, usage, *c.lens, c.pad, *c.rel,
-        *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
+        c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, usage, usage, *c.lens, c.pad,
+        *c.rel, *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides, 0,
         *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale), dict(meta, USAGE=True, STORE_DS=False))
     return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
 
