@@ -43,9 +43,10 @@ def compressive_attention(
             received summed over heads and queries (no gradient).
         backend: "auto", "reference", "triton" or "cuda".
         store_score_grads: with ``rel_pos`` on the Triton backend, the backward keeps the
-            score gradients ([B, H, n, cm + m + n] in q's dtype, alive during the backward)
-            and forms dq and the position gradients from them, instead of a second pass
-            that recomputes the scores: faster, for that much memory. Ignored otherwise.
+            score gradients (by key and by distance: twice [B, H, n, cm + m + n] in q's
+            dtype, alive during the backward) and forms dq and the position gradients from
+            them, instead of a second pass that recomputes the scores: faster, for that much
+            memory. Ignored otherwise.
 
     Returns:
         out [B, n, H, D], or (out, usage). A query that sees no key outputs zeros.

@@ -23,7 +23,7 @@ class ModelConfig:
     memory_layers: 0-based indices of the layers with memories (None: all).
     pre_ln: layer norm before attention/feed-forward (default: after, as the paper).
     store_score_grads: the attention backward keeps each layer's score gradients
-        ([B, H, n, cm + m + n], one layer at a time) instead of recomputing the scores
+        (twice [B, H, n, cm + m + n], one layer at a time) instead of recomputing the scores
         (``ct_kernels.compressive_attention``): faster on the GPU, that much more memory.
     """
 
