@@ -123,13 +123,15 @@ def test_train_resume_eval_generate(tmp_path, capsys):
     text.write_bytes(english_like(12_000))
     out = tmp_path / "run"
     main(["train", "--data", str(text), "--out", str(out), "--steps", "30", "--batch", "4",
-          "--eval-every", "15", "--eval-batch", "2", "--warmup", "5", "--lr", "1e-2", *SMALL_MODEL])
+          "--eval-every", "15", "--eval-batch", "2", "--warmup", "5", "--lr", "1e-2",
+          "--recompute-scores", *SMALL_MODEL])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     val = [r["bpc"] for r in rows if r["split"] == "val"]
     assert len(val) == 2 and val[-1] < 5.0  # uniform bytes cost 8 bits
     assert (out / "last.pt").exists() and (out / "loss.png").stat().st_size > 0
     assert not [f for f in os.listdir(out) if ".tmp" in f]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 30
+    first = torch.load(out / "last.pt", weights_only=False)
+    assert first["step"] == 30 and first["model_config"]["store_score_grads"] is False
 
     main(["train", "--data", str(text), "--out", str(out), "--steps", "40", "--batch", "4",
           "--eval-every", "100", "--eval-batch", "2", "--resume", *SMALL_MODEL])

@@ -49,6 +49,9 @@ def _add_train(sub):
     g.add_argument("--pre-ln", action="store_true", default=None)
     g.add_argument("--dropout", type=float)
     g.add_argument("--backend", choices=("auto", "reference", "triton", "cuda"))
+    g.add_argument("--recompute-scores", dest="store_score_grads", action="store_false",
+                   default=None, help="attention backward recomputing the scores instead of "
+                   "keeping their gradients (slower on the GPU, less memory)")
 
 
 def _run_train(args):

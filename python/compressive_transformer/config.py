@@ -71,6 +71,8 @@ class ModelConfig:
                              "use compress_loss 'none'")
         if self.cmem_len and self.seg_len % self.rate:
             raise ValueError(f"rate ({self.rate}) must divide seg_len ({self.seg_len})")
+        if not isinstance(self.store_score_grads, bool):
+            raise TypeError(f"store_score_grads must be a bool, got {self.store_score_grads!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.memory_layers is not None:
