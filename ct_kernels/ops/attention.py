@@ -86,6 +86,9 @@ FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / sh
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
 HEAD_DIMS = (16, 32, 64, 128, 256)  # the padded head dims (BLOCK_D) with tuned tiles
 MAX_HEAD_DIM = HEAD_DIMS[-1]
+# the stored score gradients' column blocks (one per key source) are padded to this, the
+# widest key tile of the storing dK/dV pass
+SCORE_GRAD_COLUMNS = 128
 # float32 (a correctness path) stops at 128: above it its tiles spill kilobytes per thread,
 # and it has not been run on a GPU
 FP32_MAX_HEAD_DIM = 128
@@ -565,8 +568,9 @@ def _bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- backward: dQ from
 # stored score gradients (relative positions, ``store_score_grads``): the dK/dV pass runs first
-# and keeps the scaled score gradients twice, by key (DS [B*H, n, L]) and by distance (DG, row
-# i's key j at column cm + m + i - j); this pass reads them back instead of recomputing scores,
+# and keeps the scaled score gradients twice, by key (DS [B*H, n, >= L], each source's columns
+# in a block padded to SCORE_GRAD_COLUMNS: 0, ds_col_m, ds_col_s) and by distance (DG, row i's key j at
+# column cm + m + i - j); this pass reads them back instead of recomputing scores,
 # probabilities and dP: DS against K, DG against r, with no re-alignment in registers, and
 # both read as whole aligned rows (a sheared read of DS alone costs more than the second store).
 @triton.jit
@@ -581,19 +585,20 @@ def _bwd_delta_kernel(Out, DO, Delta, so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, H, 
 
 
 @triton.jit
-def _stored_dq_source(dq, DS_rows, Kp, sk_n, size, valid_lo, hi, key_base, query_pos, row_ok,
+def _stored_dq_source(dq, DS_src, Kp, sk_n, size, valid_lo, hi, key_base, query_pos, row_ok,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                       PRECISION: tl.constexpr):
     """The content part of dQ from one key source: stored dS [BLOCK_M, keys] @ K over its
-    slots [valid_lo, hi). Only entries the dK/dV pass wrote are read (valid slots, keys at or
-    before the query)."""
+    slots [valid_lo, hi) (DS_src: the query rows' pointers to the source's first column). Only
+    entries the dK/dV pass wrote are read (valid slots, keys at or before the query)."""
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         key_ok = (offs_n >= valid_lo) & (offs_n < size)
         written = (row_ok[:, None] & key_ok[None, :]
                    & (key_base + offs_n[None, :] <= query_pos[:, None]))
-        ds = tl.load(DS_rows + key_base + offs_n[None, :], mask=written, other=0.0)
+        # whole aligned rows (vector loads), the entries not written dropped after the load
+        ds = tl.where(written, tl.load(DS_src + offs_n[None, :], mask=row_ok[:, None]), 0.0)
         k = tl.load(Kp + offs_n[:, None] * sk_n + offs_d[None, :],
                     mask=_in_head_dim(key_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D),
                     other=0.0)
@@ -605,7 +610,7 @@ def _stored_dq_source(dq, DS_rows, Kp, sk_n, size, valid_lo, hi, key_base, query
 def _bwd_dq_stored_kernel(
     Q, K, MK, CK, DS, DG, DQ, MemLens, CmemLens, R, W, DR, DW, DQSUM,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, smk_b, smk_n, smk_h, sck_b, sck_n, sck_h, sr_h, sr_n,
-    sds_n,
+    sds_n, ds_col_m, ds_col_s,
     H, n, m, cm, R_rows,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -623,10 +628,11 @@ def _bwd_dq_stored_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _stored_dq_source(dq, DS_rows, CK + b * sck_b + h * sck_h, sck_n, cm, valid_lo_c, cm,
                            0, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
-    dq = _stored_dq_source(dq, DS_rows, MK + b * smk_b + h * smk_h, smk_n, m, valid_lo_m, m,
-                           cm, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
-    dq = _stored_dq_source(dq, DS_rows, K + b * sk_b + h * sk_h, sk_n, n, 0, seg_hi, cm + m,
-                           query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+    dq = _stored_dq_source(dq, DS_rows + ds_col_m, MK + b * smk_b + h * smk_h, smk_n, m,
+                           valid_lo_m, m, cm, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM,
+                           PRECISION)
+    dq = _stored_dq_source(dq, DS_rows + ds_col_s, K + b * sk_b + h * sk_h, sk_n, n, 0, seg_hi,
+                           cm + m, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
 
     # position part: the gradients by distance d (DG), in tiles of BLOCK_N up to the oldest
     # valid key's distance from the tile's last row; only entries written are read (row i's
@@ -639,7 +645,8 @@ def _bwd_dq_stored_kernel(
         j = query_pos[:, None] - dist[None, :]
         written = row_ok[:, None] & (j >= 0)
         written = written & tl.where(j < cm, j >= valid_lo_c, (j >= cm + m) | (j - cm >= valid_lo_m))
-        grad = tl.load(DG_rows + dist[None, :], mask=written, other=0.0).to(tl.float32)
+        grad = tl.load(DG_rows + dist[None, :], mask=row_ok[:, None] & (dist < sds_n)[None, :])
+        grad = tl.where(written, grad.to(tl.float32), 0.0)
         dq = _position_gradients(dq, grad, q, R_h, DR_h, DW_h, sr_n, R_rows, first, HEAD_DIM,
                                  BLOCK_N, BLOCK_D, PRECISION)
     _store_dq(DQ, DQSUM, dq, b, h, offs_m, offs_d, row_ok, n, H, True, HEAD_DIM, BLOCK_D)
@@ -647,7 +654,7 @@ def _bwd_dq_stored_kernel(
 
 # ----------------------------------------------------------------------------- backward: dK/dV
 @triton.jit
-def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk_n, sv_n,
+def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk_n, sv_n,
                DKp, DVp, row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n,
                query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
@@ -658,7 +665,7 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, DG_bh, sds_n, sq_n, sdo_n, Kp, V
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
     USAGE the per-key softmax mass into Usage (this head's row of [B, H, L]). With
     STORE_DS it also stores the scaled score gradients into this head's rows (stride sds_n)
-    of DS, by key, and of DG, by distance."""
+    of DS, by key (DS_src: the source's first column), and of DG, by distance."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
@@ -708,12 +715,13 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_bh, DG_bh, sds_n, sq_n, sdo_n, Kp, V
             ds_t = p_t * (dp_t - delta[None, :])  # the softmax scale is applied to dk at the end
             dk += _dot(ds_t.to(q.dtype), q, PRECISION)
             if STORE_DS:  # as the dQ pass uses them: scaled, in the inputs' dtype
-                ds_kept = (ds_t * scale).to(DS_bh.dtype.element_ty)
+                ds_kept = (ds_t * scale).to(DS_src.dtype.element_ty)
                 rows = offs_m[None, :].to(tl.int64) * sds_n
-                kept = in_src[:, None] & row_ok[None, :]
-                tl.store(DS_bh + rows + key_base + offs_n[:, None], ds_kept, mask=kept)
+                # by key: whole columns (keys past the source land in its padding, never read)
+                tl.store(DS_src + rows + offs_n[:, None], ds_kept, mask=row_ok[None, :])
                 dist = query_base + offs_m[None, :] - key_base - offs_n[:, None]
-                tl.store(DG_bh + rows + dist, ds_kept, mask=kept & (dist >= 0))
+                tl.store(DG_bh + rows + dist, ds_kept,
+                         mask=in_src[:, None] & row_ok[None, :] & (dist >= 0))
 
     if USAGE:
         tl.store(Usage + key_base + offs_n, usage, mask=in_src)
@@ -730,7 +738,7 @@ def _bwd_dkdv_kernel(
     MemLens, CmemLens, Pad, R, W,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
-    sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n, sds_n,
+    sdo_b, sdo_n, sdo_h, spad_b, spad_n, sr_h, sr_n, sds_n, ds_col_m, ds_col_s,
     H, n, m, cm, R_rows, tiles_c, tiles_m, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr, STORE_DS: tl.constexpr,
@@ -758,23 +766,23 @@ def _bwd_dkdv_kernel(
     is_segment = pid_n >= tiles_c + tiles_m
     Kp, Vp, sk, sv = K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, sk_n, sv_n
     DKp, DVp = DK + b * n * H * HEAD_DIM + head, DV + b * n * H * HEAD_DIM + head
-    size, valid_lo, key_base = n, n * 0, cm + m
+    size, valid_lo, key_base, DS_src = n, n * 0, cm + m, DS_bh + ds_col_s
     start = (pid_n - tiles_c - tiles_m) * BLOCK_N
     if pid_n < tiles_c:
         Kp, Vp, sk, sv = CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h, sck_n, scv_n
         DKp, DVp = DCK + b * cm * H * HEAD_DIM + head, DCV + b * cm * H * HEAD_DIM + head
-        size, valid_lo, key_base = cm, cm * 0, cm * 0
+        size, valid_lo, key_base, DS_src = cm, cm * 0, cm * 0, DS_bh
         if HAS_CMEM_LENS:
             valid_lo = cm - tl.load(CmemLens + b)
         start = pid_n * BLOCK_N
     elif pid_n < tiles_c + tiles_m:
         Kp, Vp, sk, sv = MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h, smk_n, smv_n
         DKp, DVp = DMK + b * m * H * HEAD_DIM + head, DMV + b * m * H * HEAD_DIM + head
-        size, valid_lo, key_base = m, m * 0, cm
+        size, valid_lo, key_base, DS_src = m, m * 0, cm, DS_bh + ds_col_m
         if HAS_MEM_LENS:
             valid_lo = m - tl.load(MemLens + b)
         start = (pid_n - tiles_c) * BLOCK_N
-    _dkdv_tile(Qb, DOb, stats, delta, usage, DS_bh, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk, sv,
+    _dkdv_tile(Qb, DOb, stats, delta, usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk, sv,
                DKp, DVp, H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
                cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
                REL_POS, USAGE, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T,
@@ -908,14 +916,27 @@ def _launch_dkdv(c, grad_out, lse, delta, grads, score_grads=None):
     score_grads [2, B * H, n, >= L], it also stores the scaled score gradients there, by key
     and by distance."""
     meta = c.meta("dkdv" if score_grads is None else "dkdv_stored")
-    kept = (lse, lse, 0) if score_grads is None else (*score_grads, score_grads.stride(2))
+    if score_grads is not None and meta["BLOCK_N"] > SCORE_GRAD_COLUMNS:
+        raise ValueError(f"the storing dK/dV pass takes key tiles of at most "
+                         f"{SCORE_GRAD_COLUMNS}, got {meta['BLOCK_N']}")
+    kept = (lse, lse, 0, 0, 0) if score_grads is None else (*score_grads, *_score_grad_columns(c))
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
         c.q, *c.sources, grad_out, lse, delta, *grads, lse,
         *kept[:2], *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
-        kept[2], *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale),
+        *kept[2:], *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale),
         dict(meta, USAGE=False, STORE_DS=score_grads is not None))
+
+
+def _score_grad_columns(c):
+    """(row length, first column of the memory's keys, of the segment's) of the stored score
+    gradients by key: each source's columns padded to a multiple of SCORE_GRAD_COLUMNS, so
+    that a key tile's gradients are stored and read as aligned vectors, unmasked along the
+    keys (a tile's keys past its source land in the padding)."""
+    col_m = cdiv(c.cm, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
+    col_s = col_m + cdiv(c.m, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
+    return col_s + cdiv(c.n, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS, col_m, col_s
 
 
 def _launch_delta(c, out, grad_out, delta):
@@ -938,7 +959,7 @@ def _launch_dq_stored(c, score_grads, dq, rel_grads):
     launch(_bwd_dq_stored_kernel, (cdiv(c.n, meta["BLOCK_M"]), c.B * c.H), (
         c.q, k, mem_k, cmem_k, *score_grads, dq, *c.lens, *c.rel, *rel_grads,
         *_strides(c.q), *c.source_strides[0:3], *c.source_strides[6:9],
-        *c.source_strides[12:15], *c.r_strides, score_grads.stride(2), *c.sizes), flags)
+        *c.source_strides[12:15], *c.r_strides, *_score_grad_columns(c), *c.sizes), flags)
 
 
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
@@ -971,8 +992,8 @@ def _backward_call(c, grad_out, out, lse):
     dr, dw, dq_sum = dr.view(H, R, D), dw.view(H, R), dq_sum.view(H, D)
     if c.store_score_grads:
         _launch_delta(c, out, grad_out, delta)
-        # by key and by distance; rows padded to 16 elements (aligned loads); read where written
-        score_grads = _empty((2, B * H, n, cdiv(c.cm + c.m + n, 16) * 16), dtype, device)
+        # by key and by distance (read where written)
+        score_grads = _empty((2, B * H, n, _score_grad_columns(c)[0]), dtype, device)
         _launch_dkdv(c, grad_out, lse, delta, grads, score_grads)
         _launch_dq_stored(c, score_grads, dq, (dr, dw, dq_sum))
     else:
@@ -993,7 +1014,8 @@ def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, 
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
         c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, usage, usage, *c.lens, c.pad,
-        *c.rel, *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides, 0,
+        *c.rel, *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
+        0, 0, 0,
         *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale), dict(meta, USAGE=True, STORE_DS=False))
     return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
 
