@@ -16,7 +16,11 @@ Kernels (one program per (tile, batch*head)):
   - ``_bwd_dkdv_kernel``: one key tile of one source against every query tile that sees it:
     dK, dV. With ``USAGE`` it instead sums the softmax
     mass each key receives (a pass over K only, recomputing probabilities from the saved
-    LSE; heads are reduced on the host, so the usage is deterministic).
+    LSE; heads are reduced on the host, so the usage is deterministic). With ``STORE_DS``
+    (relative positions, ``store_score_grads``) it also keeps the score gradients, by key
+    and by distance, for
+  - ``_bwd_dq_stored_kernel``: dQ, dr, dw from those stored gradients (no recompute); it
+    replaces the dQ pass, and ``_bwd_delta_kernel`` computes delta before the dK/dV pass.
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Any head dim up to 256 runs: the
 tiles' head-dim width BLOCK_D is HEAD_DIM padded to a power of two, and only where it pads do
@@ -75,8 +79,8 @@ GPU_CONFIGS = {
     ("fwd", 256): (64, 32, 4, 2), ("dq", 256): (64, 32, 4, 2), ("dkdv", 256): (32, 64, 8, 1),
     ("fwd_rel", 256): (32, 32, 4, 1), ("dq_rel", 256): (32, 32, 4, 1),
     ("dkdv_rel", 256): (32, 32, 4, 1),
-    ("dq_stored_rel", 16): (128, 64, 4, 2), ("dq_stored_rel", 32): (128, 64, 4, 2),
-    ("dq_stored_rel", 64): (128, 64, 4, 2), ("dq_stored_rel", 128): (64, 64, 4, 3),
+    ("dq_stored_rel", 16): (64, 64, 4, 3), ("dq_stored_rel", 32): (64, 64, 4, 3),
+    ("dq_stored_rel", 64): (64, 64, 4, 3), ("dq_stored_rel", 128): (64, 64, 4, 3),
     ("dq_stored_rel", 256): (64, 32, 4, 2),
     ("dkdv_stored_rel", 16): (64, 64, 4, 1), ("dkdv_stored_rel", 32): (64, 64, 4, 1),
     ("dkdv_stored_rel", 64): (64, 64, 4, 1), ("dkdv_stored_rel", 128): (32, 64, 4, 1),
