@@ -572,11 +572,12 @@ def _bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- backward: dQ from
 # stored score gradients (relative positions, ``store_score_grads``): the dK/dV pass runs first
-# and keeps the scaled score gradients twice, by key (DS [B*H, n, >= L], each source's columns
-# in a block padded to SCORE_GRAD_COLUMNS: 0, ds_col_m, ds_col_s) and by distance (DG, row i's key j at
-# column cm + m + i - j); this pass reads them back instead of recomputing scores,
-# probabilities and dP: DS against K, DG against r, with no re-alignment in registers, and
-# both read as whole aligned rows (a sheared read of DS alone costs more than the second store).
+# and keeps the scaled score gradients twice, by key (DS [B*H, n, row], each source's columns
+# in a block padded to SCORE_GRAD_COLUMNS, from columns 0, ds_col_m, ds_col_s) and by distance
+# (DG, row i's key j at column cm + m + i - j); this pass reads them back instead of
+# recomputing scores, probabilities and dP: DS against K, DG against r, with no re-alignment
+# in registers, both as whole aligned rows (vector loads; a sheared read of DS alone costs
+# more than the second store), the entries the dK/dV pass did not write dropped after loading.
 @triton.jit
 def _bwd_delta_kernel(Out, DO, Delta, so_b, so_n, so_h, sdo_b, sdo_n, sdo_h, H, n,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -594,7 +595,7 @@ def _stored_dq_source(dq, DS_src, Kp, sk_n, size, valid_lo, hi, key_base, query_
                       PRECISION: tl.constexpr):
     """The content part of dQ from one key source: stored dS [BLOCK_M, keys] @ K over its
     slots [valid_lo, hi) (DS_src: the query rows' pointers to the source's first column). Only
-    entries the dK/dV pass wrote are read (valid slots, keys at or before the query)."""
+    entries the dK/dV pass wrote are used (valid slots, keys at or before the query)."""
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(valid_lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -639,16 +640,18 @@ def _bwd_dq_stored_kernel(
                            cm + m, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
 
     # position part: the gradients by distance d (DG), in tiles of BLOCK_N up to the oldest
-    # valid key's distance from the tile's last row; only entries written are read (row i's
+    # valid key's distance from the tile's last row; only entries written are used (row i's
     # key j = cm + m + i - d exists, and is not a memory slot before the valid ones)
-    oldest = tl.where(valid_lo_c < cm, valid_lo_c, tl.where(valid_lo_m < m, cm + valid_lo_m, cm + m))
+    oldest = tl.where(valid_lo_c < cm, valid_lo_c,
+                      tl.where(valid_lo_m < m, cm + valid_lo_m, cm + m))
     DR_h = DR + h * R_rows * HEAD_DIM
     DW_h = DW + h * R_rows
     for first in range(0, query_pos0 + BLOCK_M - oldest, BLOCK_N):
         dist = first + tl.arange(0, BLOCK_N)
         j = query_pos[:, None] - dist[None, :]
         written = row_ok[:, None] & (j >= 0)
-        written = written & tl.where(j < cm, j >= valid_lo_c, (j >= cm + m) | (j - cm >= valid_lo_m))
+        written = written & tl.where(j < cm, j >= valid_lo_c,
+                                     (j >= cm + m) | (j - cm >= valid_lo_m))
         grad = tl.load(DG_rows + dist[None, :], mask=row_ok[:, None] & (dist < sds_n)[None, :])
         grad = tl.where(written, grad.to(tl.float32), 0.0)
         dq = _position_gradients(dq, grad, q, R_h, DR_h, DW_h, sr_n, R_rows, first, HEAD_DIM,
@@ -787,9 +790,9 @@ def _bwd_dkdv_kernel(
             valid_lo = m - tl.load(MemLens + b)
         start = (pid_n - tiles_c) * BLOCK_N
     _dkdv_tile(Qb, DOb, stats, delta, usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk, sv,
-               DKp, DVp, H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start, is_segment, n,
-               cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD, CAUSAL,
-               REL_POS, USAGE, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T,
+               DKp, DVp, H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start,
+               is_segment, n, cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD,
+               CAUSAL, REL_POS, USAGE, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T,
                PRECISION)
 
 
