@@ -256,8 +256,7 @@ def pass_launchers(args):
                                                     rel_grads),
                  "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads)}
     if r is not None:  # the backward from stored score gradients (store_score_grads=True)
-        columns = attention._score_grad_columns(call)[0]
-        score_grads = q.new_empty(2, call.B * call.H, call.n, columns)
+        score_grads = q.new_empty(2, call.B * call.H, call.n, call.score_grad_columns[0])
         attention._launch_dkdv(call, grad_out, lse, delta, grads, score_grads)
         launchers["dkdv_stored"] = lambda: attention._launch_dkdv(call, grad_out, lse, delta,
                                                                   grads, score_grads)

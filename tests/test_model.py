@@ -248,6 +248,7 @@ def test_generate_and_sample():
     (dict(mem_len=-1), ValueError, "mem_len"),
     (dict(memory_layers=(2,)), ValueError, "memory_layers"),
     (dict(dropout=1.0), ValueError, "dropout"),
+    (dict(store_score_grads="yes"), TypeError, "store_score_grads"),
 ])
 def test_bad_configuration(bad, error, match):
     with pytest.raises(error, match=match):

@@ -41,6 +41,7 @@ Gradients: dq = dqu; du = sum_i dqu_i - dw.r; dv = dw.r; dr = dr(band) + dw (v -
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -875,6 +876,17 @@ class _Call:
         return dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
                     num_warps=warps, num_stages=stages)
 
+    @cached_property
+    def score_grad_columns(self):
+        """(row length, first column of the memory's keys, of the segment's) of the stored
+        score gradients by key: each source's columns padded to a multiple of
+        SCORE_GRAD_COLUMNS, so that a key tile's gradients are stored and read as aligned
+        vectors, unmasked along the keys (a tile's keys past its source land in the
+        padding)."""
+        col_m = cdiv(self.cm, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
+        col_s = col_m + cdiv(self.m, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
+        return col_s + cdiv(self.n, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS, col_m, col_s
+
     @property
     def sizes(self):
         return (self.H, self.n, self.m, self.cm, self.R_rows)
@@ -926,24 +938,16 @@ def _launch_dkdv(c, grad_out, lse, delta, grads, score_grads=None):
     if score_grads is not None and meta["BLOCK_N"] > SCORE_GRAD_COLUMNS:
         raise ValueError(f"the storing dK/dV pass takes key tiles of at most "
                          f"{SCORE_GRAD_COLUMNS}, got {meta['BLOCK_N']}")
-    kept = (lse, lse, 0, 0, 0) if score_grads is None else (*score_grads, *_score_grad_columns(c))
+    # pointers to the by-key and by-distance buffers and their column layout (placeholders
+    # when nothing is stored)
+    stored, columns = ((lse, lse), (0, 0, 0)) if score_grads is None else (
+        score_grads, c.score_grad_columns)
     tiles_c, tiles_m, tiles_s = _key_tiles(c, meta["BLOCK_N"])
     launch(_bwd_dkdv_kernel, (tiles_c + tiles_m + tiles_s, c.B * c.H), (
-        c.q, *c.sources, grad_out, lse, delta, *grads, lse,
-        *kept[:2], *c.lens, c.pad, *c.rel,
+        c.q, *c.sources, grad_out, lse, delta, *grads, lse, *stored, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
-        *kept[2:], *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale),
+        *columns, *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale),
         dict(meta, USAGE=False, STORE_DS=score_grads is not None))
-
-
-def _score_grad_columns(c):
-    """(row length, first column of the memory's keys, of the segment's) of the stored score
-    gradients by key: each source's columns padded to a multiple of SCORE_GRAD_COLUMNS, so
-    that a key tile's gradients are stored and read as aligned vectors, unmasked along the
-    keys (a tile's keys past its source land in the padding)."""
-    col_m = cdiv(c.cm, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
-    col_s = col_m + cdiv(c.m, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
-    return col_s + cdiv(c.n, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS, col_m, col_s
 
 
 def _launch_delta(c, out, grad_out, delta):
@@ -966,7 +970,7 @@ def _launch_dq_stored(c, score_grads, dq, rel_grads):
     launch(_bwd_dq_stored_kernel, (cdiv(c.n, meta["BLOCK_M"]), c.B * c.H), (
         c.q, k, mem_k, cmem_k, *score_grads, dq, *c.lens, *c.rel, *rel_grads,
         *_strides(c.q), *c.source_strides[0:3], *c.source_strides[6:9],
-        *c.source_strides[12:15], *c.r_strides, *_score_grad_columns(c), *c.sizes), flags)
+        *c.source_strides[12:15], *c.r_strides, *c.score_grad_columns, *c.sizes), flags)
 
 
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
@@ -1000,7 +1004,7 @@ def _backward_call(c, grad_out, out, lse):
     if c.store_score_grads:
         _launch_delta(c, out, grad_out, delta)
         # by key and by distance (read where written)
-        score_grads = _empty((2, B * H, n, _score_grad_columns(c)[0]), dtype, device)
+        score_grads = _empty((2, B * H, n, c.score_grad_columns[0]), dtype, device)
         _launch_dkdv(c, grad_out, lse, delta, grads, score_grads)
         _launch_dq_stored(c, score_grads, dq, (dr, dw, dq_sum))
     else:
