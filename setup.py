@@ -3,7 +3,8 @@
 The extension is built only where nvcc and a CUDA-enabled torch are both present; elsewhere
 the pure-Python package installs and ``ct_kernels.available_backends()`` omits "cuda".
 Set CT_KERNELS_NO_EXTENSION=1 to skip it, CT_KERNELS_CUDA_ARCHS to choose archs
-(default "90": sm_90 machine code plus compute_90 PTX).
+(default "90a": sm_90a machine code, which the Hopper warpgroup-MMA kernels need, plus
+compute_90 PTX for other GPUs; those kernels compile to a trap there and are never launched).
 """
 import glob
 import os
@@ -36,11 +37,12 @@ def _cuda_extension():
     include_dirs = [os.path.join(HERE, "csrc")]
     for root in site.getsitepackages() + [site.getusersitepackages()]:
         include_dirs += sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "include")))
-    archs = os.environ.get("CT_KERNELS_CUDA_ARCHS", "90").split(",")
+    archs = os.environ.get("CT_KERNELS_CUDA_ARCHS", "90a").split(",")
     gencode = []
     for arch in archs:
         gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-    gencode += [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    ptx = archs[-1].rstrip("a")  # arch-specific features ("90a") have no portable PTX
+    gencode += [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"]
     ext = CUDAExtension(
         name="ct_kernels._C",
         sources=sources,

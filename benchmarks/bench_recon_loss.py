@@ -1,7 +1,8 @@
 """Attention-reconstruction loss: ct_triton vs two SDPA calls + mse and the naive einsum.
 
 Rows (benchmarks/results/recon_loss.csv), op ``recon_loss``, the shapes of issue 6 named
-B{B}-H{H}-n{n}-ns{ns}-c{rate}-D{D}; providers ct_triton (the fused kernels), sdpa
+B{B}-H{H}-n{n}-ns{ns}-c{rate}-D{D}; providers ct_triton (the fused kernels), ct_cuda (on
+sm_90: the forward of ct_kernels._C's warpgroup-MMA kernel, the Triton backward), sdpa
 (attention over old and over compressed K/V with F.scaled_dot_product_attention, then
 F.mse_loss), naive (the reference einsum); on the GPU also ct_triton-graph and sdpa-graph,
 the same calls timed as CUDA graph replays (GPU time without the Python and launch work per
@@ -57,11 +58,11 @@ def sdpa_recon_loss(q, old_k, old_v, comp_k, comp_v):
 
 
 def providers():
-    return {
-        "ct_triton": lambda *t: ct_kernels.attention_reconstruction_loss(*t, backend="triton"),
-        "sdpa": sdpa_recon_loss,
-        "naive": reference.attention_reconstruction_loss,
-    }
+    found = {"ct_triton": lambda *t: ct_kernels.attention_reconstruction_loss(*t, backend="triton")}
+    if torch.cuda.is_available() and recon_loss._sm90_unsupported(dtype=torch.bfloat16,
+                                                                  head_dim=128) is None:
+        found["ct_cuda"] = lambda *t: ct_kernels.attention_reconstruction_loss(*t, backend="cuda")
+    return {**found, "sdpa": sdpa_recon_loss, "naive": reference.attention_reconstruction_loss}
 
 
 def cases(shapes, dtype, device):
@@ -116,6 +117,10 @@ def sweep():
     scale = shape[-1] ** -0.5
     _, diff, lse, delta = recon_loss.recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, True)
     grad = torch.ones((), device=device)
+    if device == "cuda" and recon_loss._sm90_unsupported(dtype=q.dtype, head_dim=shape[-1]) is None:
+        ms = harness.time_ms(lambda: recon_loss.recon_loss_forward_sm90(
+            q, old_k, old_v, comp_k, comp_v, scale, True), rep_ms=100)
+        print(f"sweep {name} fwd sm90: {ms:.4f} ms", flush=True)
     for config in FWD_CONFIGS:
         ms = harness.time_ms(lambda: recon_loss.recon_loss_forward(
             q, old_k, old_v, comp_k, comp_v, scale, True, config=config), rep_ms=100)

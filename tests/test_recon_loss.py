@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ct_kernels
-from ct_kernels import reference, testing
+from ct_kernels import dispatch, reference, testing
 from ct_kernels.ops import autoencoding_loss as ae_module
 from ct_kernels.ops import recon_loss as recon_module
 
@@ -126,19 +126,6 @@ def test_recon_loss_constants_get_no_gradient():
 def test_recon_loss_gradient_of_one_compressed_input():
     check_against_reference(triton_recon_loss, reference.attention_reconstruction_loss,
                             _recon_inputs(1, 11, 2, 16, 12, 4, seed=3), torch.float32, grad_of=(4,))
-
-
-def test_recon_loss_without_grad_writes_no_outputs(monkeypatch):
-    allocated = []
-    empty = recon_module._empty
-    monkeypatch.setattr(recon_module, "_empty",
-                        lambda shape, dtype, device: allocated.append(shape) or empty(shape, dtype, device))
-    tensors = _recon_inputs(2, 13, 2, 16, 12, 2, seed=7)
-    with torch.no_grad():
-        loss = triton_recon_loss(*tensors)
-    assert allocated == [(2 * 2 * 1,)]  # only the per-program partial sums
-    expected = reference.attention_reconstruction_loss(*(t.double() for t in tensors))
-    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
 
 
 def test_recon_loss_strided_inputs_and_scale():
@@ -255,6 +242,126 @@ def test_recon_loss_kernels_compile_for_sm90(dtype):
     types (float64 scalars from torch.compile among them) makes typing errors fail on the CPU."""
     done = testing.run_without_interpreter(_RECON_COMPILE_FOR_SM90, dtype)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ Hopper forward ("cuda")
+def _sm90_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    return recon_module._sm90_unsupported(dtype=torch.bfloat16, head_dim=128)
+
+
+SM90 = pytest.mark.skipif(_sm90_reason() is not None, reason=f"sm_90 forward: {_sm90_reason()}")
+
+
+def sm90_recon_loss(q, old_k, old_v, comp_k, comp_v):
+    return ct_kernels.attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, backend="cuda")
+
+
+@SM90
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,n,H,ns,rate", [
+    (1, 1, 1, 3, 1),          # one query, three keys of each kind
+    (2, 113, 3, 239, 2),      # partial query block, partial key tiles in both sources
+    (1, 239, 2, 64, 1),       # whole key tiles, two query blocks
+    (3, 333, 2, 301, 7),      # odd everything
+    (16, 512, 8, 512, 2),     # the benchmark shapes
+    (8, 768, 8, 768, 3),
+])
+def test_recon_loss_sm90_matches_reference(B, n, H, ns, rate, dtype):
+    check_against_reference(sm90_recon_loss, reference.attention_reconstruction_loss,
+                            _recon_inputs(B, n, H, 128, ns, rate, seed=n), dtype, grad_of=(3, 4))
+
+
+@SM90
+@pytest.mark.parametrize("B,n,H,ns,rate", [(2, 113, 3, 239, 2), (2, 300, 2, 130, 3)])
+def test_recon_loss_sm90_saves_what_the_triton_forward_saves(B, n, H, ns, rate):
+    """diff, lse and delta feed the Triton backward: both forwards must agree on them (and
+    write every element: the buffers are NaN-poisoned)."""
+    tensors = [t.to(torch.bfloat16) for t in _recon_inputs(B, n, H, 128, ns, rate, seed=21)]
+    cuda = recon_module.recon_loss_forward_sm90(*tensors, None, True)
+    triton = recon_module.recon_loss_forward(*tensors, None, True)
+    for name, got, expected, tol in zip(("loss", "diff", "lse", "delta"), cuda, triton,
+                                        (1e-2, 1e-2, 1e-4, 1e-3)):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=SM90)])
+def test_recon_loss_without_grad_writes_only_partials(monkeypatch, backend):
+    allocated = []
+    empty = recon_module._empty
+    monkeypatch.setattr(recon_module, "_empty",
+                        lambda shape, dtype, device: allocated.append(shape) or empty(shape, dtype, device))
+    tensors = _recon_inputs(2, 130, 2, 128, 70, 2, seed=8)
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    block_m = recon_module.SM90_CONFIG[0] if backend == "cuda" else recon_module._fwd_config(128, dtype)[0]
+    with torch.no_grad():
+        loss = ct_kernels.attention_reconstruction_loss(*(t.to(dtype) for t in tensors), backend=backend)
+    assert allocated == [(2 * 2 * recon_module.cdiv(130, block_m),)]  # one partial sum per program
+    expected = reference.attention_reconstruction_loss(*(t.double() for t in tensors))
+    assert abs(loss.item() - expected.item()) <= (2e-3 if backend == "cuda" else 1e-5) * expected.item()
+
+
+@SM90
+@pytest.mark.parametrize("offset", [0, 1])  # 1: rows not 16-byte aligned (copied first)
+def test_recon_loss_sm90_strided_inputs_and_scale(offset):
+    B, n, H, D, nc = 2, 70, 2, 128, 33
+    packed = _randn(B * n * 3 * H * D + offset, seed=11).bfloat16()[offset:]
+    q = packed.view(B, n, 3, H, D)[:, :, 1]  # one third of a packed projection
+    old = _randn(B, 90, 2, H, D, seed=12).bfloat16()
+    comp = _randn(B, nc, 2, H, D, seed=13).bfloat16().requires_grad_()
+    (old_k, old_v), (comp_k, comp_v) = old.unbind(2), comp.unbind(2)
+    loss = ct_kernels.attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, scale=0.3,
+                                                    backend="cuda")
+    (grad,) = torch.autograd.grad(loss, comp)
+    exact = [t.double() for t in (q, old_k, old_v)] + [comp.double().detach().requires_grad_()]
+    expected = reference.attention_reconstruction_loss(*exact[:3], *exact[3].unbind(2), scale=0.3)
+    (expected_grad,) = torch.autograd.grad(expected, exact[3])
+    assert abs(loss.double() - expected).item() <= 1e-2 * expected.item()
+    assert (grad.double() - expected_grad).abs().max() <= 2e-2 * expected_grad.abs().max()
+
+
+@SM90
+def test_recon_loss_auto_runs_the_sm90_forward_where_it_applies():
+    device = torch.device("cuda")
+    for dtype, D, expected in ((torch.bfloat16, 128, "attention_reconstruction_loss_sm90"),
+                               (torch.float16, 128, "attention_reconstruction_loss_sm90"),
+                               (torch.bfloat16, 64, "attention_reconstruction_loss"),
+                               (torch.float32, 128, "attention_reconstruction_loss")):
+        impl = dispatch.resolve("recon_loss", "auto", device, dtype=dtype, head_dim=D)
+        assert impl.__name__ == expected, (dtype, D, impl.__name__)
+    with pytest.raises(ValueError, match="head dim 64"):
+        sm90_recon_loss(*(t.bfloat16() for t in _recon_inputs(1, 4, 1, 64, 4, 2)))
+
+
+@SM90
+def test_recon_loss_sm90_compiles_fullgraph():
+    tensors = [t.bfloat16().requires_grad_(i >= 3) for i, t in
+               enumerate(_recon_inputs(2, 100, 2, 128, 96, 3, seed=17))]
+    compiled = torch.compile(sm90_recon_loss, fullgraph=True)
+    results = []
+    for fn in (compiled, sm90_recon_loss):
+        loss = fn(*tensors)
+        results.append((loss, *torch.autograd.grad(loss, tensors[3:])))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected)
+
+
+@SM90
+def test_recon_loss_sm90_op_names_bad_arguments():
+    q, old_k, old_v, comp_k, comp_v = (t.bfloat16() for t in _recon_inputs(1, 5, 1, 128, 6, 2))
+    partial = torch.empty(1, device="cuda")
+    none = [torch.empty(0, device="cuda")] * 3
+    op = torch.ops.ct_kernels.recon_loss_fwd_sm90
+    with pytest.raises(RuntimeError, match=r"comp_k must be \[B, S, H, 128\]"):
+        op(q, old_k, old_v, comp_k[..., :64], comp_v, 0.1, partial, *none, False, 128, 4)
+    with pytest.raises(RuntimeError, match="old_v must be a .*BFloat16 tensor"):
+        op(q, old_k, old_v.half(), comp_k, comp_v, 0.1, partial, *none, False, 128, 4)
+    with pytest.raises(RuntimeError, match=r"partial must be a contiguous Float tensor of shape \[1\]"):
+        op(q, old_k, old_v, comp_k, comp_v, 0.1, torch.empty(2, device="cuda"), *none, False, 128, 4)
+    with pytest.raises(RuntimeError, match="block_m must be 64 or 128 and stages 3 or 4"):
+        op(q, old_k, old_v, comp_k, comp_v, 0.1, partial, *none, False, 32, 4)
 
 
 # ------------------------------------------------------------------ auto-encoding loss

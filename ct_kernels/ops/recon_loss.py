@@ -23,6 +23,11 @@ saved: the [B, H, n, nc] matrix would cost about as much time in bytes, plus its
 The factor -2 g / numel is applied to the fp32 accumulators at the end: diff is stored
 unscaled, which keeps it representable in float16.
 
+On Hopper (sm_90), float16/bfloat16 with head dim 128, the "cuda" backend runs the forward
+in ct_kernels._C instead (csrc/recon_loss_sm90.cu: warpgroup MMAs, the P V product of one
+key tile overlapping the softmax of the next) and writes the same partials and saved
+tensors; the backward is the Triton kernel either way.
+
 The launches take no float computed from shapes: the kernels get numel as an integer and
 derive the default softmax scale from HEAD_DIM. Under torch.compile with dynamic shapes such
 a float (1 / numel) is symbolic, inductor gives a symbolic float argument of a user-defined
@@ -30,6 +35,8 @@ Triton kernel an integer type, and the launch fails with "TypeError: 'float' obj
 be interpreted as an integer".
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -343,12 +350,77 @@ def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, c
     return d_comp_k, d_comp_v
 
 
+# the Hopper forward (csrc/recon_loss_sm90.cu): its head dim and its launch configuration
+# (query rows per block, K/V stages)
+SM90_HEAD_DIM = 128
+SM90_CONFIG = (64, 3)
+
+
+def _sm90_op_loaded() -> bool:
+    return dispatch._cuda_extension_loaded() and hasattr(torch.ops.ct_kernels, "recon_loss_fwd_sm90")
+
+
+if _sm90_op_loaded():
+    @torch.library.register_fake("ct_kernels::recon_loss_fwd_sm90")
+    def _recon_loss_fwd_sm90_fake(q, old_k, old_v, comp_k, comp_v, scale, partial, diff, lse, delta,
+                                  save_for_backward, block_m, stages):
+        return None  # writes its output arguments only
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks once, traces no device query
+def _on_sm90() -> bool:
+    return _capability(torch.cuda.current_device()) == (9, 0)
+
+
+def _sm90_unsupported(dtype=None, head_dim=None, **_):
+    if not _sm90_op_loaded():
+        return "ct_kernels._C was built without recon_loss_fwd_sm90"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (the sm_90 forward needs float16 or bfloat16)"
+    if head_dim != SM90_HEAD_DIM:
+        return f"head dim {head_dim} (the sm_90 forward needs {SM90_HEAD_DIM})"
+    if not _on_sm90():
+        return "the sm_90 forward needs a Hopper GPU (compute capability 9.0)"
+    return None
+
+
+def recon_loss_forward_sm90(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward,
+                            config=None):
+    """``recon_loss_forward`` on the sm_90 kernel: (loss, diff, lse, delta), the last three
+    None unless save_for_backward. Inputs whose rows are not 16-byte aligned are copied (by
+    the op: the TMA reads only aligned rows).
+    config: (query rows per block, K/V stages), default ``SM90_CONFIG``."""
+    B, n, H, D = q.shape
+    block_m, stages = config or SM90_CONFIG
+    partial = _empty((B * H * cdiv(n, block_m),), torch.float32, q.device)
+    if save_for_backward:
+        diff = _empty(q.shape, q.dtype, q.device)
+        lse = _empty((B, H, n), torch.float32, q.device)
+        delta = _empty((B, H, n), torch.float32, q.device)
+    else:  # not written
+        diff, lse, delta = (torch.empty(0, dtype=dtype, device=q.device)
+                            for dtype in (q.dtype, torch.float32, torch.float32))
+    torch.ops.ct_kernels.recon_loss_fwd_sm90(
+        q, old_k, old_v, comp_k, comp_v,
+        D ** -0.5 if scale is None else scale, partial, diff, lse, delta, save_for_backward,
+        block_m, stages)
+    loss = partial.sum().to(q.dtype)
+    if not save_for_backward:
+        return loss, None, None, None
+    return loss, diff, lse, delta
+
+
 class ReconLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, old_k, old_v, comp_k, comp_v, scale):
+    def forward(ctx, q, old_k, old_v, comp_k, comp_v, scale, sm90):
         needs_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        loss, diff, lse, delta = recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale,
-                                                    needs_grad)
+        forward = recon_loss_forward_sm90 if sm90 else recon_loss_forward
+        loss, diff, lse, delta = forward(q, old_k, old_v, comp_k, comp_v, scale, needs_grad)
         if needs_grad:
             ctx.save_for_backward(q, comp_k, comp_v, diff, lse, delta)
             ctx.scale = scale
@@ -363,14 +435,25 @@ class ReconLossFunction(torch.autograd.Function):
         return (None, None, None,
                 d_comp_k if ctx.needs_input_grad[3] else None,
                 d_comp_v if ctx.needs_input_grad[4] else None,
-                None)
+                None, None)
+
+
+def _recon_loss(q, old_k, old_v, comp_k, comp_v, scale, sm90):
+    scale = None if scale is None else float(scale)  # None: head_dim ** -0.5, in the kernels
+    # q, old_k, old_v are constants: detach so that no gradient can be asked of them
+    q, old_k, old_v = (_unit_last_stride(t.detach()) for t in (q, old_k, old_v))
+    return ReconLossFunction.apply(q, old_k, old_v, _unit_last_stride(comp_k),
+                                   _unit_last_stride(comp_v), scale, sm90)
 
 
 @dispatch.register("recon_loss", "triton", unsupported=_unsupported)
 def attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, *, scale=None):
     """Same contract as ``reference.attention_reconstruction_loss``."""
-    scale = None if scale is None else float(scale)  # None: head_dim ** -0.5, in the kernels
-    # q, old_k, old_v are constants: detach so that no gradient can be asked of them
-    q, old_k, old_v = (_unit_last_stride(t.detach()) for t in (q, old_k, old_v))
-    return ReconLossFunction.apply(q, old_k, old_v, _unit_last_stride(comp_k),
-                                   _unit_last_stride(comp_v), scale)
+    return _recon_loss(q, old_k, old_v, comp_k, comp_v, scale, sm90=False)
+
+
+@dispatch.register("recon_loss", "cuda", unsupported=_sm90_unsupported)
+def attention_reconstruction_loss_sm90(q, old_k, old_v, comp_k, comp_v, *, scale=None):
+    """Same contract as ``reference.attention_reconstruction_loss``: the forward on the sm_90
+    kernel of ct_kernels._C, the backward on the Triton kernel."""
+    return _recon_loss(q, old_k, old_v, comp_k, comp_v, scale, sm90=q.shape[1] > 0)

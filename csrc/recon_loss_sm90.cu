@@ -1,0 +1,632 @@
+// Reconstruction-loss forward for Hopper (sm_90a): both attentions of a query tile on
+// warpgroup MMAs (wgmma), the squared difference summed per block.
+//
+//   loss = mean((attn(q, old_k, old_v) - attn(q, comp_k, comp_v))^2)
+//
+// One block per (query tile, batch, head); each of its warpgroups owns 64 query rows. The
+// key tiles of both attentions (old first, then compressed) stream through two rings of
+// shared-memory stages (K and V), filled by the tensor memory accelerator (TMA): one thread
+// issues the copies, each stage's mbarrier counts the bytes in. Per key tile t:
+//   S_t = Q K_t^T            (wgmma, Q and K from shared memory)
+//   O  += P_{t-1} V_{t-1}    (wgmma, P from registers), issued right after S_t, so that
+//                             the softmax of tile t runs while the tensor cores do P V
+//   online softmax of S_t in the log2 domain -> P_t; O rescaled only where a row maximum
+//   moved
+// The TMA writes the tiles with the 128-byte swizzle that the wgmma descriptors name.
+//
+// Outputs match the Triton forward (ct_kernels/ops/recon_loss.py): one fp32 partial of the
+// mean per block; with save_for_backward also diff = O_old - O_comp in the input dtype
+// ([B, n, H, D] contiguous), the compressed attention's log2-domain LSE and
+// delta = rowsum(diff * O_comp) ([B, H, n] fp32).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cudaTypedefs.h>
+#include <torch/library.h>
+#include "check_message.h"
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace ct_kernels::recon_sm90 {
+
+constexpr int kHeadDim = 128;
+constexpr int kBlockN = 64;                          // keys per tile
+constexpr int kTileBytes = kBlockN * kHeadDim * 2;   // a [64, 128] tile, 16 KiB
+constexpr int kHalfBytes = kTileBytes / 2;           // one TMA box: its 64 rows x 64 columns
+
+// A block of WarpGroups consumer warpgroups (64 query rows each) and one producer
+// warpgroup; K and V rings of Stages tiles each. The producer gives its registers to the
+// consumers (setmaxnreg): with one consumer warpgroup two blocks share an SM.
+template <int WarpGroups, int Stages>
+struct Shape {
+  static constexpr int kWarpGroups = WarpGroups, kStages = Stages;
+  static constexpr int kBlockM = 64 * WarpGroups;
+  static constexpr int kConsumers = 128 * WarpGroups;
+  static constexpr int kThreads = kConsumers + 128;
+  static constexpr int kBlocksPerSm = WarpGroups == 1 ? 2 : 1;
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = WarpGroups == 1 ? 232 : 240;
+  static constexpr int kQBytes = WarpGroups * kTileBytes;
+  static constexpr int kKOffset = kQBytes;
+  static constexpr int kVOffset = kKOffset + Stages * kTileBytes;
+  // mbarriers: the query tile; per stage K full, V full, K empty, V empty
+  static constexpr int kBarrierOffset = kVOffset + Stages * kTileBytes;
+  static constexpr int kSumsOffset = kBarrierOffset + 8 * (1 + 4 * Stages);
+  static constexpr int kSmemBytes = kSumsOffset + 4 * 4 * WarpGroups;  // + one float per consumer warp
+};
+
+struct ReconParams {
+  CUtensorMap q_map;     // [B, n, H, 128] viewed as 4-d, boxes of 64 rows x 64 columns
+  CUtensorMap k_map[2];  // old, compressed
+  CUtensorMap v_map[2];
+  int keys[2];           // ns, nc
+  int heads, n;
+  float qk_scale;        // softmax scale * log2(e)
+  float inv_numel;
+  float* partial;        // [B * H * tiles]
+  void* diff;            // [B, n, H, D] or nullptr
+  float* lse;            // [B, H, n]
+  float* delta;          // [B, H, n]
+};
+
+// ---- element types -------------------------------------------------------------------------
+
+// fp32 pairs to a packed pair of T (the lower column in the low half) and back
+template <typename T>
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  T2 x;
+  if constexpr (std::is_same_v<T, __half>) {
+    x = __floats2half2_rn(lo, hi);
+  } else {
+    x = __floats2bfloat162_rn(lo, hi);
+  }
+  return *reinterpret_cast<uint32_t*>(&x);
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack(uint32_t x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+  } else {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+  }
+}
+
+// ---- TMA copies and mbarriers --------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void barrier_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals));
+}
+__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// the one arrival of a phase, announcing the bytes the copies will bring
+__device__ __forceinline__ void barrier_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t phase) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(phase)
+        : "memory");
+  }
+}
+// a [64 rows, 64 columns] box at (column, head, row, batch) of a 4-d map; rows past the
+// tensor's end arrive as zeros
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int col, int head, int row,
+                                         int batch, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(head), "r"(row), "r"(batch), "r"(bar)
+      : "memory");
+}
+// both column halves of a [64, 128] tile
+__device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* map, int head, int row, int batch,
+                                              uint32_t bar) {
+  tma_load(dst, map, 0, head, row, batch, bar);
+  tma_load(dst + kHalfBytes, map, 64, head, row, batch, bar);
+}
+
+// ---- warpgroup MMA -------------------------------------------------------------------------
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Tells the compiler that the accumulators change here (an async MMA writes them until the
+// wait), so it neither reads them earlier nor keeps copies across the wait.
+template <int N>
+__device__ __forceinline__ void touch(float (&acc)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
+
+template <typename T>
+struct Mma;
+
+#define CT_WGMMA_SS_64x64(TY)                                                                          \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                              \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
+  "%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n"
+#define CT_WGMMA_RS_64x128(TY)                                                                         \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                             \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
+  "%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,"  \
+  "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"
+
+#define CT_ACC32(a)                                                                                   \
+  "+f"(a[0]), "+f"(a[1]), "+f"(a[2]), "+f"(a[3]), "+f"(a[4]), "+f"(a[5]), "+f"(a[6]), "+f"(a[7]),   \
+      "+f"(a[8]), "+f"(a[9]), "+f"(a[10]), "+f"(a[11]), "+f"(a[12]), "+f"(a[13]), "+f"(a[14]),       \
+      "+f"(a[15]), "+f"(a[16]), "+f"(a[17]), "+f"(a[18]), "+f"(a[19]), "+f"(a[20]), "+f"(a[21]),     \
+      "+f"(a[22]), "+f"(a[23]), "+f"(a[24]), "+f"(a[25]), "+f"(a[26]), "+f"(a[27]), "+f"(a[28]),     \
+      "+f"(a[29]), "+f"(a[30]), "+f"(a[31])
+
+#define CT_ACC64(a)                                                                                   \
+  CT_ACC32(a), "+f"(a[32]), "+f"(a[33]), "+f"(a[34]), "+f"(a[35]), "+f"(a[36]), "+f"(a[37]),          \
+      "+f"(a[38]), "+f"(a[39]), "+f"(a[40]), "+f"(a[41]), "+f"(a[42]), "+f"(a[43]), "+f"(a[44]),     \
+      "+f"(a[45]), "+f"(a[46]), "+f"(a[47]), "+f"(a[48]), "+f"(a[49]), "+f"(a[50]), "+f"(a[51]),     \
+      "+f"(a[52]), "+f"(a[53]), "+f"(a[54]), "+f"(a[55]), "+f"(a[56]), "+f"(a[57]), "+f"(a[58]),     \
+      "+f"(a[59]), "+f"(a[60]), "+f"(a[61]), "+f"(a[62]), "+f"(a[63])
+
+#define CT_DEFINE_MMA(T, TY)                                                                          \
+  template <>                                                                                         \
+  struct Mma<T> {                                                                                     \
+    /* s[64x64] (+)= A[64x16] B[16x64], both from shared memory; accumulate=0 overwrites */          \
+    static __device__ __forceinline__ void scores(float (&s)[32], uint64_t a, uint64_t b,            \
+                                                  int accumulate) {                                   \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" CT_WGMMA_SS_64x64(TY) "}\n"           \
+                   : CT_ACC32(s)                                                                      \
+                   : "l"(a), "l"(b), "r"(accumulate));                                                \
+    }                                                                                                 \
+    /* o[64x128] += P[64x16] (registers) V[16x128] (shared memory, rows of V = keys) */              \
+    static __device__ __forceinline__ void values(float (&o)[64], const uint32_t (&p)[4],           \
+                                                  uint64_t b) {                                       \
+      asm volatile(CT_WGMMA_RS_64x128(TY)                                                             \
+                   : CT_ACC64(o)                                                                      \
+                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(b));                            \
+    }                                                                                                 \
+  };
+
+CT_DEFINE_MMA(__nv_bfloat16, "bf16")
+CT_DEFINE_MMA(__half, "f16")
+
+// ---- the kernel ----------------------------------------------------------------------------
+
+// Accumulator layout of an m64nN wgmma (per thread, warp w of the warpgroup, lane l):
+// element 4j + e sits at row 16w + l/4 + 8 (e >= 2), column 8j + 2 (l % 4) + (e & 1).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// Shared-memory matrix descriptor with the 128-byte swizzle; leading/stride byte offsets.
+// Adding (bytes >> 4) to it moves its start address.
+__device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, uint32_t stride) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(leading >> 4) << 16) |
+         (uint64_t(stride >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+template <typename T, typename S>
+__global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_sm90_kernel(const __grid_constant__ ReconParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kStages = S::kStages;
+  // the swizzle pattern repeats every 1024 bytes: the tiles start at a multiple of it
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t smem0 = smem_addr(smem_raw);
+  if (smem0 % 1024 != 0) __trap();
+  const uint32_t q_bar = smem0 + S::kBarrierOffset;
+  auto k_bar = [&](int stage) { return q_bar + 8 + 8 * stage; };
+  auto v_bar = [&](int stage) { return q_bar + 8 + 8 * (kStages + stage); };
+  auto k_empty = [&](int stage) { return q_bar + 8 + 8 * (2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return q_bar + 8 + 8 * (3 * kStages + stage); };
+  float* warp_sums = reinterpret_cast<float*>(smem_raw + S::kSumsOffset);
+
+  const int tile_m = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int row0 = tile_m * S::kBlockM;
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int tiles_old = (p.keys[0] + kBlockN - 1) / kBlockN;
+  const int tiles = tiles_old + (p.keys[1] + kBlockN - 1) / kBlockN;
+  // key tile t: its first key within its source (old, then compressed)
+  auto tile_start = [&](int t) { return (t < tiles_old ? t : t - tiles_old) * kBlockN; };
+  // K and V of tile t into their ring stages (one thread)
+  auto load_k = [&](int t) {
+    const int stage = t % kStages;
+    barrier_expect(k_bar(stage), kTileBytes);
+    tma_load_tile(smem0 + S::kKOffset + stage * kTileBytes, &p.k_map[t >= tiles_old], h, tile_start(t), b,
+                  k_bar(stage));
+  };
+  auto load_v = [&](int t) {
+    const int stage = t % kStages;
+    barrier_expect(v_bar(stage), kTileBytes);
+    tma_load_tile(smem0 + S::kVOffset + stage * kTileBytes, &p.v_map[t >= tiles_old], h, tile_start(t), b,
+                  v_bar(stage));
+  };
+
+  if (threadIdx.x == 0) {
+    barrier_init(q_bar, 1);
+    for (int stage = 0; stage < kStages; ++stage) {
+      barrier_init(k_bar(stage), 1), barrier_init(v_bar(stage), 1);
+      barrier_init(k_empty(stage), S::kConsumers / 32), barrier_init(v_empty(stage), S::kConsumers / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();  // the barriers are initialised before anyone waits on them
+
+  if (threadIdx.x >= S::kConsumers) {
+    // the producer warpgroup (one thread of it): the query tile, then K and V of every key
+    // tile as soon as the consumer warps have released its ring stage
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(S::kProducerRegisters));
+    if (threadIdx.x == S::kConsumers) {
+      barrier_expect(q_bar, S::kQBytes);
+      for (int g = 0; g < S::kWarpGroups; ++g) {
+        tma_load_tile(smem0 + g * kTileBytes, &p.q_map, h, row0 + 64 * g, b, q_bar);
+      }
+      for (int t = 0; t < tiles; ++t) {
+        const int stage = t % kStages, round = t / kStages;
+        if (round > 0) barrier_wait(k_empty(stage), (round - 1) & 1);
+        load_k(t);
+        if (round > 0) barrier_wait(v_empty(stage), (round - 1) & 1);
+        load_v(t);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(S::kConsumerRegisters));
+
+  float o[64];        // running P V of the attention in progress (fp32)
+  float o_old[64];    // the old attention's output, once finished
+  float s[32];        // scores of the current tile, then its probabilities
+  uint32_t pk[16];    // probabilities of the previous tile, packed pairs (A operand of P V)
+  float m[2] = {-INFINITY, -INFINITY};  // running maxima of rows l/4 and l/4 + 8 (log2 domain)
+  float l[2] = {0.f, 0.f};              // this thread's share of the running sums
+  float l_old[2];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+
+  // descriptors: Q and K are K-major (rows of the head dim; +32 bytes per 16 columns, the
+  // second 64 columns a box further); V is MN-major (rows of keys: +2048 bytes per 16 keys,
+  // its two column halves a box apart)
+  const uint64_t q_desc = descriptor(smem0 + wg * kTileBytes, 0, 1024);
+  const uint64_t k_desc = descriptor(smem0 + S::kKOffset, 0, 1024);
+  const uint64_t v_desc = descriptor(smem0 + S::kVOffset, kHalfBytes, 1024);
+  // a consumer warp is done with a ring stage: the producer may refill it
+  auto release = [&](uint32_t empty_bar) {
+    if (lane == 0) barrier_arrive(empty_bar);
+  };
+  auto issue_scores = [&](int t) {
+    barrier_wait(k_bar(t % kStages), (t / kStages) & 1);
+    const uint64_t k_stage = k_desc + ((t % kStages) * kTileBytes >> 4);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t off = ((kk / 4) * kHalfBytes + (kk % 4) * 32) >> 4;
+      Mma<T>::scores(s, q_desc + off, k_stage + off, kk);
+    }
+    wgmma_commit();
+  };
+  auto issue_values = [&](int t) {
+    barrier_wait(v_bar(t % kStages), (t / kStages) & 1);
+    const uint64_t v_stage = v_desc + ((t % kStages) * kTileBytes >> 4);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t a[4] = {pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
+      Mma<T>::values(o, a, v_stage + (kk * 2048 >> 4));
+    }
+    wgmma_commit();
+  };
+  // online softmax of S_t (log2 domain): -inf past a partial tile's keys, new row maxima,
+  // probabilities in s, the running sums; the rescale factors of O in alpha
+  auto softmax = [&](int t, float (&alpha)[2]) {
+    const int valid = (t >= tiles_old ? p.keys[1] : p.keys[0]) - tile_start(t);
+    if (valid < kBlockN) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int col = 8 * (i / 4) + 2 * (lane % 4) + (i & 1);
+        if (col >= valid) s[i] = -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+      const float m_new = fmaxf(m[r], quad_max(mx) * p.qk_scale);
+      alpha[r] = exp2f(m[r] - m_new);
+      m[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[4 * j + 2 * r + e];
+          x = exp2f(fmaf(x, p.qk_scale, -m_new));
+          sum += x;
+        }
+      }
+      l[r] = l[r] * alpha[r] + sum;
+    }
+  };
+  // P_t as the A operand of the next P V: k-step kk covers columns 16kk..16kk+15
+  auto pack_probabilities = [&]() {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      pk[2 * j] = pack<T>(s[4 * j], s[4 * j + 1]);
+      pk[2 * j + 1] = pack<T>(s[4 * j + 2], s[4 * j + 3]);
+    }
+  };
+
+  float alpha[2];
+  barrier_wait(q_bar, 0);
+  issue_scores(0);
+  wgmma_wait<0>();
+  touch(s);
+  release(k_empty(0));
+  softmax(0, alpha);
+  pack_probabilities();
+  for (int t = 1; t < tiles; ++t) {
+    // the scores of tile t, then P V of tile t - 1: the softmax below overlaps the latter
+    issue_scores(t);
+    issue_values(t - 1);
+    wgmma_wait<1>();  // the scores (committed first) are done
+    touch(s);
+    release(k_empty(t % kStages));
+    if (t == tiles_old) {  // first compressed tile: the old attention's sums are complete
+      l_old[0] = l[0], l_old[1] = l[1];
+      m[0] = m[1] = -INFINITY;
+      l[0] = l[1] = 0.f;
+    }
+    softmax(t, alpha);
+    wgmma_wait<0>();  // P V of tile t - 1 done: O and the packed probabilities are free
+    touch(o);
+    release(v_empty((t - 1) % kStages));
+    if (t == tiles_old) {
+      // the old attention is finished: keep its normalised output, start the compressed one
+      const float inv0 = 1.f / quad_sum(l_old[0]), inv1 = 1.f / quad_sum(l_old[1]);
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        o_old[i] = o[i] * ((i & 2) ? inv1 : inv0);
+        o[i] = 0.f;
+      }
+    } else if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
+      // a row maximum moved (in this warp's rows): rescale
+#pragma unroll
+      for (int i = 0; i < 64; ++i) o[i] *= (i & 2) ? alpha[1] : alpha[0];
+    }
+    pack_probabilities();
+  }
+  issue_values(tiles - 1);
+  wgmma_wait<0>();
+  touch(o);
+
+  // epilogue: O_comp, diff, the partial of the mean, and what the backward needs
+  const float l_comp[2] = {quad_sum(l[0]), quad_sum(l[1])};
+  const int rows[2] = {row0 + wg * 64 + warp * 16 + lane / 4, row0 + wg * 64 + warp * 16 + lane / 4 + 8};
+  float sq = 0.f;
+  float delta[2] = {0.f, 0.f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool row_ok = rows[r] < p.n;
+    const float inv = 1.f / l_comp[r];
+    uint32_t* diff_row = p.diff == nullptr || !row_ok ? nullptr
+        : reinterpret_cast<uint32_t*>(static_cast<char*>(p.diff) +
+                                      2 * ((int64_t(b) * p.n + rows[r]) * p.heads + h) * kHeadDim);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float c0 = o[4 * j + 2 * r] * inv, c1 = o[4 * j + 2 * r + 1] * inv;
+      const float d0 = o_old[4 * j + 2 * r] - c0, d1 = o_old[4 * j + 2 * r + 1] - c1;
+      if (row_ok) sq += d0 * d0 + d1 * d1;
+      if (diff_row != nullptr) {
+        const uint32_t packed = pack<T>(d0, d1);
+        diff_row[(8 * j + 2 * (lane % 4)) / 2] = packed;
+        const float2 rounded = unpack<T>(packed);
+        delta[r] += rounded.x * c0 + rounded.y * c1;
+      }
+    }
+    delta[r] = quad_sum(delta[r]);
+    if (p.diff != nullptr && row_ok && lane % 4 == 0) {
+      const int64_t at = int64_t(bh) * p.n + rows[r];
+      p.lse[at] = m[r] + log2f(l_comp[r]);
+      p.delta[at] = delta[r];
+    }
+  }
+  // the block's share of the mean: warps, then the eight warp sums in a fixed order
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffff, sq, off);
+  if (lane == 0) warp_sums[threadIdx.x / 32] = sq;
+  asm volatile("bar.sync 1, %0;\n" ::"n"(S::kConsumers) : "memory");  // the consumer warps only
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < S::kConsumers / 32; ++w) total += warp_sums[w];
+    p.partial[int64_t(bh) * gridDim.x + tile_m] = total * p.inv_numel;
+  }
+#else
+  __trap();  // built without sm_90a: the host never launches this
+#endif
+}
+
+}  // namespace ct_kernels::recon_sm90
+
+// ---- host ----------------------------------------------------------------------------------
+namespace {
+
+using namespace ct_kernels::recon_sm90;
+
+void check_input(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(2) == q.size(2) && t.size(3) == kHeadDim,
+              "recon_loss_fwd_sm90: ", name, " must be [B, S, H, 128] with B, H as q's ",
+              ct_kernels::shape(q.sizes()), ", got ", ct_kernels::shape(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), "recon_loss_fwd_sm90: ", name,
+              " must be a ", q.scalar_type(), " tensor on ", q.device(), ", got ", t.scalar_type(), " on ",
+              t.device());
+  TORCH_CHECK(t.size(1) >= 1, "recon_loss_fwd_sm90: ", name, " needs at least one row");
+}
+
+// t itself where the TMA can read it (16-byte-aligned start and row strides), else a
+// contiguous copy
+at::Tensor rows_aligned(const at::Tensor& t) {
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// cuTensorMapEncodeTiled from the driver (the extension links the runtime only)
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+                "recon_loss_fwd_sm90: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// A TMA map of a [B, S, H, 128] tensor (checked by check_input) as the 4-d array
+// (column, head, row, batch): boxes of 64 columns x 64 rows of one head, 128-byte swizzle.
+void make_map(CUtensorMap& map, const at::Tensor& t) {
+  const cuuint64_t dims[4] = {cuuint64_t(kHeadDim), cuuint64_t(t.size(2)), cuuint64_t(t.size(1)),
+                              cuuint64_t(t.size(0))};
+  // byte strides of dims 1..3; a dimension of size 1 takes the next-inner extent (any
+  // multiple of 16 would do)
+  cuuint64_t strides[3];
+  cuuint64_t extent = kHeadDim * 2;
+  for (int d = 0; d < 3; ++d) {
+    const int dim = 2 - d;  // head, row, batch
+    strides[d] = t.size(dim) == 1 ? extent : cuuint64_t(t.stride(dim)) * 2;
+    extent = strides[d] * dims[d + 1];
+  }
+  const cuuint32_t box[4] = {64, 1, 64, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult result = encode_tiled()(
+      &map, t.scalar_type() == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
+      t.data_ptr(), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(result == CUDA_SUCCESS, "recon_loss_fwd_sm90: cuTensorMapEncodeTiled failed with error ",
+              ct_kernels::num(int64_t(result)), " for a tensor of shape ", ct_kernels::shape(t.sizes()));
+}
+
+void check_output(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+                  const at::Tensor& q) {
+  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.device() == q.device() && t.is_contiguous(),
+              "recon_loss_fwd_sm90: ", name, " must be a contiguous ", dtype, " tensor of shape ",
+              ct_kernels::shape(shape), " on ", q.device(), ", got ", t.scalar_type(), " ",
+              ct_kernels::shape(t.sizes()), " on ", t.device());
+}
+
+// Writes partial [B * H * ceil(n / block_m)] (fp32 shares of the mean) and, with
+// save_for_backward, diff [B, n, H, D] (q's dtype), lse and delta [B, H, n] (fp32); without
+// it diff, lse and delta are not touched. scale: the softmax scale. block_m (64 or 128) and
+// stages (3 or 4): the launch configuration.
+void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at::Tensor& old_v,
+                         const at::Tensor& comp_k, const at::Tensor& comp_v, double scale, at::Tensor partial,
+                         at::Tensor diff, at::Tensor lse, at::Tensor delta, bool save_for_backward,
+                         int64_t block_m, int64_t stages) {
+  TORCH_CHECK(q.is_cuda(), "recon_loss_fwd_sm90: q must be a CUDA tensor, got one on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "recon_loss_fwd_sm90: q must be bfloat16 or float16, got ", q.scalar_type());
+  check_input(q, "q", q);
+  check_input(old_k, "old_k", q);
+  check_input(old_v, "old_v", q);
+  check_input(comp_k, "comp_k", q);
+  check_input(comp_v, "comp_v", q);
+  TORCH_CHECK(old_v.size(1) == old_k.size(1) && comp_v.size(1) == comp_k.size(1),
+              "recon_loss_fwd_sm90: values must have as many rows as their keys, got old ",
+              ct_kernels::shape(old_k.sizes()), " / ", ct_kernels::shape(old_v.sizes()), ", compressed ",
+              ct_kernels::shape(comp_k.sizes()), " / ", ct_kernels::shape(comp_v.sizes()));
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(props->major == 9 && props->minor == 0, "recon_loss_fwd_sm90: needs an sm_90 GPU, got sm_",
+              ct_kernels::num(props->major * 10 + props->minor));
+
+  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
+  TORCH_CHECK((block_m == 64 || block_m == 128) && (stages == 3 || stages == 4),
+              "recon_loss_fwd_sm90: block_m must be 64 or 128 and stages 3 or 4, got ", ct_kernels::num(block_m),
+              " and ", ct_kernels::num(stages));
+  const int64_t tiles_m = (n + block_m - 1) / block_m;
+  TORCH_CHECK(batch * heads < 65536 && n < (int64_t(1) << 30) && old_k.size(1) < (int64_t(1) << 30) &&
+                  comp_k.size(1) < (int64_t(1) << 30),
+              "recon_loss_fwd_sm90: sizes out of range");
+  check_output(partial, "partial", {batch * heads * tiles_m}, at::kFloat, q);
+  if (save_for_backward) {
+    check_output(diff, "diff", q.sizes(), q.scalar_type(), q);
+    check_output(lse, "lse", {batch, heads, n}, at::kFloat, q);
+    check_output(delta, "delta", {batch, heads, n}, at::kFloat, q);
+  }
+  if (n == 0) return;
+
+  ReconParams p{};
+  const at::Tensor q_rows = rows_aligned(q);  // copies live until the launch
+  make_map(p.q_map, q_rows);
+  const at::Tensor ks[2] = {rows_aligned(old_k), rows_aligned(comp_k)};
+  const at::Tensor vs[2] = {rows_aligned(old_v), rows_aligned(comp_v)};
+  for (int s = 0; s < 2; ++s) {
+    make_map(p.k_map[s], ks[s]);
+    make_map(p.v_map[s], vs[s]);
+    p.keys[s] = int(ks[s].size(1));
+  }
+  p.heads = int(heads), p.n = int(n);
+  p.qk_scale = float(scale * 1.4426950408889634);
+  p.inv_numel = float(1.0 / double(q.numel()));
+  p.partial = partial.data_ptr<float>();
+  p.diff = save_for_backward ? diff.data_ptr() : nullptr;
+  p.lse = save_for_backward ? lse.data_ptr<float>() : nullptr;
+  p.delta = save_for_backward ? delta.data_ptr<float>() : nullptr;
+
+  const dim3 grid(unsigned(tiles_m), unsigned(batch * heads));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto type, auto shape) {
+    using S = decltype(shape);
+    auto kernel = recon_loss_fwd_sm90_kernel<decltype(type), S>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
+    kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  auto launch_shape = [&](auto type) {
+    if (block_m == 64) {
+      stages == 3 ? launch(type, Shape<1, 3>{}) : launch(type, Shape<1, 4>{});
+    } else {
+      stages == 3 ? launch(type, Shape<2, 3>{}) : launch(type, Shape<2, 4>{});
+    }
+  };
+  if (q.scalar_type() == at::kHalf) {
+    launch_shape(__half{});
+  } else {
+    launch_shape(__nv_bfloat16{});
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
+  m.def(
+      "recon_loss_fwd_sm90(Tensor q, Tensor old_k, Tensor old_v, Tensor comp_k, Tensor comp_v, float scale, "
+      "Tensor(a!) partial, Tensor(b!) diff, Tensor(c!) lse, Tensor(d!) delta, bool save_for_backward, int block_m, "
+      "int stages) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) { m.impl("recon_loss_fwd_sm90", &recon_loss_fwd_sm90); }
