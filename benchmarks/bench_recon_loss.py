@@ -118,9 +118,10 @@ def sweep():
     _, diff, lse, delta = recon_loss.recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, True)
     grad = torch.ones((), device=device)
     if device == "cuda" and recon_loss._sm90_unsupported(dtype=q.dtype, head_dim=shape[-1]) is None:
-        ms = harness.time_ms(lambda: recon_loss.recon_loss_forward_sm90(
-            q, old_k, old_v, comp_k, comp_v, scale, True), rep_ms=100)
-        print(f"sweep {name} fwd sm90: {ms:.4f} ms", flush=True)
+        for config in recon_loss.SM90_CONFIGS:
+            ms = harness.time_ms(lambda: recon_loss.recon_loss_forward_sm90(
+                q, old_k, old_v, comp_k, comp_v, scale, True, config=config), rep_ms=100)
+            print(f"sweep {name} fwd sm90 {config}: {ms:.4f} ms", flush=True)
     for config in FWD_CONFIGS:
         ms = harness.time_ms(lambda: recon_loss.recon_loss_forward(
             q, old_k, old_v, comp_k, comp_v, scale, True, config=config), rep_ms=100)

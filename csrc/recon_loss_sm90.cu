@@ -3,10 +3,12 @@
 //
 //   loss = mean((attn(q, old_k, old_v) - attn(q, comp_k, comp_v))^2)
 //
-// One block per (query tile, batch, head); each of its warpgroups owns 64 query rows. The
-// key tiles of both attentions (old first, then compressed) stream through two rings of
-// shared-memory stages (K and V), filled by the tensor memory accelerator (TMA): one thread
-// issues the copies, each stage's mbarrier counts the bytes in. Per key tile t:
+// One block per (query tile, batch, head): one or two consumer warpgroups of 64 query rows
+// each, and a producer warpgroup. The key tiles of both attentions (old first, then
+// compressed) stream through two rings of shared-memory stages (K and V) that the tensor
+// memory accelerator (TMA) fills: one producer thread issues the copies as soon as the
+// consumers have released a stage (an mbarrier per stage each way), so the consumer warps
+// never wait on each other. Per key tile t, in each consumer warpgroup:
 //   S_t = Q K_t^T            (wgmma, Q and K from shared memory)
 //   O  += P_{t-1} V_{t-1}    (wgmma, P from registers), issued right after S_t, so that
 //                             the softmax of tile t runs while the tensor cores do P V
@@ -36,29 +38,33 @@
 namespace ct_kernels::recon_sm90 {
 
 constexpr int kHeadDim = 128;
-constexpr int kBlockN = 64;                          // keys per tile
-constexpr int kTileBytes = kBlockN * kHeadDim * 2;   // a [64, 128] tile, 16 KiB
-constexpr int kHalfBytes = kTileBytes / 2;           // one TMA box: its 64 rows x 64 columns
+constexpr int kQTileBytes = 64 * kHeadDim * 2;  // a warpgroup's [64, 128] query tile, 16 KiB
 
 // A block of WarpGroups consumer warpgroups (64 query rows each) and one producer
-// warpgroup; K and V rings of Stages tiles each. The producer gives its registers to the
-// consumers (setmaxnreg): with one consumer warpgroup two blocks share an SM.
-template <int WarpGroups, int Stages>
+// warpgroup; K and V rings of Stages tiles of BlockN keys each. The producer gives its
+// registers to the consumers (setmaxnreg): with one consumer warpgroup two blocks share an
+// SM. With 128-key tiles the old attention's output waits in shared memory (fp32) instead of
+// registers.
+template <int WarpGroups, int Stages, int BlockN>
 struct Shape {
-  static constexpr int kWarpGroups = WarpGroups, kStages = Stages;
+  static constexpr int kWarpGroups = WarpGroups, kStages = Stages, kBlockN = BlockN;
   static constexpr int kBlockM = 64 * WarpGroups;
+  static constexpr int kTileBytes = BlockN * kHeadDim * 2;  // a [BlockN, 128] K or V tile
+  static constexpr int kHalfBytes = kTileBytes / 2;         // one TMA box: 64 of its columns
+  static constexpr bool kOldInSmem = BlockN == 128;
   static constexpr int kConsumers = 128 * WarpGroups;
   static constexpr int kThreads = kConsumers + 128;
   static constexpr int kBlocksPerSm = WarpGroups == 1 ? 2 : 1;
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = WarpGroups == 1 ? 232 : 240;
-  static constexpr int kQBytes = WarpGroups * kTileBytes;
+  static constexpr int kQBytes = WarpGroups * kQTileBytes;
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + Stages * kTileBytes;
   // mbarriers: the query tile; per stage K full, V full, K empty, V empty
   static constexpr int kBarrierOffset = kVOffset + Stages * kTileBytes;
-  static constexpr int kSumsOffset = kBarrierOffset + 8 * (1 + 4 * Stages);
-  static constexpr int kSmemBytes = kSumsOffset + 4 * 4 * WarpGroups;  // + one float per consumer warp
+  static constexpr int kSumsOffset = kBarrierOffset + 8 * (1 + 4 * Stages);  // one float per consumer warp
+  static constexpr int kOldOffset = kSumsOffset + 4 * 4 * WarpGroups;
+  static constexpr int kSmemBytes = kOldOffset + (kOldInSmem ? kConsumers * 64 * 4 : 0);
 };
 
 struct ReconParams {
@@ -124,7 +130,7 @@ __device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t phase) {
         : "memory");
   }
 }
-// a [64 rows, 64 columns] box at (column, head, row, batch) of a 4-d map; rows past the
+// a box of 64 columns at (column, head, row, batch) of a 4-d map; rows past the
 // tensor's end arrive as zeros
 __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int col, int head, int row,
                                          int batch, uint32_t bar) {
@@ -134,11 +140,11 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
       "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(head), "r"(row), "r"(batch), "r"(bar)
       : "memory");
 }
-// both column halves of a [64, 128] tile
-__device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* map, int head, int row, int batch,
-                                              uint32_t bar) {
+// both column halves of a [rows, 128] tile (the map's box has the rows)
+__device__ __forceinline__ void tma_load_tile(uint32_t dst, uint32_t half_bytes, const CUtensorMap* map, int head,
+                                              int row, int batch, uint32_t bar) {
   tma_load(dst, map, 0, head, row, batch, bar);
-  tma_load(dst + kHalfBytes, map, 64, head, row, batch, bar);
+  tma_load(dst + half_bytes, map, 64, head, row, batch, bar);
 }
 
 // ---- warpgroup MMA -------------------------------------------------------------------------
@@ -165,6 +171,11 @@ struct Mma;
   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                              \
   " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
   "%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n"
+#define CT_WGMMA_SS_64x128(TY)                                                                         \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                             \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
+  "%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,"  \
+  "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n"
 #define CT_WGMMA_RS_64x128(TY)                                                                         \
   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                             \
   " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
@@ -193,6 +204,13 @@ struct Mma;
                                                   int accumulate) {                                   \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" CT_WGMMA_SS_64x64(TY) "}\n"           \
                    : CT_ACC32(s)                                                                      \
+                   : "l"(a), "l"(b), "r"(accumulate));                                                \
+    }                                                                                                 \
+    /* s[64x128] (+)= A[64x16] B[16x128], both from shared memory */                                 \
+    static __device__ __forceinline__ void scores(float (&s)[64], uint64_t a, uint64_t b,            \
+                                                  int accumulate) {                                   \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" CT_WGMMA_SS_64x128(TY) "}\n"          \
+                   : CT_ACC64(s)                                                                      \
                    : "l"(a), "l"(b), "r"(accumulate));                                                \
     }                                                                                                 \
     /* o[64x128] += P[64x16] (registers) V[16x128] (shared memory, rows of V = keys) */              \
@@ -230,7 +248,8 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
 template <typename T, typename S>
 __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_sm90_kernel(const __grid_constant__ ReconParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kStages = S::kStages;
+  constexpr int kStages = S::kStages, kBlockN = S::kBlockN, kTileBytes = S::kTileBytes;
+  constexpr int kHalfBytes = S::kHalfBytes;
   // the swizzle pattern repeats every 1024 bytes: the tiles start at a multiple of it
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem0 = smem_addr(smem_raw);
@@ -254,13 +273,13 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   auto load_k = [&](int t) {
     const int stage = t % kStages;
     barrier_expect(k_bar(stage), kTileBytes);
-    tma_load_tile(smem0 + S::kKOffset + stage * kTileBytes, &p.k_map[t >= tiles_old], h, tile_start(t), b,
+    tma_load_tile(smem0 + S::kKOffset + stage * kTileBytes, kHalfBytes, &p.k_map[t >= tiles_old], h, tile_start(t), b,
                   k_bar(stage));
   };
   auto load_v = [&](int t) {
     const int stage = t % kStages;
     barrier_expect(v_bar(stage), kTileBytes);
-    tma_load_tile(smem0 + S::kVOffset + stage * kTileBytes, &p.v_map[t >= tiles_old], h, tile_start(t), b,
+    tma_load_tile(smem0 + S::kVOffset + stage * kTileBytes, kHalfBytes, &p.v_map[t >= tiles_old], h, tile_start(t), b,
                   v_bar(stage));
   };
 
@@ -281,7 +300,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     if (threadIdx.x == S::kConsumers) {
       barrier_expect(q_bar, S::kQBytes);
       for (int g = 0; g < S::kWarpGroups; ++g) {
-        tma_load_tile(smem0 + g * kTileBytes, &p.q_map, h, row0 + 64 * g, b, q_bar);
+        tma_load_tile(smem0 + g * kQTileBytes, kQTileBytes / 2, &p.q_map, h, row0 + 64 * g, b, q_bar);
       }
       for (int t = 0; t < tiles; ++t) {
         const int stage = t % kStages, round = t / kStages;
@@ -296,9 +315,11 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(S::kConsumerRegisters));
 
   float o[64];        // running P V of the attention in progress (fp32)
-  float o_old[64];    // the old attention's output, once finished
-  float s[32];        // scores of the current tile, then its probabilities
-  uint32_t pk[16];    // probabilities of the previous tile, packed pairs (A operand of P V)
+  float o_old[S::kOldInSmem ? 1 : 64];  // the old attention's output, once finished
+  float s[kBlockN / 2];                 // scores of the current tile, then its probabilities
+  uint32_t pk[kBlockN / 4];             // previous tile's probabilities, packed pairs (A of P V)
+  // the old attention's output in shared memory: element i of consumer thread x at [i][x]
+  float* old_smem = reinterpret_cast<float*>(smem_raw + S::kOldOffset) + threadIdx.x;
   float m[2] = {-INFINITY, -INFINITY};  // running maxima of rows l/4 and l/4 + 8 (log2 domain)
   float l[2] = {0.f, 0.f};              // this thread's share of the running sums
   float l_old[2];
@@ -308,7 +329,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   // descriptors: Q and K are K-major (rows of the head dim; +32 bytes per 16 columns, the
   // second 64 columns a box further); V is MN-major (rows of keys: +2048 bytes per 16 keys,
   // its two column halves a box apart)
-  const uint64_t q_desc = descriptor(smem0 + wg * kTileBytes, 0, 1024);
+  const uint64_t q_desc = descriptor(smem0 + wg * kQTileBytes, 0, 1024);
   const uint64_t k_desc = descriptor(smem0 + S::kKOffset, 0, 1024);
   const uint64_t v_desc = descriptor(smem0 + S::kVOffset, kHalfBytes, 1024);
   // a consumer warp is done with a ring stage: the producer may refill it
@@ -321,8 +342,9 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t off = ((kk / 4) * kHalfBytes + (kk % 4) * 32) >> 4;
-      Mma<T>::scores(s, q_desc + off, k_stage + off, kk);
+      const uint32_t q_off = ((kk / 4) * (kQTileBytes / 2) + (kk % 4) * 32) >> 4;
+      const uint32_t k_off = ((kk / 4) * kHalfBytes + (kk % 4) * 32) >> 4;
+      Mma<T>::scores(s, q_desc + q_off, k_stage + k_off, kk);
     }
     wgmma_commit();
   };
@@ -343,7 +365,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     const int valid = (t >= tiles_old ? p.keys[1] : p.keys[0]) - tile_start(t);
     if (valid < kBlockN) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
+      for (int i = 0; i < kBlockN / 2; ++i) {
         const int col = 8 * (i / 4) + 2 * (lane % 4) + (i & 1);
         if (col >= valid) s[i] = -INFINITY;
       }
@@ -352,13 +374,13 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
       const float m_new = fmaxf(m[r], quad_max(mx) * p.qk_scale);
       alpha[r] = exp2f(m[r] - m_new);
       m[r] = m_new;
       float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& x = s[4 * j + 2 * r + e];
@@ -372,7 +394,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   // P_t as the A operand of the next P V: k-step kk covers columns 16kk..16kk+15
   auto pack_probabilities = [&]() {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < kBlockN / 8; ++j) {
       pk[2 * j] = pack<T>(s[4 * j], s[4 * j + 1]);
       pk[2 * j + 1] = pack<T>(s[4 * j + 2], s[4 * j + 3]);
     }
@@ -407,7 +429,12 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
       const float inv0 = 1.f / quad_sum(l_old[0]), inv1 = 1.f / quad_sum(l_old[1]);
 #pragma unroll
       for (int i = 0; i < 64; ++i) {
-        o_old[i] = o[i] * ((i & 2) ? inv1 : inv0);
+        const float normalised = o[i] * ((i & 2) ? inv1 : inv0);
+        if constexpr (S::kOldInSmem) {
+          old_smem[i * S::kConsumers] = normalised;
+        } else {
+          o_old[i] = normalised;
+        }
         o[i] = 0.f;
       }
     } else if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
@@ -422,6 +449,13 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   touch(o);
 
   // epilogue: O_comp, diff, the partial of the mean, and what the backward needs
+  auto old_at = [&](int i) {
+    if constexpr (S::kOldInSmem) {
+      return old_smem[i * S::kConsumers];
+    } else {
+      return o_old[i];
+    }
+  };
   const float l_comp[2] = {quad_sum(l[0]), quad_sum(l[1])};
   const int rows[2] = {row0 + wg * 64 + warp * 16 + lane / 4, row0 + wg * 64 + warp * 16 + lane / 4 + 8};
   float sq = 0.f;
@@ -436,7 +470,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const float c0 = o[4 * j + 2 * r] * inv, c1 = o[4 * j + 2 * r + 1] * inv;
-      const float d0 = o_old[4 * j + 2 * r] - c0, d1 = o_old[4 * j + 2 * r + 1] - c1;
+      const int i = 4 * j + 2 * r;
+      const float d0 = old_at(i) - c0, d1 = old_at(i + 1) - c1;
       if (row_ok) sq += d0 * d0 + d1 * d1;
       if (diff_row != nullptr) {
         const uint32_t packed = pack<T>(d0, d1);
@@ -507,8 +542,9 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 }
 
 // A TMA map of a [B, S, H, 128] tensor (checked by check_input) as the 4-d array
-// (column, head, row, batch): boxes of 64 columns x 64 rows of one head, 128-byte swizzle.
-void make_map(CUtensorMap& map, const at::Tensor& t) {
+// (column, head, row, batch): boxes of 64 columns x box_rows rows of one head, 128-byte
+// swizzle.
+void make_map(CUtensorMap& map, const at::Tensor& t, int box_rows) {
   const cuuint64_t dims[4] = {cuuint64_t(kHeadDim), cuuint64_t(t.size(2)), cuuint64_t(t.size(1)),
                               cuuint64_t(t.size(0))};
   // byte strides of dims 1..3; a dimension of size 1 takes the next-inner extent (any
@@ -520,7 +556,7 @@ void make_map(CUtensorMap& map, const at::Tensor& t) {
     strides[d] = t.size(dim) == 1 ? extent : cuuint64_t(t.stride(dim)) * 2;
     extent = strides[d] * dims[d + 1];
   }
-  const cuuint32_t box[4] = {64, 1, 64, 1};
+  const cuuint32_t box[4] = {64, 1, cuuint32_t(box_rows), 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUresult result = encode_tiled()(
       &map, t.scalar_type() == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
@@ -541,11 +577,12 @@ void check_output(const at::Tensor& t, const char* name, at::IntArrayRef shape, 
 // Writes partial [B * H * ceil(n / block_m)] (fp32 shares of the mean) and, with
 // save_for_backward, diff [B, n, H, D] (q's dtype), lse and delta [B, H, n] (fp32); without
 // it diff, lse and delta are not touched. scale: the softmax scale. block_m (64 or 128) and
-// stages (3 or 4): the launch configuration.
+// block_n (keys per tile) and stages: the launch configuration, one of (64, 64, 3),
+// (128, 64, 3), (128, 128, 2).
 void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at::Tensor& old_v,
                          const at::Tensor& comp_k, const at::Tensor& comp_v, double scale, at::Tensor partial,
                          at::Tensor diff, at::Tensor lse, at::Tensor delta, bool save_for_backward,
-                         int64_t block_m, int64_t stages) {
+                         int64_t block_m, int64_t block_n, int64_t stages) {
   TORCH_CHECK(q.is_cuda(), "recon_loss_fwd_sm90: q must be a CUDA tensor, got one on ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "recon_loss_fwd_sm90: q must be bfloat16 or float16, got ", q.scalar_type());
@@ -564,9 +601,13 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
               ct_kernels::num(props->major * 10 + props->minor));
 
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
-  TORCH_CHECK((block_m == 64 || block_m == 128) && (stages == 3 || stages == 4),
-              "recon_loss_fwd_sm90: block_m must be 64 or 128 and stages 3 or 4, got ", ct_kernels::num(block_m),
-              " and ", ct_kernels::num(stages));
+  const int config = block_m == 64 && block_n == 64 && stages == 3     ? 0
+                     : block_m == 128 && block_n == 64 && stages == 3  ? 1
+                     : block_m == 128 && block_n == 128 && stages == 2 ? 2
+                                                                        : -1;
+  TORCH_CHECK(config >= 0,
+              "recon_loss_fwd_sm90: (block_m, block_n, stages) must be (64, 64, 3), (128, 64, 3) or (128, 128, 2), "
+              "got (", ct_kernels::num(block_m), ", ", ct_kernels::num(block_n), ", ", ct_kernels::num(stages), ")");
   const int64_t tiles_m = (n + block_m - 1) / block_m;
   TORCH_CHECK(batch * heads < 65536 && n < (int64_t(1) << 30) && old_k.size(1) < (int64_t(1) << 30) &&
                   comp_k.size(1) < (int64_t(1) << 30),
@@ -581,12 +622,12 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
 
   ReconParams p{};
   const at::Tensor q_rows = rows_aligned(q);  // copies live until the launch
-  make_map(p.q_map, q_rows);
+  make_map(p.q_map, q_rows, 64);
   const at::Tensor ks[2] = {rows_aligned(old_k), rows_aligned(comp_k)};
   const at::Tensor vs[2] = {rows_aligned(old_v), rows_aligned(comp_v)};
   for (int s = 0; s < 2; ++s) {
-    make_map(p.k_map[s], ks[s]);
-    make_map(p.v_map[s], vs[s]);
+    make_map(p.k_map[s], ks[s], int(block_n));
+    make_map(p.v_map[s], vs[s], int(block_n));
     p.keys[s] = int(ks[s].size(1));
   }
   p.heads = int(heads), p.n = int(n);
@@ -607,10 +648,12 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto launch_shape = [&](auto type) {
-    if (block_m == 64) {
-      stages == 3 ? launch(type, Shape<1, 3>{}) : launch(type, Shape<1, 4>{});
+    if (config == 0) {
+      launch(type, Shape<1, 3, 64>{});
+    } else if (config == 1) {
+      launch(type, Shape<2, 3, 64>{});
     } else {
-      stages == 3 ? launch(type, Shape<2, 3>{}) : launch(type, Shape<2, 4>{});
+      launch(type, Shape<2, 2, 128>{});
     }
   };
   if (q.scalar_type() == at::kHalf) {
@@ -626,7 +669,7 @@ TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
   m.def(
       "recon_loss_fwd_sm90(Tensor q, Tensor old_k, Tensor old_v, Tensor comp_k, Tensor comp_v, float scale, "
       "Tensor(a!) partial, Tensor(b!) diff, Tensor(c!) lse, Tensor(d!) delta, bool save_for_backward, int block_m, "
-      "int stages) -> ()");
+      "int block_n, int stages) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) { m.impl("recon_loss_fwd_sm90", &recon_loss_fwd_sm90); }

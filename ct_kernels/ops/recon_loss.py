@@ -350,10 +350,12 @@ def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, c
     return d_comp_k, d_comp_v
 
 
-# the Hopper forward (csrc/recon_loss_sm90.cu): its head dim and its launch configuration
-# (query rows per block, K/V stages)
+# the Hopper forward (csrc/recon_loss_sm90.cu): its head dim and its launch configurations
+# (query rows per block, keys per tile, K/V stages); the default is the fastest at the
+# benchmark shapes among those checked against the reference on the H200 (benchmarks/NOTES.md)
 SM90_HEAD_DIM = 128
-SM90_CONFIG = (64, 3)
+SM90_CONFIGS = ((64, 64, 3), (128, 64, 3), (128, 128, 2))
+SM90_CONFIG = SM90_CONFIGS[0]
 
 
 def _sm90_op_loaded() -> bool:
@@ -363,7 +365,7 @@ def _sm90_op_loaded() -> bool:
 if _sm90_op_loaded():
     @torch.library.register_fake("ct_kernels::recon_loss_fwd_sm90")
     def _recon_loss_fwd_sm90_fake(q, old_k, old_v, comp_k, comp_v, scale, partial, diff, lse, delta,
-                                  save_for_backward, block_m, stages):
+                                  save_for_backward, block_m, block_n, stages):
         return None  # writes its output arguments only
 
 
@@ -394,9 +396,9 @@ def recon_loss_forward_sm90(q, old_k, old_v, comp_k, comp_v, scale, save_for_bac
     """``recon_loss_forward`` on the sm_90 kernel: (loss, diff, lse, delta), the last three
     None unless save_for_backward. Inputs whose rows are not 16-byte aligned are copied (by
     the op: the TMA reads only aligned rows).
-    config: (query rows per block, K/V stages), default ``SM90_CONFIG``."""
+    config: (query rows per block, keys per tile, K/V stages), default ``SM90_CONFIG``."""
     B, n, H, D = q.shape
-    block_m, stages = config or SM90_CONFIG
+    block_m, block_n, stages = config or SM90_CONFIG
     partial = _empty((B * H * cdiv(n, block_m),), torch.float32, q.device)
     if save_for_backward:
         diff = _empty(q.shape, q.dtype, q.device)
@@ -408,7 +410,7 @@ def recon_loss_forward_sm90(q, old_k, old_v, comp_k, comp_v, scale, save_for_bac
     torch.ops.ct_kernels.recon_loss_fwd_sm90(
         q, old_k, old_v, comp_k, comp_v,
         D ** -0.5 if scale is None else scale, partial, diff, lse, delta, save_for_backward,
-        block_m, stages)
+        block_m, block_n, stages)
     loss = partial.sum().to(q.dtype)
     if not save_for_backward:
         return loss, None, None, None
