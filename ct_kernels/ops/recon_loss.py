@@ -299,6 +299,17 @@ def _scale_args(scale):
     return (scale, scale * LOG2E), dict(DEFAULT_SCALE=False)
 
 
+def _forward_buffers(q, programs, save_for_backward):
+    """What a forward writes: one fp32 partial of the mean per program and, when saving for
+    the backward, diff [B, n, H, D] (q's dtype), lse and delta [B, H, n] (fp32), else Nones."""
+    B, n, H, _ = q.shape
+    partial = _empty((programs,), torch.float32, q.device)
+    if not save_for_backward:
+        return partial, None, None, None
+    return (partial, _empty(q.shape, q.dtype, q.device),
+            _empty((B, H, n), torch.float32, q.device), _empty((B, H, n), torch.float32, q.device))
+
+
 def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward, config=None):
     """(loss, diff, lse, delta); the last three are None unless save_for_backward.
     scale: the softmax scale, None for head_dim ** -0.5.
@@ -308,13 +319,9 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
     block_m, block_n, num_warps, num_stages = config or _fwd_config(block_d, q.dtype)
     scales, scale_flag = _scale_args(scale)
     grid = (cdiv(n, block_m), B * H)
-    partial = _empty((B * H * grid[0],), torch.float32, q.device)
-    if save_for_backward:
-        diff = _empty(q.shape, q.dtype, q.device)
-        lse = _empty((B, H, n), torch.float32, q.device)
-        delta = _empty((B, H, n), torch.float32, q.device)
-    else:  # placeholders: the kernel's SAVE_FOR_BACKWARD branch is compiled out
-        diff, lse, delta = q, partial, partial
+    partial, *saved = _forward_buffers(q, B * H * grid[0], save_for_backward)
+    # placeholders where nothing is saved: the kernel's SAVE_FOR_BACKWARD branch is compiled out
+    diff, lse, delta = saved if save_for_backward else (q, partial, partial)
     launch(_recon_loss_fwd_kernel, grid, (
         q, old_k, old_v, comp_k, comp_v, partial, diff, lse, delta,
         *q.stride()[:3], *old_k.stride()[:3], *old_v.stride()[:3],
@@ -324,10 +331,7 @@ def recon_loss_forward(q, old_k, old_v, comp_k, comp_v, scale, save_for_backward
         DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages))
-    loss = partial.sum().to(q.dtype)
-    if not save_for_backward:
-        return loss, None, None, None
-    return loss, diff, lse, delta
+    return (partial.sum().to(q.dtype), *saved)
 
 
 def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, config=None):
@@ -358,6 +362,7 @@ SM90_CONFIGS = ((64, 64, 3), (128, 64, 3), (128, 128, 2))
 SM90_CONFIG = SM90_CONFIGS[0]
 
 
+@functools.lru_cache(maxsize=None)  # asked at every dispatch
 def _sm90_op_loaded() -> bool:
     return dispatch._cuda_extension_loaded() and hasattr(torch.ops.ct_kernels, "recon_loss_fwd_sm90")
 
@@ -399,22 +404,15 @@ def recon_loss_forward_sm90(q, old_k, old_v, comp_k, comp_v, scale, save_for_bac
     config: (query rows per block, keys per tile, K/V stages), default ``SM90_CONFIG``."""
     B, n, H, D = q.shape
     block_m, block_n, stages = config or SM90_CONFIG
-    partial = _empty((B * H * cdiv(n, block_m),), torch.float32, q.device)
-    if save_for_backward:
-        diff = _empty(q.shape, q.dtype, q.device)
-        lse = _empty((B, H, n), torch.float32, q.device)
-        delta = _empty((B, H, n), torch.float32, q.device)
-    else:  # not written
-        diff, lse, delta = (torch.empty(0, dtype=dtype, device=q.device)
-                            for dtype in (q.dtype, torch.float32, torch.float32))
+    partial, *saved = _forward_buffers(q, B * H * cdiv(n, block_m), save_for_backward)
+    # where nothing is saved the op takes empty tensors and writes none
+    diff, lse, delta = saved if save_for_backward else (
+        q.new_empty(0), partial.new_empty(0), partial.new_empty(0))
     torch.ops.ct_kernels.recon_loss_fwd_sm90(
         q, old_k, old_v, comp_k, comp_v,
         D ** -0.5 if scale is None else scale, partial, diff, lse, delta, save_for_backward,
         block_m, block_n, stages)
-    loss = partial.sum().to(q.dtype)
-    if not save_for_backward:
-        return loss, None, None, None
-    return loss, diff, lse, delta
+    return (partial.sum().to(q.dtype), *saved)
 
 
 class ReconLossFunction(torch.autograd.Function):
