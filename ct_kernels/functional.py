@@ -162,6 +162,8 @@ def _check_recon_inputs(q, old_k, old_v, comp_k, comp_v):
     _checks.shape("comp_v", comp_v, comp_k.shape, "comp_k's shape")
     if old_k.shape[1] == 0 or comp_k.shape[1] == 0:
         raise ValueError("old_k and comp_k must hold at least one key each")
+    if n == 0:  # the mean over no element is undefined
+        raise ValueError("q must hold at least one query (q [B, n, H, D] with n >= 1)")
 
 
 def attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, *, scale=None, backend="auto"):

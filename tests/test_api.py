@@ -125,6 +125,8 @@ def test_recon_loss_bad_inputs():
         ct_kernels.attention_reconstruction_loss(q, ok, ov.double(), ck, cv)
     with pytest.raises(ValueError, match="at least one key"):
         ct_kernels.attention_reconstruction_loss(q, ok[:, :0], ov[:, :0], ck, cv)
+    with pytest.raises(ValueError, match="at least one query"):
+        ct_kernels.attention_reconstruction_loss(q[:, :0], ok, ov, ck, cv)
 
 
 def test_autoencoding_loss_bad_inputs():
