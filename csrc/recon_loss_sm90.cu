@@ -10,11 +10,13 @@
 // consumers have released a stage (an mbarrier per stage each way), so the consumer warps
 // never wait on each other. Per key tile t, in each consumer warpgroup:
 //   S_t = Q K_t^T            (wgmma, Q and K from shared memory)
-//   O  += P_{t-1} V_{t-1}    (wgmma, P from registers), issued right after S_t, so that
-//                             the softmax of tile t runs while the tensor cores do P V
-//   online softmax of S_t in the log2 domain -> P_t; O rescaled only where a row maximum
-//   moved
-// The TMA writes the tiles with the 128-byte swizzle that the wgmma descriptors name.
+//   O rescaled by the softmax of tile t - 1, while the tensor cores do S_t
+//   O  += P_{t-1} V_{t-1}    (wgmma, P from registers), issued right after, so that the
+//                             softmax of tile t runs while the tensor cores do P V
+//   online softmax of S_t in the log2 domain -> P_t; a row's running maximum moves only
+//   when a tile's exceeds it by more than 8 (a factor 256), so O is rarely rescaled
+// The TMA writes the tiles with the 128-byte swizzle that the wgmma descriptors name, and
+// stores diff from shared memory at the end.
 //
 // Outputs match the Triton forward (ct_kernels/ops/recon_loss.py): one fp32 partial of the
 // mean per block; with save_for_backward also diff = O_old - O_comp in the input dtype
@@ -71,12 +73,13 @@ struct ReconParams {
   CUtensorMap q_map;     // [B, n, H, 128] viewed as 4-d, boxes of 64 rows x 64 columns
   CUtensorMap k_map[2];  // old, compressed
   CUtensorMap v_map[2];
+  CUtensorMap diff_map;  // [B, n, H, 128] like q (written only with save_for_backward)
   int keys[2];           // ns, nc
   int heads, n;
   float qk_scale;        // softmax scale * log2(e)
   float inv_numel;
   float* partial;        // [B * H * tiles]
-  void* diff;            // [B, n, H, D] or nullptr
+  bool save;             // write diff, lse and delta
   float* lse;            // [B, H, n]
   float* delta;          // [B, H, n]
 };
@@ -145,6 +148,16 @@ __device__ __forceinline__ void tma_load_tile(uint32_t dst, uint32_t half_bytes,
                                               int row, int batch, uint32_t bar) {
   tma_load(dst, map, 0, head, row, batch, bar);
   tma_load(dst + half_bytes, map, 64, head, row, batch, bar);
+}
+
+// a box of 64 columns from shared memory to (column, head, row, batch) of a 4-d map; rows
+// past the tensor's end are not written
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, uint32_t src, int col, int head, int row,
+                                          int batch) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(col), "r"(head), "r"(row), "r"(batch)
+               : "memory");
 }
 
 // ---- warpgroup MMA -------------------------------------------------------------------------
@@ -348,8 +361,9 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     }
     wgmma_commit();
   };
+  // V of tile t in its ring stage (waited for separately, see the loop)
+  auto wait_values = [&](int t) { barrier_wait(v_bar(t % kStages), (t / kStages) & 1); };
   auto issue_values = [&](int t) {
-    barrier_wait(v_bar(t % kStages), (t / kStages) & 1);
     const uint64_t v_stage = v_desc + ((t % kStages) * kTileBytes >> 4);
     wgmma_fence();
 #pragma unroll
@@ -361,6 +375,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   };
   // online softmax of S_t (log2 domain): -inf past a partial tile's keys, new row maxima,
   // probabilities in s, the running sums; the rescale factors of O in alpha
+  constexpr float kMaxSlack = 8.f;
   auto softmax = [&](int t, float (&alpha)[2]) {
     const int valid = (t >= tiles_old ? p.keys[1] : p.keys[0]) - tile_start(t);
     if (valid < kBlockN) {
@@ -375,8 +390,13 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
       float mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-      const float m_new = fmaxf(m[r], quad_max(mx) * p.qk_scale);
-      alpha[r] = exp2f(m[r] - m_new);
+      // The running maximum moves only where the tile's exceeds it by more than kMaxSlack:
+      // the probabilities then stay below 2^kMaxSlack (exact enough in fp32 and in the P V
+      // operand's type, whose relative precision does not depend on the magnitude), and O
+      // needs no rescale on most tiles.
+      const float tile_max = quad_max(mx) * p.qk_scale;
+      const float m_new = tile_max > m[r] + kMaxSlack ? tile_max : m[r];
+      alpha[r] = m_new == m[r] ? 1.f : exp2f(m[r] - m_new);
       m[r] = m_new;
       float sum = 0.f;
 #pragma unroll
@@ -401,16 +421,29 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   };
 
   float alpha[2];
+  // O times the rescale factors of the last softmax, where a row maximum moved (in this
+  // warp's rows)
+  auto rescale = [&]() {
+    if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) o[i] *= (i & 2) ? alpha[1] : alpha[0];
+    }
+    touch(o);
+  };
   barrier_wait(q_bar, 0);
   issue_scores(0);
   wgmma_wait<0>();
   touch(s);
   release(k_empty(0));
   softmax(0, alpha);
+  alpha[0] = alpha[1] = 1.f;  // O is still zero
   pack_probabilities();
+  wait_values(0);
   for (int t = 1; t < tiles; ++t) {
-    // the scores of tile t, then P V of tile t - 1: the softmax below overlaps the latter
+    // the scores of tile t; while the tensor cores do them, O takes the rescale of tile
+    // t - 1's softmax, then P V of tile t - 1 follows, so that the softmax below overlaps it
     issue_scores(t);
+    rescale();
     issue_values(t - 1);
     wgmma_wait<1>();  // the scores (committed first) are done
     touch(s);
@@ -421,6 +454,10 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
       l[0] = l[1] = 0.f;
     }
     softmax(t, alpha);
+    // V of tile t for the next P V. Waiting for it here also ends a basic block between the
+    // softmax and the wait for P V below, which the compiler would otherwise schedule ahead
+    // of the softmax (the whole product's latency then exposed).
+    wait_values(t);
     wgmma_wait<0>();  // P V of tile t - 1 done: O and the packed probabilities are free
     touch(o);
     release(v_empty((t - 1) % kStages));
@@ -437,13 +474,11 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
         }
         o[i] = 0.f;
       }
-    } else if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
-      // a row maximum moved (in this warp's rows): rescale
-#pragma unroll
-      for (int i = 0; i < 64; ++i) o[i] *= (i & 2) ? alpha[1] : alpha[0];
+      alpha[0] = alpha[1] = 1.f;  // O is zero again
     }
     pack_probabilities();
   }
+  rescale();
   issue_values(tiles - 1);
   wgmma_wait<0>();
   touch(o);
@@ -458,33 +493,50 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   };
   const float l_comp[2] = {quad_sum(l[0]), quad_sum(l[1])};
   const int rows[2] = {row0 + wg * 64 + warp * 16 + lane / 4, row0 + wg * 64 + warp * 16 + lane / 4 + 8};
+  // diff goes out through this warpgroup's query tile, free once every warp of it is past its
+  // last score product: written there in the 128-byte swizzle (two 64-column boxes, 16-byte
+  // chunk c of row x at chunk c ^ (x % 8): a store instruction of a warp hits every bank
+  // once), then stored by the TMA, which drops the rows past n
+  const uint32_t diff_tile = smem0 + wg * kQTileBytes;
+  const int wg_barrier = 2 + wg;  // 0: the block, 1: all consumers
+  if (p.save) asm volatile("bar.sync %0, 128;\n" ::"r"(wg_barrier) : "memory");
   float sq = 0.f;
   float delta[2] = {0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const bool row_ok = rows[r] < p.n;
     const float inv = 1.f / l_comp[r];
-    uint32_t* diff_row = p.diff == nullptr || !row_ok ? nullptr
-        : reinterpret_cast<uint32_t*>(static_cast<char*>(p.diff) +
-                                      2 * ((int64_t(b) * p.n + rows[r]) * p.heads + h) * kHeadDim);
+    const int tile_row = warp * 16 + lane / 4 + 8 * r;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const float c0 = o[4 * j + 2 * r] * inv, c1 = o[4 * j + 2 * r + 1] * inv;
       const int i = 4 * j + 2 * r;
       const float d0 = old_at(i) - c0, d1 = old_at(i + 1) - c1;
       if (row_ok) sq += d0 * d0 + d1 * d1;
-      if (diff_row != nullptr) {
+      if (p.save) {
         const uint32_t packed = pack<T>(d0, d1);
-        diff_row[(8 * j + 2 * (lane % 4)) / 2] = packed;
+        const uint32_t at = (j / 8) * (kQTileBytes / 2) + tile_row * 128 + (((j % 8) ^ (tile_row % 8)) * 16) +
+                            4 * (lane % 4);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(diff_tile + at), "r"(packed) : "memory");
         const float2 rounded = unpack<T>(packed);
         delta[r] += rounded.x * c0 + rounded.y * c1;
       }
     }
     delta[r] = quad_sum(delta[r]);
-    if (p.diff != nullptr && row_ok && lane % 4 == 0) {
+    if (p.save && row_ok && lane % 4 == 0) {
       const int64_t at = int64_t(bh) * p.n + rows[r];
       p.lse[at] = m[r] + log2f(l_comp[r]);
       p.delta[at] = delta[r];
+    }
+  }
+  if (p.save) {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
+    asm volatile("bar.sync %0, 128;\n" ::"r"(wg_barrier) : "memory");
+    if (threadIdx.x % 128 == 0) {
+      tma_store(&p.diff_map, diff_tile, 0, h, row0 + wg * 64, b);
+      tma_store(&p.diff_map, diff_tile + kQTileBytes / 2, 64, h, row0 + wg * 64, b);
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+      asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the tile is read before the block exits
     }
   }
   // the block's share of the mean: warps, then the eight warp sums in a fixed order
@@ -633,7 +685,8 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
   p.qk_scale = float(scale * 1.4426950408889634);
   p.inv_numel = float(1.0 / double(q.numel()));
   p.partial = partial.data_ptr<float>();
-  p.diff = save_for_backward ? diff.data_ptr() : nullptr;
+  p.save = save_for_backward;
+  if (save_for_backward) make_map(p.diff_map, diff, 64);
   p.lse = save_for_backward ? lse.data_ptr<float>() : nullptr;
   p.delta = save_for_backward ? delta.data_ptr<float>() : nullptr;
 
