@@ -184,12 +184,11 @@ struct Mma;
   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                              \
   " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
   "%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n"
-// TB: 1 where B is MN-major (its rows are the reduction dimension)
-#define CT_WGMMA_SS_64x128(TY, TB)                                                                     \
+#define CT_WGMMA_SS_64x128(TY)                                                                         \
   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                             \
   " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
   "%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,"  \
-  "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, " TB ";\n"
+  "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n"
 #define CT_WGMMA_RS_64x128(TY)                                                                         \
   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                             \
   " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
@@ -223,7 +222,7 @@ struct Mma;
     /* s[64x128] (+)= A[64x16] B[16x128], both from shared memory */                                 \
     static __device__ __forceinline__ void scores(float (&s)[64], uint64_t a, uint64_t b,            \
                                                   int accumulate) {                                   \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" CT_WGMMA_SS_64x128(TY, "0") "}\n"          \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" CT_WGMMA_SS_64x128(TY) "}\n"          \
                    : CT_ACC64(s)                                                                      \
                    : "l"(a), "l"(b), "r"(accumulate));                                                \
     }                                                                                                 \
@@ -233,12 +232,6 @@ struct Mma;
       asm volatile(CT_WGMMA_RS_64x128(TY)                                                             \
                    : CT_ACC64(o)                                                                      \
                    : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(b));                            \
-    }                                                                                                 \
-    /* o[64x128] += A[64x16] (shared memory) B[16x128] (shared memory, MN-major) */                  \
-    static __device__ __forceinline__ void values(float (&o)[64], uint64_t a, uint64_t b) {          \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" CT_WGMMA_SS_64x128(TY, "1") "}\n"      \
-                   : CT_ACC64(o)                                                                      \
-                   : "l"(a), "l"(b));                                                                 \
     }                                                                                                 \
   };
 
@@ -562,232 +555,6 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
 #endif
 }
 
-
-// ---- the backward ----------------------------------------------------------------------------
-//
-// dK and dV of the compressed attention (the only gradients of the loss), FlashAttention-2
-// style, from the forward's diff, LSE and delta. One block per (128 compressed keys, batch,
-// head): two consumer warpgroups of 64 keys each and a producer warpgroup. The producer loads
-// each warpgroup's K and V once, then Q and diff (dO up to the scalar -2 g / numel) of every
-// 64-query tile through a ring of stages that both consumer warpgroups read. Per query tile i,
-// in each consumer warpgroup:
-//   S^T = K Q_i^T, dP^T = V dO_i^T          (wgmma, all operands in shared memory)
-//   P^T = exp2(S^T qk_scale - lse), dS^T = P^T (dP^T - delta), written to shared memory
-//   dV += P^T dO_i, dK += dS^T Q_i          (wgmma from shared memory, Q_i and dO_i read as
-//                                            MN-major operands)
-// Each warpgroup waits for its own products; the two warpgroups of a block drift apart, so
-// that one's elementwise work overlaps the other's products. (P^T and dS^T go through shared
-// memory rather than registers: in registers, the products in flight need more registers
-// than a thread has, and the compiler serialises them.)
-// lse and delta of the tile (one value per consumer thread) are loaded a tile ahead and
-// staged in shared memory; queries past n get lse = +inf, hence P = dS = 0.
-
-constexpr int kBwdStages = 3;
-constexpr int kBwdTileBytes = 64 * kHeadDim * 2;  // a [64, 128] tile of K, V, Q or dO
-constexpr int kBwdHalfBytes = kBwdTileBytes / 2;  // one TMA box: 64 of its columns
-constexpr int kBwdThreads = 384;                  // two consumer warpgroups, one producer
-// shared memory: K, V of each consumer warpgroup; per stage Q, dO; per warpgroup P^T and
-// dS^T ([64, 64] each, 128-byte swizzle) and two stat buffers of 128 floats (lse, delta);
-// mbarriers: K/V, per stage full and empty
-constexpr int kBwdKvOffset = 0;
-constexpr int kBwdStageOffset = 4 * kBwdTileBytes;
-constexpr int kBwdPdsOffset = kBwdStageOffset + kBwdStages * 2 * kBwdTileBytes;
-constexpr int kBwdStatOffset = kBwdPdsOffset + 2 * kBwdTileBytes;
-constexpr int kBwdBarrierOffset = kBwdStatOffset + 2 * 2 * 128 * 4;
-constexpr int kBwdSmemBytes = kBwdBarrierOffset + 8 * (1 + 2 * kBwdStages);
-
-struct BwdParams {
-  CUtensorMap q_map, diff_map;  // [B, n, H, 128], boxes of 64 rows
-  CUtensorMap k_map, v_map;     // [B, nc, H, 128], boxes of 64 rows
-  int n, nc, heads;
-  float qk_scale;               // softmax scale * log2(e)
-  float scale;                  // softmax scale
-  float minus_two_over_numel;
-  const void* grad_loss;        // scalar of the input type
-  const float* lse;             // [B, H, n]
-  const float* delta;           // [B, H, n]
-  void* d_comp_k;               // [B, nc, H, 128] contiguous
-  void* d_comp_v;
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kBwdThreads, 1) recon_loss_bwd_sm90_kernel(const __grid_constant__ BwdParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
-  const uint32_t smem0 = smem_addr(smem_raw);
-  if (smem0 % 1024 != 0) __trap();
-  const uint32_t kv_bar = smem0 + kBwdBarrierOffset;
-  auto full_bar = [&](int stage) { return kv_bar + 8 + 8 * stage; };
-  auto empty_bar = [&](int stage) { return kv_bar + 8 + 8 * (kBwdStages + stage); };
-  auto stage_q = [&](int stage) { return smem0 + kBwdStageOffset + stage * 2 * kBwdTileBytes; };
-  auto stage_do = [&](int stage) { return stage_q(stage) + kBwdTileBytes; };
-
-  const int key0 = blockIdx.x * 128, bh = blockIdx.y;
-  const int b = bh / p.heads, h = bh % p.heads;
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int tiles = (p.n + 63) / 64;
-
-  if (threadIdx.x == 0) {
-    barrier_init(kv_bar, 1);
-    for (int stage = 0; stage < kBwdStages; ++stage) {
-      barrier_init(full_bar(stage), 1);
-      barrier_init(empty_bar(stage), 8);  // the eight consumer warps
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (threadIdx.x >= 256) {
-    // the producer (one thread): K and V of both warpgroups, then Q and dO of every query
-    // tile as soon as all eight consumer warps have released its stage
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (threadIdx.x == 256) {
-      barrier_expect(kv_bar, 4 * kBwdTileBytes);
-      for (int g = 0; g < 2; ++g) {
-        tma_load_tile(smem0 + kBwdKvOffset + 2 * g * kBwdTileBytes, kBwdHalfBytes, &p.k_map, h, key0 + 64 * g, b,
-                      kv_bar);
-        tma_load_tile(smem0 + kBwdKvOffset + (2 * g + 1) * kBwdTileBytes, kBwdHalfBytes, &p.v_map, h, key0 + 64 * g,
-                      b, kv_bar);
-      }
-      for (int i = 0; i < tiles; ++i) {
-        const int stage = i % kBwdStages, round = i / kBwdStages;
-        if (round > 0) barrier_wait(empty_bar(stage), (round - 1) & 1);
-        barrier_expect(full_bar(stage), 2 * kBwdTileBytes);
-        tma_load_tile(stage_q(stage), kBwdHalfBytes, &p.q_map, h, 64 * i, b, full_bar(stage));
-        tma_load_tile(stage_do(stage), kBwdHalfBytes, &p.diff_map, h, 64 * i, b, full_bar(stage));
-      }
-    }
-    return;
-  }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
-
-  float dk[64], dv[64];  // [64 keys, 128] accumulators of this warpgroup
-  float s[32], dp[32];   // S^T, dP^T of the current tile
-#pragma unroll
-  for (int i = 0; i < 64; ++i) dk[i] = dv[i] = 0.f;
-
-  // descriptors (see the forward): K, V, Q, dO K-major for the score products; Q and dO
-  // MN-major (+2048 bytes per 16 queries) for dK and dV
-  const uint64_t k_desc = descriptor(smem0 + kBwdKvOffset + 2 * wg * kBwdTileBytes, 0, 1024);
-  const uint64_t v_desc = descriptor(smem0 + kBwdKvOffset + (2 * wg + 1) * kBwdTileBytes, 0, 1024);
-  auto kmajor = [&](uint32_t addr) { return descriptor(addr, 0, 1024); };
-  auto mnmajor = [&](uint32_t addr) { return descriptor(addr, kBwdHalfBytes, 1024); };
-
-  // lse and delta of query tile i: consumer thread x of the warpgroup holds lse (x < 64) or
-  // delta (x >= 64) of query 64 i + x % 64
-  const int x = threadIdx.x % 128;
-  const float* stat_src = (x < 64 ? p.lse : p.delta) + int64_t(bh) * p.n;
-  auto load_stat = [&](int i) {
-    const int col = 64 * i + x % 64;
-    return col < p.n ? stat_src[col] : (x < 64 ? INFINITY : 0.f);
-  };
-  float* stat_buf = reinterpret_cast<float*>(smem_raw + kBwdStatOffset) + wg * 2 * 128;
-  const int wg_barrier = 1 + wg;
-
-  // this warpgroup's P^T and dS^T: [64 keys, 64 queries], K-major (+32 bytes per 16 queries)
-  const uint32_t p_tile = smem0 + kBwdPdsOffset + wg * kBwdTileBytes;
-  const uint32_t ds_tile = p_tile + kBwdHalfBytes;
-  auto issue_grads = [&](int i) {  // dV += P^T dO_i, dK += dS^T Q_i
-    const int stage = i % kBwdStages;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      Mma<T>::values(dv, kmajor(p_tile) + (kk * 32 >> 4), mnmajor(stage_do(stage)) + (kk * 2048 >> 4));
-    }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      Mma<T>::values(dk, kmajor(ds_tile) + (kk * 32 >> 4), mnmajor(stage_q(stage)) + (kk * 2048 >> 4));
-    }
-  };
-  auto issue_scores = [&](int i) {  // S^T = K Q_i^T, dP^T = V dO_i^T
-    const int stage = i % kBwdStages;
-    const uint64_t q_desc = kmajor(stage_q(stage)), do_desc = kmajor(stage_do(stage));
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t off = ((kk / 4) * kBwdHalfBytes + (kk % 4) * 32) >> 4;
-      Mma<T>::scores(s, k_desc + off, q_desc + off, kk);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t off = ((kk / 4) * kBwdHalfBytes + (kk % 4) * 32) >> 4;
-      Mma<T>::scores(dp, v_desc + off, do_desc + off, kk);
-    }
-  };
-
-  float stat_next = load_stat(0);
-  barrier_wait(kv_bar, 0);
-  for (int i = 0; i < tiles; ++i) {
-    float* stats = stat_buf + (i % 2) * 128;
-    stats[x] = stat_next;
-    if (i + 1 < tiles) stat_next = load_stat(i + 1);
-    barrier_wait(full_bar(i % kBwdStages), (i / kBwdStages) & 1);
-    wgmma_fence();
-    issue_scores(i);
-    wgmma_commit();
-    wgmma_wait<0>();
-    touch(s);
-    touch(dp);
-    touch(dk);
-    touch(dv);
-    if (i > 0 && lane == 0) barrier_arrive(empty_bar((i - 1) % kBwdStages));
-    asm volatile("bar.sync %0, 128;\n" ::"r"(wg_barrier) : "memory");  // the tile's stats are staged
-    // accumulator element 4j + e: key row 16 warp + lane / 4 (+ 8 for e >= 2), query column
-    // 8j + 2 (lane % 4) + (e & 1); written to the swizzled tiles as pairs (16-byte chunk j
-    // of row x at chunk j ^ (x % 8))
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = 8 * j + 2 * (lane % 4) + (e & 1);
-        const float prob = exp2f(fmaf(s[4 * j + e], p.qk_scale, -stats[col]));
-        s[4 * j + e] = prob;
-        dp[4 * j + e] = prob * (dp[4 * j + e] - stats[64 + col]);
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + lane / 4 + 8 * r;
-        const uint32_t at = row * 128 + ((j ^ (row % 8)) * 16) + 4 * (lane % 4);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p_tile + at), "r"(pack<T>(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]))
-                     : "memory");
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_tile + at),
-                     "r"(pack<T>(dp[4 * j + 2 * r], dp[4 * j + 2 * r + 1]))
-                     : "memory");
-      }
-    }
-    // the tiles, visible to the tensor cores; all four warps' rows written
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    asm volatile("bar.sync %0, 128;\n" ::"r"(wg_barrier) : "memory");
-    wgmma_fence();
-    issue_grads(i);
-    wgmma_commit();
-    wgmma_wait<0>();
-    touch(dk);
-    touch(dv);
-  }
-
-  // dO = -2 g diff / numel; dK also takes the softmax scale. Rows past nc are not written.
-  const float coef = p.minus_two_over_numel * [&] {
-    const uint16_t bits = *static_cast<const uint16_t*>(p.grad_loss);
-    return unpack<T>(uint32_t(bits)).x;
-  }();
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + wg * 64 + warp * 16 + lane / 4 + 8 * r;
-    if (key >= p.nc) continue;
-    const int64_t row = ((int64_t(b) * p.nc + key) * p.heads + h) * kHeadDim;
-    uint32_t* dk_row = reinterpret_cast<uint32_t*>(static_cast<T*>(p.d_comp_k) + row);
-    uint32_t* dv_row = reinterpret_cast<uint32_t*>(static_cast<T*>(p.d_comp_v) + row);
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int i = 4 * j + 2 * r, col = 8 * j + 2 * (lane % 4);
-      dk_row[col / 2] = pack<T>(dk[i] * coef * p.scale, dk[i + 1] * coef * p.scale);
-      dv_row[col / 2] = pack<T>(dv[i] * coef, dv[i + 1] * coef);
-    }
-  }
-#else
-  __trap();  // built without sm_90a: the host never launches this
-#endif
-}
-
 }  // namespace ct_kernels::recon_sm90
 
 // ---- host ----------------------------------------------------------------------------------
@@ -948,68 +715,6 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
   }
 }
 
-
-// Writes d_comp_k, d_comp_v ([B, nc, H, 128] contiguous, comp_k's dtype) from what the
-// forward saved: diff [B, n, H, 128] (q's dtype, contiguous), lse and delta [B, H, n] (fp32);
-// grad_loss: the loss's gradient, a scalar of q's dtype; scale: the softmax scale.
-void recon_loss_bwd_sm90(const at::Tensor& q, const at::Tensor& comp_k, const at::Tensor& comp_v,
-                         const at::Tensor& diff, const at::Tensor& lse, const at::Tensor& delta,
-                         const at::Tensor& grad_loss, double scale, at::Tensor d_comp_k, at::Tensor d_comp_v) {
-  TORCH_CHECK(q.is_cuda(), "recon_loss_bwd_sm90: q must be a CUDA tensor, got one on ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "recon_loss_bwd_sm90: q must be bfloat16 or float16, got ", q.scalar_type());
-  check_input(q, "q", q);
-  check_input(comp_k, "comp_k", q);
-  check_input(comp_v, "comp_v", q);
-  TORCH_CHECK(comp_v.size(1) == comp_k.size(1), "recon_loss_bwd_sm90: comp_v must have as many rows as comp_k, got ",
-              ct_kernels::shape(comp_k.sizes()), " / ", ct_kernels::shape(comp_v.sizes()));
-  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2), nc = comp_k.size(1);
-  check_output(diff, "diff", q.sizes(), q.scalar_type(), q);
-  check_output(lse, "lse", {batch, heads, n}, at::kFloat, q);
-  check_output(delta, "delta", {batch, heads, n}, at::kFloat, q);
-  check_output(d_comp_k, "d_comp_k", comp_k.sizes(), q.scalar_type(), q);
-  check_output(d_comp_v, "d_comp_v", comp_k.sizes(), q.scalar_type(), q);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == q.scalar_type() && grad_loss.device() == q.device(),
-              "recon_loss_bwd_sm90: grad_loss must be one ", q.scalar_type(), " element on ", q.device(), ", got ",
-              grad_loss.scalar_type(), " ", ct_kernels::shape(grad_loss.sizes()), " on ", grad_loss.device());
-  TORCH_CHECK(batch * heads < 65536 && n < (int64_t(1) << 30) && nc < (int64_t(1) << 30),
-              "recon_loss_bwd_sm90: sizes out of range");
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(props->major == 9 && props->minor == 0, "recon_loss_bwd_sm90: needs an sm_90 GPU, got sm_",
-              ct_kernels::num(props->major * 10 + props->minor));
-
-  BwdParams p{};
-  const at::Tensor q_rows = rows_aligned(q), k_rows = rows_aligned(comp_k), v_rows = rows_aligned(comp_v);
-  make_map(p.q_map, q_rows, 64);
-  make_map(p.diff_map, diff, 64);
-  make_map(p.k_map, k_rows, 64);
-  make_map(p.v_map, v_rows, 64);
-  p.n = int(n), p.nc = int(nc), p.heads = int(heads);
-  p.scale = float(scale);
-  p.qk_scale = float(scale * 1.4426950408889634);
-  p.minus_two_over_numel = float(-2.0 / double(q.numel()));
-  const at::Tensor grad_one = grad_loss.reshape({1}).contiguous();  // lives until the launch
-  p.grad_loss = grad_one.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.d_comp_k = d_comp_k.data_ptr();
-  p.d_comp_v = d_comp_v.data_ptr();
-
-  const dim3 grid(unsigned((nc + 127) / 128), unsigned(batch * heads));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto type) {
-    auto kernel = recon_loss_bwd_sm90_kernel<decltype(type)>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBwdSmemBytes));
-    kernel<<<grid, kBwdThreads, kBwdSmemBytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (q.scalar_type() == at::kHalf) {
-    launch(__half{});
-  } else {
-    launch(__nv_bfloat16{});
-  }
-}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
@@ -1017,12 +722,6 @@ TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
       "recon_loss_fwd_sm90(Tensor q, Tensor old_k, Tensor old_v, Tensor comp_k, Tensor comp_v, float scale, "
       "Tensor(a!) partial, Tensor(b!) diff, Tensor(c!) lse, Tensor(d!) delta, bool save_for_backward, int block_m, "
       "int block_n, int stages) -> ()");
-  m.def(
-      "recon_loss_bwd_sm90(Tensor q, Tensor comp_k, Tensor comp_v, Tensor diff, Tensor lse, Tensor delta, "
-      "Tensor grad_loss, float scale, Tensor(a!) d_comp_k, Tensor(b!) d_comp_v) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) {
-  m.impl("recon_loss_fwd_sm90", &recon_loss_fwd_sm90);
-  m.impl("recon_loss_bwd_sm90", &recon_loss_bwd_sm90);
-}
+TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) { m.impl("recon_loss_fwd_sm90", &recon_loss_fwd_sm90); }

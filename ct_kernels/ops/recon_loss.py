@@ -354,7 +354,7 @@ def recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, c
     return d_comp_k, d_comp_v
 
 
-# the Hopper kernels (csrc/recon_loss_sm90.cu): their head dim and the forward's launch configurations
+# the Hopper forward (csrc/recon_loss_sm90.cu): its head dim and its launch configurations
 # (query rows per block, keys per tile, K/V stages); the default is the fastest at the
 # benchmark shapes among those checked against the reference on the H200 (benchmarks/NOTES.md)
 SM90_HEAD_DIM = 128
@@ -364,20 +364,14 @@ SM90_CONFIG = SM90_CONFIGS[0]
 
 @functools.lru_cache(maxsize=None)  # asked at every dispatch
 def _sm90_op_loaded() -> bool:
-    return (dispatch._cuda_extension_loaded() and hasattr(torch.ops.ct_kernels, "recon_loss_fwd_sm90")
-            and hasattr(torch.ops.ct_kernels, "recon_loss_bwd_sm90"))
+    return dispatch._cuda_extension_loaded() and hasattr(torch.ops.ct_kernels, "recon_loss_fwd_sm90")
 
 
-if _sm90_op_loaded():  # both ops write their output arguments only
+if _sm90_op_loaded():
     @torch.library.register_fake("ct_kernels::recon_loss_fwd_sm90")
     def _recon_loss_fwd_sm90_fake(q, old_k, old_v, comp_k, comp_v, scale, partial, diff, lse, delta,
                                   save_for_backward, block_m, block_n, stages):
-        return None
-
-    @torch.library.register_fake("ct_kernels::recon_loss_bwd_sm90")
-    def _recon_loss_bwd_sm90_fake(q, comp_k, comp_v, diff, lse, delta, grad_loss, scale, d_comp_k,
-                                  d_comp_v):
-        return None
+        return None  # writes its output arguments only
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,13 +386,13 @@ def _on_sm90() -> bool:
 
 def _sm90_unsupported(dtype=None, head_dim=None, **_):
     if not _sm90_op_loaded():
-        return "ct_kernels._C was built without the sm_90 reconstruction-loss kernels"
+        return "ct_kernels._C was built without recon_loss_fwd_sm90"
     if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} (the sm_90 kernels need float16 or bfloat16)"
+        return f"dtype {dtype} (the sm_90 forward needs float16 or bfloat16)"
     if head_dim != SM90_HEAD_DIM:
-        return f"head dim {head_dim} (the sm_90 kernels need {SM90_HEAD_DIM})"
+        return f"head dim {head_dim} (the sm_90 forward needs {SM90_HEAD_DIM})"
     if not _on_sm90():
-        return "the sm_90 kernels need a Hopper GPU (compute capability 9.0)"
+        return "the sm_90 forward needs a Hopper GPU (compute capability 9.0)"
     return None
 
 
@@ -421,16 +415,6 @@ def recon_loss_forward_sm90(q, old_k, old_v, comp_k, comp_v, scale, save_for_bac
     return (partial.sum().to(q.dtype), *saved)
 
 
-def recon_loss_backward_sm90(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale):
-    """``recon_loss_backward`` on the sm_90 kernel: (d comp_k, d comp_v), contiguous."""
-    d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
-    d_comp_v = _empty(comp_k.shape, comp_k.dtype, q.device)
-    torch.ops.ct_kernels.recon_loss_bwd_sm90(
-        q, comp_k, comp_v, diff, lse, delta, grad_loss.to(q.dtype),
-        q.shape[-1] ** -0.5 if scale is None else scale, d_comp_k, d_comp_v)
-    return d_comp_k, d_comp_v
-
-
 class ReconLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, old_k, old_v, comp_k, comp_v, scale, sm90):
@@ -439,14 +423,14 @@ class ReconLossFunction(torch.autograd.Function):
         loss, diff, lse, delta = forward(q, old_k, old_v, comp_k, comp_v, scale, needs_grad)
         if needs_grad:
             ctx.save_for_backward(q, comp_k, comp_v, diff, lse, delta)
-            ctx.scale, ctx.sm90 = scale, sm90
+            ctx.scale = scale
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         q, comp_k, comp_v, diff, lse, delta = ctx.saved_tensors
-        backward = recon_loss_backward_sm90 if ctx.sm90 else recon_loss_backward
-        d_comp_k, d_comp_v = backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, ctx.scale)
+        d_comp_k, d_comp_v = recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta,
+                                                 ctx.scale)
         # q, old_k and old_v are constants of the loss
         return (None, None, None,
                 d_comp_k if ctx.needs_input_grad[3] else None,
@@ -470,6 +454,6 @@ def attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, *, scale=None
 
 @dispatch.register("recon_loss", "cuda", unsupported=_sm90_unsupported)
 def attention_reconstruction_loss_sm90(q, old_k, old_v, comp_k, comp_v, *, scale=None):
-    """Same contract as ``reference.attention_reconstruction_loss``, on the sm_90 kernels of
-    ct_kernels._C (forward and backward)."""
+    """Same contract as ``reference.attention_reconstruction_loss``: the forward on the sm_90
+    kernel of ct_kernels._C, the backward on the Triton kernel."""
     return _recon_loss(q, old_k, old_v, comp_k, comp_v, scale, sm90=True)
