@@ -3,12 +3,14 @@
 //
 //   loss = mean((attn(q, old_k, old_v) - attn(q, comp_k, comp_v))^2)
 //
-// One block per (query tile, batch, head): one or two consumer warpgroups of 64 query rows
-// each, and a producer warpgroup. The key tiles of both attentions (old first, then
-// compressed) stream through two rings of shared-memory stages (K and V) that the tensor
-// memory accelerator (TMA) fills: one producer thread issues the copies as soon as the
-// consumers have released a stage (an mbarrier per stage each way), so the consumer warps
-// never wait on each other. Per key tile t, in each consumer warpgroup:
+// Persistent blocks, as many as the SMs hold at once, each taking (query tile, batch, head)
+// work items in turn: one or two consumer warpgroups of 64 query rows each, and a producer
+// warpgroup. The key tiles of both attentions (old first, then compressed) stream through
+// two rings of shared-memory stages (K and V) that the tensor memory accelerator (TMA)
+// fills: one producer thread issues the copies as soon as the consumers have released a
+// stage (an mbarrier per stage each way), so the consumer warps never wait on each other,
+// and the next item's first tiles arrive while the consumers finish the current one. Per
+// key tile t, in each consumer warpgroup:
 //   S_t = Q K_t^T            (wgmma, Q and K from shared memory)
 //   O rescaled by the softmax of tile t - 1, while the tensor cores do S_t
 //   O  += P_{t-1} V_{t-1}    (wgmma, P from registers), issued right after, so that the
@@ -19,7 +21,7 @@
 // stores diff from shared memory at the end.
 //
 // Outputs match the Triton forward (ct_kernels/ops/recon_loss.py): one fp32 partial of the
-// mean per block; with save_for_backward also diff = O_old - O_comp in the input dtype
+// mean per item; with save_for_backward also diff = O_old - O_comp in the input dtype
 // ([B, n, H, D] contiguous), the compressed attention's log2-domain LSE and
 // delta = rowsum(diff * O_comp) ([B, H, n] fp32).
 #include <ATen/ATen.h>
@@ -33,6 +35,7 @@
 #include <torch/library.h>
 #include "check_message.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -62,9 +65,9 @@ struct Shape {
   static constexpr int kQBytes = WarpGroups * kQTileBytes;
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + Stages * kTileBytes;
-  // mbarriers: the query tile; per stage K full, V full, K empty, V empty
+  // mbarriers: the query tile full and empty; per stage K full, V full, K empty, V empty
   static constexpr int kBarrierOffset = kVOffset + Stages * kTileBytes;
-  static constexpr int kSumsOffset = kBarrierOffset + 8 * (1 + 4 * Stages);  // one float per consumer warp
+  static constexpr int kSumsOffset = kBarrierOffset + 8 * (2 + 4 * Stages);  // one float per consumer warp
   static constexpr int kOldOffset = kSumsOffset + 4 * 4 * WarpGroups;
   static constexpr int kSmemBytes = kOldOffset + (kOldInSmem ? kConsumers * 64 * 4 : 0);
 };
@@ -76,9 +79,10 @@ struct ReconParams {
   CUtensorMap diff_map;  // [B, n, H, 128] like q (written only with save_for_backward)
   int keys[2];           // ns, nc
   int heads, n;
+  int tiles_m, batch_heads;  // work items: query tiles x (batch, head)
   float qk_scale;        // softmax scale * log2(e)
   float inv_numel;
-  float* partial;        // [B * H * tiles]
+  float* partial;        // [B * H * tiles_m], item by item
   bool save;             // write diff, lse and delta
   float* lse;            // [B, H, n]
   float* delta;          // [B, H, n]
@@ -268,36 +272,26 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   const uint32_t smem0 = smem_addr(smem_raw);
   if (smem0 % 1024 != 0) __trap();
   const uint32_t q_bar = smem0 + S::kBarrierOffset;
-  auto k_bar = [&](int stage) { return q_bar + 8 + 8 * stage; };
-  auto v_bar = [&](int stage) { return q_bar + 8 + 8 * (kStages + stage); };
-  auto k_empty = [&](int stage) { return q_bar + 8 + 8 * (2 * kStages + stage); };
-  auto v_empty = [&](int stage) { return q_bar + 8 + 8 * (3 * kStages + stage); };
+  const uint32_t q_empty = q_bar + 8;
+  auto k_bar = [&](int stage) { return q_bar + 16 + 8 * stage; };
+  auto v_bar = [&](int stage) { return q_bar + 16 + 8 * (kStages + stage); };
+  auto k_empty = [&](int stage) { return q_bar + 16 + 8 * (2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return q_bar + 16 + 8 * (3 * kStages + stage); };
   float* warp_sums = reinterpret_cast<float*>(smem_raw + S::kSumsOffset);
 
-  const int tile_m = blockIdx.x, bh = blockIdx.y;
-  const int b = bh / p.heads, h = bh % p.heads;
-  const int row0 = tile_m * S::kBlockM;
+  // Persistent: work item i (query tile i % tiles_m of batch-head i / tiles_m) is the
+  // block's when i % gridDim.x == blockIdx.x; the key tiles of consecutive items run through
+  // the same rings without a break.
+  const int items = p.tiles_m * p.batch_heads;
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int tiles_old = (p.keys[0] + kBlockN - 1) / kBlockN;
   const int tiles = tiles_old + (p.keys[1] + kBlockN - 1) / kBlockN;
   // key tile t: its first key within its source (old, then compressed)
   auto tile_start = [&](int t) { return (t < tiles_old ? t : t - tiles_old) * kBlockN; };
-  // K and V of tile t into their ring stages (one thread)
-  auto load_k = [&](int t) {
-    const int stage = t % kStages;
-    barrier_expect(k_bar(stage), kTileBytes);
-    tma_load_tile(smem0 + S::kKOffset + stage * kTileBytes, kHalfBytes, &p.k_map[t >= tiles_old], h, tile_start(t), b,
-                  k_bar(stage));
-  };
-  auto load_v = [&](int t) {
-    const int stage = t % kStages;
-    barrier_expect(v_bar(stage), kTileBytes);
-    tma_load_tile(smem0 + S::kVOffset + stage * kTileBytes, kHalfBytes, &p.v_map[t >= tiles_old], h, tile_start(t), b,
-                  v_bar(stage));
-  };
 
   if (threadIdx.x == 0) {
     barrier_init(q_bar, 1);
+    barrier_init(q_empty, S::kWarpGroups);
     for (int stage = 0; stage < kStages; ++stage) {
       barrier_init(k_bar(stage), 1), barrier_init(v_bar(stage), 1);
       barrier_init(k_empty(stage), S::kConsumers / 32), barrier_init(v_empty(stage), S::kConsumers / 32);
@@ -307,20 +301,38 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   __syncthreads();  // the barriers are initialised before anyone waits on them
 
   if (threadIdx.x >= S::kConsumers) {
-    // the producer warpgroup (one thread of it): the query tile, then K and V of every key
-    // tile as soon as the consumer warps have released its ring stage
+    // the producer warpgroup (one thread of it): per item the query tile and K and V of
+    // every key tile, each copy as soon as the consumers have released its buffer. From the
+    // second item on, the key tiles whose ring slots free first go before the query tile;
+    // the slot of the previous item's last tile frees only once diff has been stored from it.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(S::kProducerRegisters));
     if (threadIdx.x == S::kConsumers) {
-      barrier_expect(q_bar, S::kQBytes);
-      for (int g = 0; g < S::kWarpGroups; ++g) {
-        tma_load_tile(smem0 + g * kQTileBytes, kQTileBytes / 2, &p.q_map, h, row0 + 64 * g, b, q_bar);
-      }
-      for (int t = 0; t < tiles; ++t) {
-        const int stage = t % kStages, round = t / kStages;
-        if (round > 0) barrier_wait(k_empty(stage), (round - 1) & 1);
-        load_k(t);
-        if (round > 0) barrier_wait(v_empty(stage), (round - 1) & 1);
-        load_v(t);
+      int ring = 0;  // key tiles issued so far, over all items
+      int k = 0;     // items of this block so far
+      for (int item = blockIdx.x; item < items; item += gridDim.x, ++k) {
+        const int bh = item / p.tiles_m, b = bh / p.heads, h = bh % p.heads;
+        const int row0 = (item % p.tiles_m) * S::kBlockM;
+        const int q_after = k == 0 ? 0 : (tiles < kStages - 1 ? tiles : kStages - 1);
+        for (int t = 0; t <= tiles; ++t, ++ring) {
+          if (t == q_after) {
+            if (k > 0) barrier_wait(q_empty, (k - 1) & 1);
+            barrier_expect(q_bar, S::kQBytes);
+            for (int g = 0; g < S::kWarpGroups; ++g) {
+              tma_load_tile(smem0 + g * kQTileBytes, kQTileBytes / 2, &p.q_map, h, row0 + 64 * g, b, q_bar);
+            }
+          }
+          if (t == tiles) break;
+          const int stage = ring % kStages, round = ring / kStages;
+          const int source = t >= tiles_old;
+          if (round > 0) barrier_wait(k_empty(stage), (round - 1) & 1);
+          barrier_expect(k_bar(stage), kTileBytes);
+          tma_load_tile(smem0 + S::kKOffset + stage * kTileBytes, kHalfBytes, &p.k_map[source], h, tile_start(t), b,
+                        k_bar(stage));
+          if (round > 0) barrier_wait(v_empty(stage), (round - 1) & 1);
+          barrier_expect(v_bar(stage), kTileBytes);
+          tma_load_tile(smem0 + S::kVOffset + stage * kTileBytes, kHalfBytes, &p.v_map[source], h, tile_start(t), b,
+                        v_bar(stage));
+        }
       }
     }
     return;
@@ -333,11 +345,9 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   uint32_t pk[kBlockN / 4];             // previous tile's probabilities, packed pairs (A of P V)
   // the old attention's output in shared memory: element i of consumer thread x at [i][x]
   float* old_smem = reinterpret_cast<float*>(smem_raw + S::kOldOffset) + threadIdx.x;
-  float m[2] = {-INFINITY, -INFINITY};  // running maxima of rows l/4 and l/4 + 8 (log2 domain)
-  float l[2] = {0.f, 0.f};              // this thread's share of the running sums
+  float m[2];   // running maxima of rows l/4 and l/4 + 8 (log2 domain)
+  float l[2];   // this thread's share of the running sums
   float l_old[2];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
 
   // descriptors: Q and K are K-major (rows of the head dim; +32 bytes per 16 columns, the
   // second 64 columns a box further); V is MN-major (rows of keys: +2048 bytes per 16 keys,
@@ -349,9 +359,12 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   auto release = [&](uint32_t empty_bar) {
     if (lane == 0) barrier_arrive(empty_bar);
   };
+  // key tile t of the current item sits in ring slot ring0 + t
+  int ring0 = 0;
   auto issue_scores = [&](int t) {
-    barrier_wait(k_bar(t % kStages), (t / kStages) & 1);
-    const uint64_t k_stage = k_desc + ((t % kStages) * kTileBytes >> 4);
+    const int slot = ring0 + t;
+    barrier_wait(k_bar(slot % kStages), (slot / kStages) & 1);
+    const uint64_t k_stage = k_desc + ((slot % kStages) * kTileBytes >> 4);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
@@ -362,9 +375,12 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     wgmma_commit();
   };
   // V of tile t in its ring stage (waited for separately, see the loop)
-  auto wait_values = [&](int t) { barrier_wait(v_bar(t % kStages), (t / kStages) & 1); };
+  auto wait_values = [&](int t) {
+    const int slot = ring0 + t;
+    barrier_wait(v_bar(slot % kStages), (slot / kStages) & 1);
+  };
   auto issue_values = [&](int t) {
-    const uint64_t v_stage = v_desc + ((t % kStages) * kTileBytes >> 4);
+    const uint64_t v_stage = v_desc + (((ring0 + t) % kStages) * kTileBytes >> 4);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -373,6 +389,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     }
     wgmma_commit();
   };
+  auto k_empty_of = [&](int t) { return k_empty((ring0 + t) % kStages); };
+  auto v_empty_of = [&](int t) { return v_empty((ring0 + t) % kStages); };
   // online softmax of S_t (log2 domain): -inf past a partial tile's keys, new row maxima,
   // probabilities in s, the running sums; the rescale factors of O in alpha
   constexpr float kMaxSlack = 8.f;
@@ -430,60 +448,6 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     }
     touch(o);
   };
-  barrier_wait(q_bar, 0);
-  issue_scores(0);
-  wgmma_wait<0>();
-  touch(s);
-  release(k_empty(0));
-  softmax(0, alpha);
-  alpha[0] = alpha[1] = 1.f;  // O is still zero
-  pack_probabilities();
-  wait_values(0);
-  for (int t = 1; t < tiles; ++t) {
-    // the scores of tile t; while the tensor cores do them, O takes the rescale of tile
-    // t - 1's softmax, then P V of tile t - 1 follows, so that the softmax below overlaps it
-    issue_scores(t);
-    rescale();
-    issue_values(t - 1);
-    wgmma_wait<1>();  // the scores (committed first) are done
-    touch(s);
-    release(k_empty(t % kStages));
-    if (t == tiles_old) {  // first compressed tile: the old attention's sums are complete
-      l_old[0] = l[0], l_old[1] = l[1];
-      m[0] = m[1] = -INFINITY;
-      l[0] = l[1] = 0.f;
-    }
-    softmax(t, alpha);
-    // V of tile t for the next P V. Waiting for it here also ends a basic block between the
-    // softmax and the wait for P V below, which the compiler would otherwise schedule ahead
-    // of the softmax (the whole product's latency then exposed).
-    wait_values(t);
-    wgmma_wait<0>();  // P V of tile t - 1 done: O and the packed probabilities are free
-    touch(o);
-    release(v_empty((t - 1) % kStages));
-    if (t == tiles_old) {
-      // the old attention is finished: keep its normalised output, start the compressed one
-      const float inv0 = 1.f / quad_sum(l_old[0]), inv1 = 1.f / quad_sum(l_old[1]);
-#pragma unroll
-      for (int i = 0; i < 64; ++i) {
-        const float normalised = o[i] * ((i & 2) ? inv1 : inv0);
-        if constexpr (S::kOldInSmem) {
-          old_smem[i * S::kConsumers] = normalised;
-        } else {
-          o_old[i] = normalised;
-        }
-        o[i] = 0.f;
-      }
-      alpha[0] = alpha[1] = 1.f;  // O is zero again
-    }
-    pack_probabilities();
-  }
-  rescale();
-  issue_values(tiles - 1);
-  wgmma_wait<0>();
-  touch(o);
-
-  // epilogue: O_comp, diff, the partial of the mean, and what the backward needs
   auto old_at = [&](int i) {
     if constexpr (S::kOldInSmem) {
       return old_smem[i * S::kConsumers];
@@ -491,64 +455,142 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
       return o_old[i];
     }
   };
-  const float l_comp[2] = {quad_sum(l[0]), quad_sum(l[1])};
-  const int rows[2] = {row0 + wg * 64 + warp * 16 + lane / 4, row0 + wg * 64 + warp * 16 + lane / 4 + 8};
-  // diff goes out through this warpgroup's query tile, free once every warp of it is past its
-  // last score product: written there in the 128-byte swizzle (two 64-column boxes, 16-byte
-  // chunk c of row x at chunk c ^ (x % 8): a store instruction of a warp hits every bank
-  // once), then stored by the TMA, which drops the rows past n
-  const uint32_t diff_tile = smem0 + wg * kQTileBytes;
   const int wg_barrier = 2 + wg;  // 0: the block, 1: all consumers
-  if (p.save) asm volatile("bar.sync %0, 128;\n" ::"r"(wg_barrier) : "memory");
-  float sq = 0.f;
-  float delta[2] = {0.f, 0.f};
+
+  int k = 0;  // items of this block so far
+  for (int item = blockIdx.x; item < items; item += gridDim.x, ++k, ring0 += tiles) {
+    const int tile_m = item % p.tiles_m, bh = item / p.tiles_m;
+    const int b = bh / p.heads, h = bh % p.heads;
+    const int row0 = tile_m * S::kBlockM;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool row_ok = rows[r] < p.n;
-    const float inv = 1.f / l_comp[r];
-    const int tile_row = warp * 16 + lane / 4 + 8 * r;
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+
+    barrier_wait(q_bar, k & 1);
+    issue_scores(0);
+    wgmma_wait<0>();
+    touch(s);
+    release(k_empty_of(0));
+    softmax(0, alpha);
+    alpha[0] = alpha[1] = 1.f;  // O is still zero
+    pack_probabilities();
+    wait_values(0);
+    for (int t = 1; t < tiles; ++t) {
+      // the scores of tile t; while the tensor cores do them, O takes the rescale of tile
+      // t - 1's softmax, then P V of tile t - 1 follows, so that the softmax below overlaps it
+      issue_scores(t);
+      rescale();
+      issue_values(t - 1);
+      wgmma_wait<1>();  // the scores (committed first) are done
+      touch(s);
+      if (t < tiles - 1 || !p.save) release(k_empty_of(t));  // the last one: see the epilogue
+      if (t == tiles_old) {  // first compressed tile: the old attention's sums are complete
+        l_old[0] = l[0], l_old[1] = l[1];
+        m[0] = m[1] = -INFINITY;
+        l[0] = l[1] = 0.f;
+      }
+      softmax(t, alpha);
+      // V of tile t for the next P V. Waiting for it here also ends a basic block between the
+      // softmax and the wait for P V below, which the compiler would otherwise schedule ahead
+      // of the softmax (the whole product's latency then exposed).
+      wait_values(t);
+      wgmma_wait<0>();  // P V of tile t - 1 done: O and the packed probabilities are free
+      touch(o);
+      release(v_empty_of(t - 1));
+      if (t == tiles_old) {
+        // the old attention is finished: keep its normalised output, start the compressed one
+        const float inv0 = 1.f / quad_sum(l_old[0]), inv1 = 1.f / quad_sum(l_old[1]);
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const float c0 = o[4 * j + 2 * r] * inv, c1 = o[4 * j + 2 * r + 1] * inv;
-      const int i = 4 * j + 2 * r;
-      const float d0 = old_at(i) - c0, d1 = old_at(i + 1) - c1;
-      if (row_ok) sq += d0 * d0 + d1 * d1;
-      if (p.save) {
-        const uint32_t packed = pack<T>(d0, d1);
-        const uint32_t at = (j / 8) * (kQTileBytes / 2) + tile_row * 128 + (((j % 8) ^ (tile_row % 8)) * 16) +
-                            4 * (lane % 4);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(diff_tile + at), "r"(packed) : "memory");
-        const float2 rounded = unpack<T>(packed);
-        delta[r] += rounded.x * c0 + rounded.y * c1;
+        for (int i = 0; i < 64; ++i) {
+          const float normalised = o[i] * ((i & 2) ? inv1 : inv0);
+          if constexpr (S::kOldInSmem) {
+            old_smem[i * S::kConsumers] = normalised;
+          } else {
+            o_old[i] = normalised;
+          }
+          o[i] = 0.f;
+        }
+        alpha[0] = alpha[1] = 1.f;  // O is zero again
+      }
+      pack_probabilities();
+    }
+    rescale();
+    issue_values(tiles - 1);
+    wgmma_wait<0>();
+    touch(o);
+    if (!p.save) release(v_empty_of(tiles - 1));
+
+    // epilogue: O_comp, diff, the partial of the mean, and what the backward needs. Every
+    // consumer warp is past its last product: the producer may load the next item's query
+    // tile. diff goes out through the last key tile's ring slot (K; for the second warpgroup
+    // V, where a K tile holds one warpgroup's diff only), which is released after the store:
+    // written there in the 128-byte swizzle (two 64-column boxes, 16-byte chunk c of row x at
+    // chunk c ^ (x % 8): a store instruction of a warp hits every bank once), then stored by
+    // the TMA, which drops the rows past n
+    asm volatile("bar.sync 1, %0;\n" ::"n"(S::kConsumers) : "memory");
+    if (threadIdx.x % 128 == 0) barrier_arrive(q_empty);
+    const int last_stage = (ring0 + tiles - 1) % kStages;
+    const uint32_t diff_tile =
+        kTileBytes >= S::kWarpGroups * kQTileBytes
+            ? smem0 + S::kKOffset + last_stage * kTileBytes + wg * kQTileBytes
+            : smem0 + (wg == 0 ? S::kKOffset : S::kVOffset) + last_stage * kTileBytes;
+    const float l_comp[2] = {quad_sum(l[0]), quad_sum(l[1])};
+    const int rows[2] = {row0 + wg * 64 + warp * 16 + lane / 4, row0 + wg * 64 + warp * 16 + lane / 4 + 8};
+    float sq = 0.f;
+    float delta[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool row_ok = rows[r] < p.n;
+      const float inv = 1.f / l_comp[r];
+      const int tile_row = warp * 16 + lane / 4 + 8 * r;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const float c0 = o[4 * j + 2 * r] * inv, c1 = o[4 * j + 2 * r + 1] * inv;
+        const int i = 4 * j + 2 * r;
+        const float d0 = old_at(i) - c0, d1 = old_at(i + 1) - c1;
+        if (row_ok) sq += d0 * d0 + d1 * d1;
+        if (p.save) {
+          const uint32_t packed = pack<T>(d0, d1);
+          const uint32_t at = (j / 8) * (kQTileBytes / 2) + tile_row * 128 + (((j % 8) ^ (tile_row % 8)) * 16) +
+                              4 * (lane % 4);
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(diff_tile + at), "r"(packed) : "memory");
+          const float2 rounded = unpack<T>(packed);
+          delta[r] += rounded.x * c0 + rounded.y * c1;
+        }
+      }
+      delta[r] = quad_sum(delta[r]);
+      if (p.save && row_ok && lane % 4 == 0) {
+        const int64_t at = int64_t(bh) * p.n + rows[r];
+        p.lse[at] = m[r] + log2f(l_comp[r]);
+        p.delta[at] = delta[r];
       }
     }
-    delta[r] = quad_sum(delta[r]);
-    if (p.save && row_ok && lane % 4 == 0) {
-      const int64_t at = int64_t(bh) * p.n + rows[r];
-      p.lse[at] = m[r] + log2f(l_comp[r]);
-      p.delta[at] = delta[r];
+    if (p.save) {
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
+      asm volatile("bar.sync %0, 128;\n" ::"r"(wg_barrier) : "memory");
+      if (threadIdx.x % 128 == 0) {
+        tma_store(&p.diff_map, diff_tile, 0, h, row0 + wg * 64, b);
+        tma_store(&p.diff_map, diff_tile + kQTileBytes / 2, 64, h, row0 + wg * 64, b);
+        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the slot is read
+      }
+      // the producer may refill the slot (this warp's arrival last for the storing warp)
+      release(k_empty_of(tiles - 1));
+      release(v_empty_of(tiles - 1));
     }
-  }
-  if (p.save) {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
-    asm volatile("bar.sync %0, 128;\n" ::"r"(wg_barrier) : "memory");
-    if (threadIdx.x % 128 == 0) {
-      tma_store(&p.diff_map, diff_tile, 0, h, row0 + wg * 64, b);
-      tma_store(&p.diff_map, diff_tile + kQTileBytes / 2, 64, h, row0 + wg * 64, b);
-      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-      asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the tile is read before the block exits
+    // the item's share of the mean: warps, then the warp sums in a fixed order
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffff, sq, off);
+    if (lane == 0) warp_sums[threadIdx.x / 32] = sq;
+    asm volatile("bar.sync 1, %0;\n" ::"n"(S::kConsumers) : "memory");  // the consumer warps only
+    if (threadIdx.x == 0) {
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < S::kConsumers / 32; ++w) total += warp_sums[w];
+      p.partial[item] = total * p.inv_numel;
     }
-  }
-  // the block's share of the mean: warps, then the eight warp sums in a fixed order
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffff, sq, off);
-  if (lane == 0) warp_sums[threadIdx.x / 32] = sq;
-  asm volatile("bar.sync 1, %0;\n" ::"n"(S::kConsumers) : "memory");  // the consumer warps only
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < S::kConsumers / 32; ++w) total += warp_sums[w];
-    p.partial[int64_t(bh) * gridDim.x + tile_m] = total * p.inv_numel;
+    asm volatile("bar.sync 1, %0;\n" ::"n"(S::kConsumers) : "memory");  // warp_sums read before reuse
   }
 #else
   __trap();  // built without sm_90a: the host never launches this
@@ -661,7 +703,8 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
               "recon_loss_fwd_sm90: (block_m, block_n, stages) must be (64, 64, 3), (128, 64, 3) or (128, 128, 2), "
               "got (", ct_kernels::num(block_m), ", ", ct_kernels::num(block_n), ", ", ct_kernels::num(stages), ")");
   const int64_t tiles_m = (n + block_m - 1) / block_m;
-  TORCH_CHECK(batch * heads < 65536 && n < (int64_t(1) << 30) && old_k.size(1) < (int64_t(1) << 30) &&
+  TORCH_CHECK(tiles_m * batch * heads < (int64_t(1) << 31) && n < (int64_t(1) << 30) &&
+                  old_k.size(1) < (int64_t(1) << 30) &&
                   comp_k.size(1) < (int64_t(1) << 30),
               "recon_loss_fwd_sm90: sizes out of range");
   check_output(partial, "partial", {batch * heads * tiles_m}, at::kFloat, q);
@@ -690,13 +733,16 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
   p.lse = save_for_backward ? lse.data_ptr<float>() : nullptr;
   p.delta = save_for_backward ? delta.data_ptr<float>() : nullptr;
 
-  const dim3 grid(unsigned(tiles_m), unsigned(batch * heads));
+  p.tiles_m = int(tiles_m), p.batch_heads = int(batch * heads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto type, auto shape) {
     using S = decltype(shape);
     auto kernel = recon_loss_fwd_sm90_kernel<decltype(type), S>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
-    kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p);
+    // persistent: as many blocks as the SMs hold at once, none without an item
+    const int64_t blocks = std::min<int64_t>(tiles_m * batch * heads,
+                                             int64_t(props->multiProcessorCount) * S::kBlocksPerSm);
+    kernel<<<unsigned(blocks), S::kThreads, S::kSmemBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto launch_shape = [&](auto type) {

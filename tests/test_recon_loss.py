@@ -267,6 +267,7 @@ def sm90_recon_loss(q, old_k, old_v, comp_k, comp_v):
     (3, 333, 2, 301, 7),      # odd everything
     (16, 512, 8, 512, 2),     # the benchmark shapes
     (8, 768, 8, 768, 3),
+    (20, 333, 8, 301, 7),     # several items per persistent block, partial tiles
 ])
 def test_recon_loss_sm90_matches_reference(B, n, H, ns, rate, dtype):
     check_against_reference(sm90_recon_loss, reference.attention_reconstruction_loss,
@@ -275,7 +276,11 @@ def test_recon_loss_sm90_matches_reference(B, n, H, ns, rate, dtype):
 
 @SM90
 @pytest.mark.parametrize("config", recon_module.SM90_CONFIGS)
-@pytest.mark.parametrize("B,n,H,ns,rate", [(2, 113, 3, 239, 2), (2, 300, 2, 130, 3), (1, 1, 1, 3, 1)])
+@pytest.mark.parametrize("B,n,H,ns,rate", [
+    (2, 113, 3, 239, 2), (2, 300, 2, 130, 3), (1, 1, 1, 3, 1),
+    (24, 239, 8, 130, 3),  # several items per persistent block
+    (64, 65, 8, 3, 1),     # several items of fewer key tiles than K/V stages
+])
 def test_recon_loss_sm90_saves_what_the_triton_forward_saves(B, n, H, ns, rate, config):
     """Every launch configuration: the loss follows the error rule, and diff, lse and delta,
     which feed the Triton backward, agree with the Triton forward's (every element written:
