@@ -456,6 +456,19 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     }
   };
   const int wg_barrier = 2 + wg;  // 0: the block, 1: all consumers
+  // The thread that stores a warpgroup's diff lets its warp release the staging slot once
+  // the TMA has read it: checked after the next item's first score product is issued (or
+  // at the end), so that the warpgroup does not wait for the store.
+  const bool stores_diff = p.save && threadIdx.x % 128 == 0;
+  int staged_stage = -1;  // the slot of a store not yet known to be read
+  auto release_staging_slot = [&]() {
+    if (stores_diff && staged_stage >= 0) {
+      asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+      barrier_arrive(k_empty(staged_stage));
+      barrier_arrive(v_empty(staged_stage));
+      staged_stage = -1;
+    }
+  };
 
   int k = 0;  // items of this block so far
   for (int item = blockIdx.x; item < items; item += gridDim.x, ++k, ring0 += tiles) {
@@ -469,6 +482,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
 
     barrier_wait(q_bar, k & 1);
     issue_scores(0);
+    release_staging_slot();
     wgmma_wait<0>();
     touch(s);
     release(k_empty_of(0));
@@ -573,11 +587,12 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
         tma_store(&p.diff_map, diff_tile, 0, h, row0 + wg * 64, b);
         tma_store(&p.diff_map, diff_tile + kQTileBytes / 2, 64, h, row0 + wg * 64, b);
         asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the slot is read
+        staged_stage = last_stage;  // released once read, see release_staging_slot
+      } else if (lane == 0) {
+        // the producer may refill the slot once the storing warp has released it too
+        barrier_arrive(k_empty(last_stage));
+        barrier_arrive(v_empty(last_stage));
       }
-      // the producer may refill the slot (this warp's arrival last for the storing warp)
-      release(k_empty_of(tiles - 1));
-      release(v_empty_of(tiles - 1));
     }
     // the item's share of the mean: warps, then the warp sums in a fixed order
 #pragma unroll
@@ -592,6 +607,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     }
     asm volatile("bar.sync 1, %0;\n" ::"n"(S::kConsumers) : "memory");  // warp_sums read before reuse
   }
+  release_staging_slot();  // the last store has read shared memory before the block exits
 #else
   __trap();  // built without sm_90a: the host never launches this
 #endif

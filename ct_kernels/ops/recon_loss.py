@@ -24,9 +24,9 @@ The factor -2 g / numel is applied to the fp32 accumulators at the end: diff is 
 unscaled, which keeps it representable in float16.
 
 On Hopper (sm_90), float16/bfloat16 with head dim 128, the "cuda" backend runs the forward
-in ct_kernels._C instead (csrc/recon_loss_sm90.cu: warpgroup MMAs, the P V product of one
-key tile overlapping the softmax of the next) and writes the same partials and saved
-tensors; the backward is the Triton kernel either way.
+in ct_kernels._C instead (csrc/recon_loss_sm90.cu: persistent blocks, warpgroup MMAs, the
+P V product of one key tile overlapping the softmax of the next) and writes the same
+partials and saved tensors; the backward is the Triton kernel either way.
 
 The launches take no float computed from shapes: the kernels get numel as an integer and
 derive the default softmax scale from HEAD_DIM. Under torch.compile with dynamic shapes such
