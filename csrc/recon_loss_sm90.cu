@@ -438,7 +438,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     }
   };
 
-  float alpha[2];
+  float alpha[2] = {1.f, 1.f};
   // O times the rescale factors of the last softmax, where a row maximum moved (in this
   // warp's rows)
   auto rescale = [&]() {
@@ -447,13 +447,6 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
       for (int i = 0; i < 64; ++i) o[i] *= (i & 2) ? alpha[1] : alpha[0];
     }
     touch(o);
-  };
-  auto old_at = [&](int i) {
-    if constexpr (S::kOldInSmem) {
-      return old_smem[i * S::kConsumers];
-    } else {
-      return o_old[i];
-    }
   };
   const int wg_barrier = 2 + wg;  // 0: the block, 1: all consumers
   // The thread that stores a warpgroup's diff lets its warp release the staging slot once
@@ -549,6 +542,13 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
         kTileBytes >= S::kWarpGroups * kQTileBytes
             ? smem0 + S::kKOffset + last_stage * kTileBytes + wg * kQTileBytes
             : smem0 + (wg == 0 ? S::kKOffset : S::kVOffset) + last_stage * kTileBytes;
+    auto old_at = [&](int i) {
+      if constexpr (S::kOldInSmem) {
+        return old_smem[i * S::kConsumers];
+      } else {
+        return o_old[i];
+      }
+    };
     const float l_comp[2] = {quad_sum(l[0]), quad_sum(l[1])};
     const int rows[2] = {row0 + wg * 64 + warp * 16 + lane / 4, row0 + wg * 64 + warp * 16 + lane / 4 + 8};
     float sq = 0.f;
