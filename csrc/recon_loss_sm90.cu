@@ -53,6 +53,9 @@ constexpr int kQTileBytes = 64 * kHeadDim * 2;  // a warpgroup's [64, 128] query
 template <int WarpGroups, int Stages, int BlockN>
 struct Shape {
   static constexpr int kWarpGroups = WarpGroups, kStages = Stages, kBlockN = BlockN;
+  // an item has at least two key tiles (both sources hold a key): the producer's first
+  // kStages - 1 loads of an item are key tiles (see the kernel)
+  static_assert(Stages >= 2 && Stages <= 3);
   static constexpr int kBlockM = 64 * WarpGroups;
   static constexpr int kTileBytes = BlockN * kHeadDim * 2;  // a [BlockN, 128] K or V tile
   static constexpr int kHalfBytes = kTileBytes / 2;         // one TMA box: 64 of its columns
@@ -79,7 +82,7 @@ struct ReconParams {
   CUtensorMap diff_map;  // [B, n, H, 128] like q (written only with save_for_backward)
   int keys[2];           // ns, nc
   int heads, n;
-  int tiles_m, batch_heads;  // work items: query tiles x (batch, head)
+  int tiles_m, items;    // query tiles per (batch, head); work items: tiles_m x B x H
   float qk_scale;        // softmax scale * log2(e)
   float inv_numel;
   float* partial;        // [B * H * tiles_m], item by item
@@ -282,7 +285,13 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   // Persistent: work item i (query tile i % tiles_m of batch-head i / tiles_m) is the
   // block's when i % gridDim.x == blockIdx.x; the key tiles of consecutive items run through
   // the same rings without a break.
-  const int items = p.tiles_m * p.batch_heads;
+  struct Item {
+    int bh, b, h, row0;  // batch-head, batch, head, first query row
+  };
+  auto locate = [&](int item) {
+    const int bh = item / p.tiles_m;
+    return Item{bh, bh / p.heads, bh % p.heads, (item % p.tiles_m) * S::kBlockM};
+  };
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int tiles_old = (p.keys[0] + kBlockN - 1) / kBlockN;
   const int tiles = tiles_old + (p.keys[1] + kBlockN - 1) / kBlockN;
@@ -309,11 +318,10 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     if (threadIdx.x == S::kConsumers) {
       int ring = 0;  // key tiles issued so far, over all items
       int k = 0;     // items of this block so far
-      for (int item = blockIdx.x; item < items; item += gridDim.x, ++k) {
-        const int bh = item / p.tiles_m, b = bh / p.heads, h = bh % p.heads;
-        const int row0 = (item % p.tiles_m) * S::kBlockM;
-        const int q_after = k == 0 ? 0 : (tiles < kStages - 1 ? tiles : kStages - 1);
-        for (int t = 0; t <= tiles; ++t, ++ring) {
+      for (int item = blockIdx.x; item < p.items; item += gridDim.x, ++k) {
+        const auto [bh, b, h, row0] = locate(item);
+        const int q_after = k == 0 ? 0 : kStages - 1;  // < tiles
+        for (int t = 0; t < tiles; ++t, ++ring) {
           if (t == q_after) {
             if (k > 0) barrier_wait(q_empty, (k - 1) & 1);
             barrier_expect(q_bar, S::kQBytes);
@@ -321,7 +329,6 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
               tma_load_tile(smem0 + g * kQTileBytes, kQTileBytes / 2, &p.q_map, h, row0 + 64 * g, b, q_bar);
             }
           }
-          if (t == tiles) break;
           const int stage = ring % kStages, round = ring / kStages;
           const int source = t >= tiles_old;
           if (round > 0) barrier_wait(k_empty(stage), (round - 1) & 1);
@@ -464,10 +471,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
   };
 
   int k = 0;  // items of this block so far
-  for (int item = blockIdx.x; item < items; item += gridDim.x, ++k, ring0 += tiles) {
-    const int tile_m = item % p.tiles_m, bh = item / p.tiles_m;
-    const int b = bh / p.heads, h = bh % p.heads;
-    const int row0 = tile_m * S::kBlockM;
+  for (int item = blockIdx.x; item < p.items; item += gridDim.x, ++k, ring0 += tiles) {
+    const auto [bh, b, h, row0] = locate(item);
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] = 0.f;
     m[0] = m[1] = -INFINITY;
@@ -749,16 +754,15 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
   p.lse = save_for_backward ? lse.data_ptr<float>() : nullptr;
   p.delta = save_for_backward ? delta.data_ptr<float>() : nullptr;
 
-  p.tiles_m = int(tiles_m), p.batch_heads = int(batch * heads);
+  p.tiles_m = int(tiles_m), p.items = int(tiles_m * batch * heads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto type, auto shape) {
     using S = decltype(shape);
     auto kernel = recon_loss_fwd_sm90_kernel<decltype(type), S>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
     // persistent: as many blocks as the SMs hold at once, none without an item
-    const int64_t blocks = std::min<int64_t>(tiles_m * batch * heads,
-                                             int64_t(props->multiProcessorCount) * S::kBlocksPerSm);
-    kernel<<<unsigned(blocks), S::kThreads, S::kSmemBytes, stream>>>(p);
+    const int blocks = std::min(p.items, props->multiProcessorCount * S::kBlocksPerSm);
+    kernel<<<blocks, S::kThreads, S::kSmemBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto launch_shape = [&](auto type) {
