@@ -1,5 +1,6 @@
 // Reconstruction-loss forward for Hopper (sm_90a): both attentions of a query tile on
-// warpgroup MMAs (wgmma), the squared difference summed per block.
+// warpgroup MMAs (wgmma), the squared difference summed per work item, then into the loss by
+// a one-block kernel that launches as the forward's programmatic dependent.
 //
 //   loss = mean((attn(q, old_k, old_v) - attn(q, comp_k, comp_v))^2)
 //
@@ -20,10 +21,10 @@
 // The TMA writes the tiles with the 128-byte swizzle that the wgmma descriptors name, and
 // stores diff from shared memory at the end.
 //
-// Outputs match the Triton forward (ct_kernels/ops/recon_loss.py): one fp32 partial of the
-// mean per item; with save_for_backward also diff = O_old - O_comp in the input dtype
-// ([B, n, H, D] contiguous), the compressed attention's log2-domain LSE and
-// delta = rowsum(diff * O_comp) ([B, H, n] fp32).
+// Outputs match the Triton forward (ct_kernels/ops/recon_loss.py): the loss in the input
+// dtype, one fp32 partial of the mean per item; with save_for_backward also
+// diff = O_old - O_comp in the input dtype ([B, n, H, D] contiguous), the compressed
+// attention's log2-domain LSE and delta = rowsum(diff * O_comp) ([B, H, n] fp32).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -53,8 +54,6 @@ constexpr int kQTileBytes = 64 * kHeadDim * 2;  // a warpgroup's [64, 128] query
 template <int WarpGroups, int Stages, int BlockN>
 struct Shape {
   static constexpr int kWarpGroups = WarpGroups, kStages = Stages, kBlockN = BlockN;
-  // an item has at least two key tiles (both sources hold a key): the producer's first
-  // kStages - 1 loads of an item are key tiles (see the kernel)
   static_assert(Stages >= 2 && Stages <= 3);
   static constexpr int kBlockM = 64 * WarpGroups;
   static constexpr int kTileBytes = BlockN * kHeadDim * 2;  // a [BlockN, 128] K or V tile
@@ -308,6 +307,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the barriers are initialised before anyone waits on them
+  // the sum of the partials may launch now (it waits for this grid to finish)
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 
   if (threadIdx.x >= S::kConsumers) {
     // the producer warpgroup (one thread of it): per item the query tile and K and V of
@@ -320,7 +321,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
       int k = 0;     // items of this block so far
       for (int item = blockIdx.x; item < p.items; item += gridDim.x, ++k) {
         const auto [bh, b, h, row0] = locate(item);
-        const int q_after = k == 0 ? 0 : kStages - 1;  // < tiles
+        // an item has at least two key tiles (both sources hold a key)
+        const int q_after = k == 0 ? 0 : std::min(kStages - 1, tiles - 1);
         for (int t = 0; t < tiles; ++t, ++ring) {
           if (t == q_after) {
             if (k > 0) barrier_wait(q_empty, (k - 1) & 1);
@@ -618,6 +620,33 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
 #endif
 }
 
+// The loss: the items' partials summed in a fixed order (each thread a strided share, then
+// a tree over the threads) and rounded once to the inputs' type. One block, launched as a
+// programmatic dependent of the forward: it may start while the forward runs and waits here
+// until the forward has finished and its partials are visible.
+constexpr int kSumThreads = 256;
+template <typename T>
+__global__ void __launch_bounds__(kSumThreads) sum_partials_kernel(const float* partial, int count, T* loss) {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  __shared__ float sums[kSumThreads];
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < count; i += kSumThreads) sum += partial[i];
+  sums[threadIdx.x] = sum;
+  __syncthreads();
+#pragma unroll
+  for (int half = kSumThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) sums[threadIdx.x] += sums[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    if constexpr (std::is_same_v<T, __half>) {
+      *loss = __float2half_rn(sums[0]);
+    } else {
+      *loss = __float2bfloat16_rn(sums[0]);
+    }
+  }
+}
+
 }  // namespace ct_kernels::recon_sm90
 
 // ---- host ----------------------------------------------------------------------------------
@@ -689,15 +718,16 @@ void check_output(const at::Tensor& t, const char* name, at::IntArrayRef shape, 
               ct_kernels::shape(t.sizes()), " on ", t.device());
 }
 
-// Writes partial [B * H * ceil(n / block_m)] (fp32 shares of the mean) and, with
-// save_for_backward, diff [B, n, H, D] (q's dtype), lse and delta [B, H, n] (fp32); without
-// it diff, lse and delta are not touched. scale: the softmax scale. block_m (64 or 128) and
-// block_n (keys per tile) and stages: the launch configuration, one of (64, 64, 3),
-// (128, 64, 3), (128, 128, 2).
-void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at::Tensor& old_v,
-                         const at::Tensor& comp_k, const at::Tensor& comp_v, double scale, at::Tensor partial,
-                         at::Tensor diff, at::Tensor lse, at::Tensor delta, bool save_for_backward,
-                         int64_t block_m, int64_t block_n, int64_t stages) {
+// Returns the loss (a 0-d tensor of q's dtype, the sum of the partials). Writes partial
+// [B * H * ceil(n / block_m)] (fp32 shares of the mean) and, with save_for_backward, diff
+// [B, n, H, D] (q's dtype), lse and delta [B, H, n] (fp32); without it diff, lse and delta
+// are not touched. scale: the softmax scale. block_m (64 or 128) and block_n (keys per
+// tile) and stages: the launch configuration, one of (64, 64, 3), (128, 64, 3),
+// (128, 128, 2).
+at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at::Tensor& old_v,
+                               const at::Tensor& comp_k, const at::Tensor& comp_v, double scale,
+                               at::Tensor partial, at::Tensor diff, at::Tensor lse, at::Tensor delta,
+                               bool save_for_backward, int64_t block_m, int64_t block_n, int64_t stages) {
   TORCH_CHECK(q.is_cuda(), "recon_loss_fwd_sm90: q must be a CUDA tensor, got one on ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "recon_loss_fwd_sm90: q must be bfloat16 or float16, got ", q.scalar_type());
@@ -774,11 +804,26 @@ void recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, const at:
       launch(type, Shape<2, 2, 128>{});
     }
   };
+  at::Tensor loss = at::empty({}, q.options());
+  auto finish = [&](auto type) {
+    using T = decltype(type);
+    cudaLaunchAttribute dependent{};
+    dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    dependent.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(1), config.blockDim = dim3(kSumThreads), config.stream = stream;
+    config.attrs = &dependent, config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, sum_partials_kernel<T>, static_cast<const float*>(p.partial), p.items,
+                                      reinterpret_cast<T*>(loss.data_ptr())));
+  };
   if (q.scalar_type() == at::kHalf) {
     launch_shape(__half{});
+    finish(__half{});
   } else {
     launch_shape(__nv_bfloat16{});
+    finish(__nv_bfloat16{});
   }
+  return loss;
 }
 
 }  // namespace
@@ -787,7 +832,7 @@ TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
   m.def(
       "recon_loss_fwd_sm90(Tensor q, Tensor old_k, Tensor old_v, Tensor comp_k, Tensor comp_v, float scale, "
       "Tensor(a!) partial, Tensor(b!) diff, Tensor(c!) lse, Tensor(d!) delta, bool save_for_backward, int block_m, "
-      "int block_n, int stages) -> ()");
+      "int block_n, int stages) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) { m.impl("recon_loss_fwd_sm90", &recon_loss_fwd_sm90); }

@@ -26,7 +26,8 @@ unscaled, which keeps it representable in float16.
 On Hopper (sm_90), float16/bfloat16 with head dim 128, the "cuda" backend runs the forward
 in ct_kernels._C instead (csrc/recon_loss_sm90.cu: persistent blocks, warpgroup MMAs, the
 P V product of one key tile overlapping the softmax of the next) and writes the same
-partials and saved tensors; the backward is the Triton kernel either way.
+partials and saved tensors; a second kernel there, launched as the forward's programmatic
+dependent, sums the partials into the loss. The backward is the Triton kernel either way.
 
 The launches take no float computed from shapes: the kernels get numel as an integer and
 derive the default softmax scale from HEAD_DIM. Under torch.compile with dynamic shapes such
@@ -371,7 +372,7 @@ if _sm90_op_loaded():
     @torch.library.register_fake("ct_kernels::recon_loss_fwd_sm90")
     def _recon_loss_fwd_sm90_fake(q, old_k, old_v, comp_k, comp_v, scale, partial, diff, lse, delta,
                                   save_for_backward, block_m, block_n, stages):
-        return None  # writes its output arguments only
+        return q.new_empty(())  # the loss; the other outputs are arguments it writes
 
 
 @functools.lru_cache(maxsize=None)
@@ -408,11 +409,11 @@ def recon_loss_forward_sm90(q, old_k, old_v, comp_k, comp_v, scale, save_for_bac
     # where nothing is saved the op takes empty tensors and writes none
     diff, lse, delta = saved if save_for_backward else (
         q.new_empty(0), partial.new_empty(0), partial.new_empty(0))
-    torch.ops.ct_kernels.recon_loss_fwd_sm90(
+    loss = torch.ops.ct_kernels.recon_loss_fwd_sm90(
         q, old_k, old_v, comp_k, comp_v,
         D ** -0.5 if scale is None else scale, partial, diff, lse, delta, save_for_backward,
         block_m, block_n, stages)
-    return (partial.sum().to(q.dtype), *saved)
+    return (loss, *saved)
 
 
 class ReconLossFunction(torch.autograd.Function):
