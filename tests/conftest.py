@@ -21,8 +21,11 @@ TEST_TIMEOUT = float(os.environ.get("CT_TEST_TIMEOUT", "900"))
 def terminal_stderr(request):
     """The terminal's stderr (pytest captures file descriptor 2 while tests run)."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
+    if capture is None:  # run with -p no:capture
         stderr = os.fdopen(os.dup(2), "w")
+    else:
+        with capture.global_and_fixture_disabled():
+            stderr = os.fdopen(os.dup(2), "w")
     yield stderr
     stderr.close()
 
