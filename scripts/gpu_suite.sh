@@ -6,7 +6,8 @@
 #   SUITE_BENCH  benchmark modules for `python -m benchmarks --only` (default: all; "none" skips)
 #   SUITE_WORKERS  pytest-xdist processes for the tests where xdist is installed (default 8;
 #                  the whole suite takes about 4 minutes on an H200 with 8)
-#   SUITE_TEST_SECONDS / SUITE_BENCH_SECONDS  time limits of the two stages (default 300 / 420)
+#   SUITE_TEST_SECONDS / SUITE_BENCH_SECONDS  time limits of the two stages (default 300 / 420);
+#                  tests cut short by the limit are listed (started, no result yet)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-$(mktemp -d)}
@@ -30,6 +31,15 @@ if [ "${SUITE_TESTS:-}" != "none" ]; then
   timeout "${SUITE_TEST_SECONDS:-300}" python3 -m pytest "${tests[@]}" "${workers[@]}" -v \
     -p no:cacheprovider -rfE \
     2>&1 | tee "$OUT/tests.log" | tail -n 40  # -v: a run cut short still names every result
+  if [ "${PIPESTATUS[0]}" = 124 ]; then
+    # cut short: the tests that had started and had no result yet (with xdist a test's name
+    # comes first on a line of its own and its result later after the worker's name; without
+    # it, name and result share a line)
+    echo "tests cut short by SUITE_TEST_SECONDS; started without a result:"
+    awk '/^tests\// { started[$1] = 1; if ($2 ~ /^(PASSED|SKIPPED|FAILED|ERROR|XFAIL|XPASS)$/) done[$1] = 1 }
+         { for (i = 1; i < NF; ++i) if ($i ~ /^(PASSED|SKIPPED|FAILED|ERROR|XFAIL|XPASS)$/ && $(i + 1) ~ /^tests\//) done[$(i + 1)] = 1 }
+         END { for (t in started) if (!(t in done)) print "  " t }' "$OUT/tests.log"
+  fi
   echo "tests done after $(( $(date +%s) - start )) s"
 fi
 
