@@ -795,7 +795,9 @@ at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, con
     kernel<<<blocks, S::kThreads, S::kSmemBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  auto launch_shape = [&](auto type) {
+  at::Tensor loss = at::empty({}, q.options());
+  // the forward, then the sum of its partials as its programmatic dependent
+  auto run = [&](auto type) {
     if (config == 0) {
       launch(type, Shape<1, 3, 64>{});
     } else if (config == 1) {
@@ -803,25 +805,20 @@ at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, con
     } else {
       launch(type, Shape<2, 2, 128>{});
     }
-  };
-  at::Tensor loss = at::empty({}, q.options());
-  auto finish = [&](auto type) {
     using T = decltype(type);
     cudaLaunchAttribute dependent{};
     dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     dependent.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(1), config.blockDim = dim3(kSumThreads), config.stream = stream;
-    config.attrs = &dependent, config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, sum_partials_kernel<T>, static_cast<const float*>(p.partial), p.items,
+    cudaLaunchConfig_t sum_launch{};
+    sum_launch.gridDim = dim3(1), sum_launch.blockDim = dim3(kSumThreads), sum_launch.stream = stream;
+    sum_launch.attrs = &dependent, sum_launch.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&sum_launch, sum_partials_kernel<T>, static_cast<const float*>(p.partial), p.items,
                                       reinterpret_cast<T*>(loss.data_ptr())));
   };
   if (q.scalar_type() == at::kHalf) {
-    launch_shape(__half{});
-    finish(__half{});
+    run(__half{});
   } else {
-    launch_shape(__nv_bfloat16{});
-    finish(__nv_bfloat16{});
+    run(__nv_bfloat16{});
   }
   return loss;
 }

@@ -36,9 +36,10 @@ if [ "${SUITE_TESTS:-}" != "none" ]; then
     # comes first on a line of its own and its result later after the worker's name; without
     # it, name and result share a line)
     echo "tests cut short by SUITE_TEST_SECONDS; started without a result:"
-    awk '/^tests\// { started[$1] = 1; if ($2 ~ /^(PASSED|SKIPPED|FAILED|ERROR|XFAIL|XPASS)$/) done[$1] = 1 }
-         { for (i = 1; i < NF; ++i) if ($i ~ /^(PASSED|SKIPPED|FAILED|ERROR|XFAIL|XPASS)$/ && $(i + 1) ~ /^tests\//) done[$(i + 1)] = 1 }
-         END { for (t in started) if (!(t in done)) print "  " t }' "$OUT/tests.log"
+    awk -v result='^(PASSED|SKIPPED|FAILED|ERROR|XFAIL|XPASS)$' '
+      /^tests\// { started[$1] = 1; if ($2 ~ result) done[$1] = 1 }
+      { for (i = 1; i < NF; ++i) if ($i ~ result && $(i + 1) ~ /^tests\//) done[$(i + 1)] = 1 }
+      END { for (t in started) if (!(t in done)) print "  " t }' "$OUT/tests.log"
   fi
   echo "tests done after $(( $(date +%s) - start )) s"
 fi
