@@ -2,7 +2,7 @@
 
 Rows (benchmarks/results/recon_loss.csv), op ``recon_loss``, the shapes of issue 6 named
 B{B}-H{H}-n{n}-ns{ns}-c{rate}-D{D}; providers ct_triton (the fused kernels), ct_cuda (on
-sm_90: the forward of ct_kernels._C's warpgroup-MMA kernel, the Triton backward), sdpa
+sm_90: the forward and backward of ct_kernels._C's warpgroup-MMA kernels), sdpa
 (attention over old and over compressed K/V with F.scaled_dot_product_attention, then
 F.mse_loss), naive (the reference einsum); on the GPU also ct_triton-graph and sdpa-graph,
 the same calls timed as CUDA graph replays (GPU time without the Python and launch work per

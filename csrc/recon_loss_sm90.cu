@@ -1,6 +1,7 @@
-// Reconstruction-loss forward for Hopper (sm_90a): both attentions of a query tile on
+// Reconstruction loss for Hopper (sm_90a). Forward: both attentions of a query tile on
 // warpgroup MMAs (wgmma), the squared difference summed per work item, then into the loss by
-// a one-block kernel that launches as the forward's programmatic dependent.
+// a one-block kernel that launches as the forward's programmatic dependent. Backward: dK and
+// dV of the compressed keys and values (see "backward" below).
 //
 //   loss = mean((attn(q, old_k, old_v) - attn(q, comp_k, comp_v))^2)
 //
@@ -104,6 +105,8 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   }
   return *reinterpret_cast<uint32_t*>(&x);
 }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T>
 __device__ __forceinline__ float2 unpack(uint32_t x) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -647,6 +650,252 @@ __global__ void __launch_bounds__(kSumThreads) sum_partials_kernel(const float* 
   }
 }
 
+// ---- backward ------------------------------------------------------------------------------
+//
+// dK and dV of the compressed attention (q and the old keys/values are constants of the
+// loss), from what the forward saved: diff = O_old - O_comp (dO up to the factor
+// -2 g / numel), the log2-domain LSE and delta = rowsum(diff * O_comp).
+//
+// One block per (128 compressed keys, batch, head): two warpgroups of 64 keys each, whose
+// K, V and fp32 dK, dV stay put while the query tiles stream past. No producer warpgroup:
+// one thread issues the TMA copies, so every thread may hold 255 registers. Q and diff of
+// each 64-query tile come through a ring of kBwdStages stages that both warpgroups read;
+// the warpgroup that releases a stage second refills it. Per query tile j, in each
+// warpgroup (the loop is rotated so that no product is in flight across its back edge):
+//   dV += P_{j-1}^T diff_{j-1}, dK += dS_{j-1}^T Q_{j-1}   (P, dS from registers)
+//   S_j^T = K Q_j^T, dP_j^T = V diff_j^T                    (issued with them, one wait)
+//   P_j^T = exp2(S_j^T * scale * log2(e) - lse_j), dS_j^T = P_j^T (dP_j^T - delta_j)
+// Query rows past n and keys past nc arrive as zeros from the TMA (lse and delta of rows
+// past n as zeros too): their probabilities meet zero rows of diff and Q, and the rows of
+// keys past nc are not stored. At the end dK takes the softmax scale and both -2 g / numel.
+
+constexpr int kBwdStages = 4;
+constexpr int kBwdThreads = 256;  // two warpgroups
+constexpr int kBwdKOffset = 0;                                 // K of each warpgroup, 16 KiB
+constexpr int kBwdVOffset = kBwdKOffset + 2 * kQTileBytes;     // V of each warpgroup
+constexpr int kBwdQOffset = kBwdVOffset + 2 * kQTileBytes;     // the ring: Q per stage
+constexpr int kBwdDiffOffset = kBwdQOffset + kBwdStages * kQTileBytes;  // diff per stage
+constexpr int kBwdStatsOffset = kBwdDiffOffset + kBwdStages * kQTileBytes;  // per warpgroup [2][128] fp32
+constexpr int kBwdBarrierOffset = kBwdStatsOffset + 2 * 2 * 128 * 4;  // K/V full, then per stage full
+constexpr int kBwdCountOffset = kBwdBarrierOffset + 8 * (1 + kBwdStages);  // per stage: releases so far
+constexpr int kBwdSmemBytes = kBwdCountOffset + 4 * kBwdStages;
+
+template <typename T>
+struct ReconBwdParams {
+  CUtensorMap q_map, diff_map, k_map, v_map;  // [B, rows, H, 128], boxes of 64 rows x 64 columns
+  CUtensorMap dk_map, dv_map;                 // the gradients, [B, nc, H, 128] like comp_k
+  int heads, n, nc;
+  int key_tiles, tiles_m;  // 128-key tiles per (batch, head), 64-query tiles
+  float qk_scale;          // softmax scale * log2(e)
+  float sm_scale;
+  float inv_numel;
+  const T* grad_loss;      // the loss's gradient g (0-d)
+  const float* lse;        // [B, H, n]
+  const float* delta;      // [B, H, n]
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads, 1)
+    recon_loss_bwd_sm90_kernel(const __grid_constant__ ReconBwdParams<T> p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t smem0 = smem_addr(smem_raw);
+  if (smem0 % 1024 != 0) __trap();
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
+  const int key_tile = blockIdx.x % p.key_tiles, bh = blockIdx.x / p.key_tiles;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const uint32_t kv_bar = smem0 + kBwdBarrierOffset;
+  auto full = [&](int stage) { return kv_bar + 8 + 8 * stage; };
+  int* releases = reinterpret_cast<int*>(smem_raw + kBwdCountOffset);
+  // this warpgroup's lse (64) and delta (64) of a query tile, double-buffered
+  float* stats = reinterpret_cast<float*>(smem_raw + kBwdStatsOffset) + wg * 256;
+  const int tiles = p.tiles_m;
+
+  // Q and diff of query tile j into its ring stage
+  auto load_query_tile = [&](int j) {
+    const int stage = j % kBwdStages;
+    barrier_expect(full(stage), 2 * kQTileBytes);
+    tma_load_tile(smem0 + kBwdQOffset + stage * kQTileBytes, kQTileBytes / 2, &p.q_map, h, 64 * j, b, full(stage));
+    tma_load_tile(smem0 + kBwdDiffOffset + stage * kQTileBytes, kQTileBytes / 2, &p.diff_map, h, 64 * j, b,
+                  full(stage));
+  };
+  if (threadIdx.x == 0) {
+    barrier_init(kv_bar, 1);
+    for (int stage = 0; stage < kBwdStages; ++stage) {
+      barrier_init(full(stage), 1);
+      releases[stage] = 0;
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    // K and V of both warpgroups, then the first query tiles
+    barrier_expect(kv_bar, 4 * kQTileBytes);
+    for (int g = 0; g < 2; ++g) {
+      const int key0 = key_tile * 128 + 64 * g;
+      tma_load_tile(smem0 + kBwdKOffset + g * kQTileBytes, kQTileBytes / 2, &p.k_map, h, key0, b, kv_bar);
+      tma_load_tile(smem0 + kBwdVOffset + g * kQTileBytes, kQTileBytes / 2, &p.v_map, h, key0, b, kv_bar);
+    }
+    for (int j = 0; j < tiles && j < kBwdStages; ++j) load_query_tile(j);
+  }
+  __syncthreads();  // barriers and counters initialised
+
+  float dk[64], dv[64];  // [64 keys, 128] fp32 accumulators
+  float s[32];           // S^T of a tile [64 keys, 64 queries], then P^T
+  float dp[32];          // dP^T, then dS^T
+  uint32_t pk[16], dsk[16];  // P^T and dS^T as packed pairs (A operands)
+#pragma unroll
+  for (int i = 0; i < 64; ++i) dk[i] = dv[i] = 0.f;
+
+  // descriptors: K, V, Q and diff as K-major operands of the score products (rows of the
+  // head dim); Q and diff as MN-major B operands of dK and dV (rows of queries: +2048 bytes
+  // per 16 queries, the two column halves a box apart)
+  const uint64_t k_desc = descriptor(smem0 + kBwdKOffset + wg * kQTileBytes, 0, 1024);
+  const uint64_t v_desc = descriptor(smem0 + kBwdVOffset + wg * kQTileBytes, 0, 1024);
+  const uint64_t q_desc = descriptor(smem0 + kBwdQOffset, 0, 1024);
+  const uint64_t diff_desc = descriptor(smem0 + kBwdDiffOffset, 0, 1024);
+  const uint64_t q_mn_desc = descriptor(smem0 + kBwdQOffset, kQTileBytes / 2, 1024);
+  const uint64_t diff_mn_desc = descriptor(smem0 + kBwdDiffOffset, kQTileBytes / 2, 1024);
+
+  // S^T and dP^T of query tile j, once its stage has arrived
+  auto issue_scores = [&](int j) {
+    const int stage = j % kBwdStages;
+    barrier_wait(full(stage), (j / kBwdStages) & 1);
+    const uint32_t at = stage * kQTileBytes >> 4;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t off = ((kk / 4) * (kQTileBytes / 2) + (kk % 4) * 32) >> 4;
+      Mma<T>::scores(s, k_desc + off, q_desc + at + off, kk);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t off = ((kk / 4) * (kQTileBytes / 2) + (kk % 4) * 32) >> 4;
+      Mma<T>::scores(dp, v_desc + off, diff_desc + at + off, kk);
+    }
+  };
+  // dV += P^T diff and dK += dS^T Q of query tile j (k-step kk: queries 16kk..16kk+15)
+  auto issue_gradients = [&](int j) {
+    const uint32_t at = (j % kBwdStages) * kQTileBytes >> 4;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t a[4] = {pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
+      Mma<T>::values(dv, a, diff_mn_desc + at + (kk * 2048 >> 4));
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t a[4] = {dsk[4 * kk], dsk[4 * kk + 1], dsk[4 * kk + 2], dsk[4 * kk + 3]};
+      Mma<T>::values(dk, a, q_mn_desc + at + (kk * 2048 >> 4));
+    }
+  };
+  // lse (threads 0-63 of the warpgroup) or delta (64-127) of one row of query tile j, zero
+  // past n; fetched before a wait, written to the tile's buffer after it
+  auto fetch_stat = [&](int j) {
+    const int row = 64 * j + x % 64;
+    return row < p.n ? (x < 64 ? p.lse : p.delta)[int64_t(bh) * p.n + row] : 0.f;
+  };
+  auto wg_sync = [&]() { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
+  // The warpgroups take turns issuing their products (named barrier 3 + w: warpgroup w's
+  // turn), so that one's elementwise work runs while the tensor cores do the other's
+  // products instead of both waiting for products issued at the same time.
+  auto my_turn = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); };
+  auto your_turn = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); };
+  // P^T and dS^T of tile j from S^T, dP^T and the tile's statistics, packed as A operands
+  auto score_gradients = [&](int j) {
+    const float* lse = stats + (j % 2) * 128;
+    const float* delta = lse + 64;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+      const int col = 8 * jj + 2 * (lane % 4);  // the query columns of this thread
+      const float2 l2 = *reinterpret_cast<const float2*>(lse + col);
+      const float2 d2 = *reinterpret_cast<const float2*>(delta + col);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float& prob = s[4 * jj + e];
+        prob = exp2f(fmaf(prob, p.qk_scale, -((e & 1) ? l2.y : l2.x)));
+        dp[4 * jj + e] = prob * (dp[4 * jj + e] - ((e & 1) ? d2.y : d2.x));
+      }
+      pk[2 * jj] = pack<T>(s[4 * jj], s[4 * jj + 1]);
+      pk[2 * jj + 1] = pack<T>(s[4 * jj + 2], s[4 * jj + 3]);
+      dsk[2 * jj] = pack<T>(dp[4 * jj], dp[4 * jj + 1]);
+      dsk[2 * jj + 1] = pack<T>(dp[4 * jj + 2], dp[4 * jj + 3]);
+    }
+  };
+  // both warpgroups are done with tile j's stage: the second to say so refills it
+  auto release = [&](int j) {
+    if (x == 0) {
+      const int stage = j % kBwdStages;
+      if (atomicAdd(&releases[stage], 1) % 2 == 1 && j + kBwdStages < tiles) load_query_tile(j + kBwdStages);
+    }
+  };
+
+  // the loss's gradient and tile 0's statistics load while K, V and Q arrive
+  const float g = to_float(*p.grad_loss);
+  stats[x] = fetch_stat(0);
+  barrier_wait(kv_bar, 0);
+  if (wg == 1) your_turn();  // the first turn is warpgroup 0's
+  my_turn();
+  wgmma_fence();
+  issue_scores(0);
+  wgmma_commit();
+  your_turn();
+  wg_sync();  // tile 0's statistics are in place
+  wgmma_wait<0>();
+  touch(s), touch(dp);
+  score_gradients(0);
+  for (int j = 1; j <= tiles; ++j) {
+    // tile j - 1's gradient products and tile j's score products in flight together; the
+    // statistics of tile j load meanwhile
+    my_turn();
+    wgmma_fence();
+    issue_gradients(j - 1);
+    if (j < tiles) issue_scores(j);
+    wgmma_commit();
+    your_turn();
+    const float stat = j < tiles ? fetch_stat(j) : 0.f;
+    wgmma_wait<0>();
+    touch(dk), touch(dv), touch(s), touch(dp);
+    if (j < tiles) stats[(j % 2) * 128 + x] = stat;
+    wg_sync();  // the warpgroup is past tile j - 1 (its stage may go) and tile j's statistics are in place
+    release(j - 1);
+    if (j < tiles) score_gradients(j);
+  }
+  if (wg == 0) my_turn();  // the last turn warpgroup 1 handed over
+
+  // dK = scale * dS^T Q and dV = P^T dO with dO = -2 g diff / numel, written over this
+  // warpgroup's K and V (no longer read) in the 128-byte swizzle of the maps (16-byte chunk c
+  // of row x at chunk c ^ (x % 8), two 64-column boxes), then stored by the TMA, which drops
+  // the rows past nc
+  const float coef = -2.f * g * p.inv_numel;
+  const float k_coef = coef * p.sm_scale;
+  const uint32_t dk_tile = smem0 + kBwdKOffset + wg * kQTileBytes;
+  const uint32_t dv_tile = smem0 + kBwdVOffset + wg * kQTileBytes;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int tile_row = warp * 16 + lane / 4 + 8 * r;
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) {
+      const int i = 4 * jj + 2 * r;
+      const uint32_t at = (jj / 8) * (kQTileBytes / 2) + tile_row * 128 + (((jj % 8) ^ (tile_row % 8)) * 16) +
+                          4 * (lane % 4);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dk_tile + at), "r"(pack<T>(dk[i] * k_coef, dk[i + 1] * k_coef))
+                   : "memory");
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dv_tile + at), "r"(pack<T>(dv[i] * coef, dv[i + 1] * coef))
+                   : "memory");
+    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
+  wg_sync();
+  if (x == 0) {
+    const int key0 = key_tile * 128 + wg * 64;
+    for (int half = 0; half < 2; ++half) {
+      tma_store(&p.dk_map, dk_tile + half * (kQTileBytes / 2), 64 * half, h, key0, b);
+      tma_store(&p.dv_map, dv_tile + half * (kQTileBytes / 2), 64 * half, h, key0, b);
+    }
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // shared memory read before the block exits
+  }
+#else
+  __trap();  // built without sm_90a: the host never launches this
+#endif
+}
+
 }  // namespace ct_kernels::recon_sm90
 
 // ---- host ----------------------------------------------------------------------------------
@@ -654,14 +903,33 @@ namespace {
 
 using namespace ct_kernels::recon_sm90;
 
-void check_input(const at::Tensor& t, const char* name, const at::Tensor& q) {
+constexpr const char* kFwd = "recon_loss_fwd_sm90";
+constexpr const char* kBwd = "recon_loss_bwd_sm90";
+
+void check_input(const char* op, const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(2) == q.size(2) && t.size(3) == kHeadDim,
-              "recon_loss_fwd_sm90: ", name, " must be [B, S, H, 128] with B, H as q's ",
+              op, ": ", name, " must be [B, S, H, 128] with B, H as q's ",
               ct_kernels::shape(q.sizes()), ", got ", ct_kernels::shape(t.sizes()));
-  TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), "recon_loss_fwd_sm90: ", name,
+  TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), op, ": ", name,
               " must be a ", q.scalar_type(), " tensor on ", q.device(), ", got ", t.scalar_type(), " on ",
               t.device());
-  TORCH_CHECK(t.size(1) >= 1, "recon_loss_fwd_sm90: ", name, " needs at least one row");
+  TORCH_CHECK(t.size(1) >= 1, op, ": ", name, " needs at least one row");
+}
+
+// q: a [B, n, H, 128] bfloat16 or float16 CUDA tensor
+void check_q(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+              ": q must be bfloat16 or float16, got ", q.scalar_type());
+  check_input(op, q, "q", q);
+}
+
+// the current device's properties, which must be those of an sm_90 GPU
+const cudaDeviceProp* sm90_properties(const char* op) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(props->major == 9 && props->minor == 0, op, ": needs an sm_90 GPU, got sm_",
+              ct_kernels::num(props->major * 10 + props->minor));
+  return props;
 }
 
 // t itself where the TMA can read it (16-byte-aligned start and row strides), else a
@@ -679,7 +947,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
     cudaDriverEntryPointQueryResult found{};
     C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
     TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
-                "recon_loss_fwd_sm90: the CUDA driver has no cuTensorMapEncodeTiled");
+                "recon_loss_sm90: the CUDA driver has no cuTensorMapEncodeTiled");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
   return encode;
@@ -706,14 +974,14 @@ void make_map(CUtensorMap& map, const at::Tensor& t, int box_rows) {
       &map, t.scalar_type() == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
       t.data_ptr(), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(result == CUDA_SUCCESS, "recon_loss_fwd_sm90: cuTensorMapEncodeTiled failed with error ",
+  TORCH_CHECK(result == CUDA_SUCCESS, "recon_loss_sm90: cuTensorMapEncodeTiled failed with error ",
               ct_kernels::num(int64_t(result)), " for a tensor of shape ", ct_kernels::shape(t.sizes()));
 }
 
-void check_output(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
-                  const at::Tensor& q) {
+void check_output(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                  at::ScalarType dtype, const at::Tensor& q) {
   TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.device() == q.device() && t.is_contiguous(),
-              "recon_loss_fwd_sm90: ", name, " must be a contiguous ", dtype, " tensor of shape ",
+              op, ": ", name, " must be a contiguous ", dtype, " tensor of shape ",
               ct_kernels::shape(shape), " on ", q.device(), ", got ", t.scalar_type(), " ",
               ct_kernels::shape(t.sizes()), " on ", t.device());
 }
@@ -728,22 +996,17 @@ at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, con
                                const at::Tensor& comp_k, const at::Tensor& comp_v, double scale,
                                at::Tensor partial, at::Tensor diff, at::Tensor lse, at::Tensor delta,
                                bool save_for_backward, int64_t block_m, int64_t block_n, int64_t stages) {
-  TORCH_CHECK(q.is_cuda(), "recon_loss_fwd_sm90: q must be a CUDA tensor, got one on ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "recon_loss_fwd_sm90: q must be bfloat16 or float16, got ", q.scalar_type());
-  check_input(q, "q", q);
-  check_input(old_k, "old_k", q);
-  check_input(old_v, "old_v", q);
-  check_input(comp_k, "comp_k", q);
-  check_input(comp_v, "comp_v", q);
+  check_q(kFwd, q);
+  check_input(kFwd, old_k, "old_k", q);
+  check_input(kFwd, old_v, "old_v", q);
+  check_input(kFwd, comp_k, "comp_k", q);
+  check_input(kFwd, comp_v, "comp_v", q);
   TORCH_CHECK(old_v.size(1) == old_k.size(1) && comp_v.size(1) == comp_k.size(1),
-              "recon_loss_fwd_sm90: values must have as many rows as their keys, got old ",
+              kFwd, ": values must have as many rows as their keys, got old ",
               ct_kernels::shape(old_k.sizes()), " / ", ct_kernels::shape(old_v.sizes()), ", compressed ",
               ct_kernels::shape(comp_k.sizes()), " / ", ct_kernels::shape(comp_v.sizes()));
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(props->major == 9 && props->minor == 0, "recon_loss_fwd_sm90: needs an sm_90 GPU, got sm_",
-              ct_kernels::num(props->major * 10 + props->minor));
+  const cudaDeviceProp* props = sm90_properties(kFwd);
 
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   const int config = block_m == 64 && block_n == 64 && stages == 3     ? 0
@@ -751,18 +1014,18 @@ at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, con
                      : block_m == 128 && block_n == 128 && stages == 2 ? 2
                                                                         : -1;
   TORCH_CHECK(config >= 0,
-              "recon_loss_fwd_sm90: (block_m, block_n, stages) must be (64, 64, 3), (128, 64, 3) or (128, 128, 2), "
+              kFwd, ": (block_m, block_n, stages) must be (64, 64, 3), (128, 64, 3) or (128, 128, 2), "
               "got (", ct_kernels::num(block_m), ", ", ct_kernels::num(block_n), ", ", ct_kernels::num(stages), ")");
   const int64_t tiles_m = (n + block_m - 1) / block_m;
   TORCH_CHECK(tiles_m * batch * heads < (int64_t(1) << 31) && n < (int64_t(1) << 30) &&
                   old_k.size(1) < (int64_t(1) << 30) &&
                   comp_k.size(1) < (int64_t(1) << 30),
-              "recon_loss_fwd_sm90: sizes out of range");
-  check_output(partial, "partial", {batch * heads * tiles_m}, at::kFloat, q);
+              kFwd, ": sizes out of range");
+  check_output(kFwd, partial, "partial", {batch * heads * tiles_m}, at::kFloat, q);
   if (save_for_backward) {
-    check_output(diff, "diff", q.sizes(), q.scalar_type(), q);
-    check_output(lse, "lse", {batch, heads, n}, at::kFloat, q);
-    check_output(delta, "delta", {batch, heads, n}, at::kFloat, q);
+    check_output(kFwd, diff, "diff", q.sizes(), q.scalar_type(), q);
+    check_output(kFwd, lse, "lse", {batch, heads, n}, at::kFloat, q);
+    check_output(kFwd, delta, "delta", {batch, heads, n}, at::kFloat, q);
   }
 
   ReconParams p{};
@@ -823,6 +1086,61 @@ at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, con
   return loss;
 }
 
+
+// Writes d_comp_k and d_comp_v (contiguous [B, nc, H, 128], q's dtype): the gradients of the
+// loss given its gradient grad_loss (0-d, q's dtype) and what the forward saved with
+// save_for_backward (diff [B, n, H, 128], lse and delta [B, H, n]). scale: the forward's.
+void recon_loss_bwd_sm90(const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& comp_k,
+                         const at::Tensor& comp_v, const at::Tensor& diff, const at::Tensor& lse,
+                         const at::Tensor& delta, double scale, at::Tensor d_comp_k, at::Tensor d_comp_v) {
+  check_q(kBwd, q);
+  check_input(kBwd, comp_k, "comp_k", q);
+  check_input(kBwd, comp_v, "comp_v", q);
+  TORCH_CHECK(comp_v.size(1) == comp_k.size(1), kBwd, ": comp_v must have as many rows as comp_k, got ",
+              ct_kernels::shape(comp_k.sizes()), " / ", ct_kernels::shape(comp_v.sizes()));
+  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2), nc = comp_k.size(1);
+  check_output(kBwd, diff, "diff", q.sizes(), q.scalar_type(), q);
+  check_output(kBwd, lse, "lse", {batch, heads, n}, at::kFloat, q);
+  check_output(kBwd, delta, "delta", {batch, heads, n}, at::kFloat, q);
+  check_output(kBwd, grad_loss, "grad_loss", {}, q.scalar_type(), q);
+  check_output(kBwd, d_comp_k, "d_comp_k", comp_k.sizes(), q.scalar_type(), q);
+  check_output(kBwd, d_comp_v, "d_comp_v", comp_k.sizes(), q.scalar_type(), q);
+  const int64_t key_tiles = (nc + 127) / 128;
+  TORCH_CHECK(key_tiles * batch * heads < (int64_t(1) << 31) && n < (int64_t(1) << 30) && nc < (int64_t(1) << 30),
+              kBwd, ": sizes out of range");
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  sm90_properties(kBwd);
+
+  const at::Tensor q_rows = rows_aligned(q), k_rows = rows_aligned(comp_k), v_rows = rows_aligned(comp_v);
+  auto run = [&](auto type) {
+    using T = decltype(type);
+    ReconBwdParams<T> p{};
+    make_map(p.q_map, q_rows, 64);
+    make_map(p.diff_map, diff, 64);
+    make_map(p.k_map, k_rows, 64);
+    make_map(p.v_map, v_rows, 64);
+    p.heads = int(heads), p.n = int(n), p.nc = int(nc);
+    p.key_tiles = int(key_tiles), p.tiles_m = int((n + 63) / 64);
+    p.qk_scale = float(scale * 1.4426950408889634);
+    p.sm_scale = float(scale);
+    p.inv_numel = float(1.0 / double(q.numel()));
+    p.grad_loss = reinterpret_cast<const T*>(grad_loss.data_ptr());
+    p.lse = lse.data_ptr<float>();
+    p.delta = delta.data_ptr<float>();
+    make_map(p.dk_map, d_comp_k, 64);
+    make_map(p.dv_map, d_comp_v, 64);
+    auto kernel = recon_loss_bwd_sm90_kernel<T>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBwdSmemBytes));
+    kernel<<<int(key_tiles * batch * heads), kBwdThreads, kBwdSmemBytes, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (q.scalar_type() == at::kHalf) {
+    run(__half{});
+  } else {
+    run(__nv_bfloat16{});
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
@@ -830,6 +1148,12 @@ TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
       "recon_loss_fwd_sm90(Tensor q, Tensor old_k, Tensor old_v, Tensor comp_k, Tensor comp_v, float scale, "
       "Tensor(a!) partial, Tensor(b!) diff, Tensor(c!) lse, Tensor(d!) delta, bool save_for_backward, int block_m, "
       "int block_n, int stages) -> Tensor");
+  m.def(
+      "recon_loss_bwd_sm90(Tensor grad_loss, Tensor q, Tensor comp_k, Tensor comp_v, Tensor diff, Tensor lse, "
+      "Tensor delta, float scale, Tensor(a!) d_comp_k, Tensor(b!) d_comp_v) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) { m.impl("recon_loss_fwd_sm90", &recon_loss_fwd_sm90); }
+TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) {
+  m.impl("recon_loss_fwd_sm90", &recon_loss_fwd_sm90);
+  m.impl("recon_loss_bwd_sm90", &recon_loss_bwd_sm90);
+}

@@ -300,6 +300,34 @@ def test_recon_loss_sm90_saves_what_the_triton_forward_saves(B, n, H, ns, rate, 
         torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol, msg=name)
 
 
+@SM90
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,n,H,ns,rate", [
+    (1, 1, 1, 3, 1),      # one query, three compressed keys
+    (2, 113, 3, 239, 2),  # partial query tile; 119 keys: the second warpgroup's keys partial
+    (1, 239, 2, 130, 1),  # two key blocks, the second with two keys (one warpgroup idle)
+    (3, 333, 2, 301, 7),  # odd everything
+    (2, 200, 2, 520, 2),  # three key blocks, more query tiles than ring stages
+])
+def test_recon_loss_sm90_backward_matches_triton(B, n, H, ns, rate, dtype):
+    """The sm_90 backward against the Triton backward on the same saved tensors (every
+    element written: the buffers are NaN-poisoned). The error rule against the float64
+    reference is checked through the op in test_recon_loss_sm90_matches_reference."""
+    tensors = [t.to(dtype) for t in _recon_inputs(B, n, H, 128, ns, rate, seed=31)]
+    q, _, _, comp_k, comp_v = tensors
+    _, *saved = recon_module.recon_loss_forward(*tensors, None, True)
+    grad = torch.tensor(float(min(q.numel(), 2 ** 14)), dtype=dtype, device="cuda")
+    cuda = recon_module.recon_loss_backward_sm90(grad, q, comp_k, comp_v, *saved, None)
+    triton = recon_module.recon_loss_backward(grad, q, comp_k, comp_v, *saved, None)
+    for name, got, expected in zip(("d comp_k", "d comp_v"), cuda, triton):
+        assert got.shape == comp_k.shape and got.dtype == dtype, name
+        assert torch.isfinite(got).all(), name
+        # both round the same fp32 probabilities to the input type; sums run in other orders
+        scale = expected.float().abs().max().item()
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=1e-2 * scale,
+                                   msg=name)
+
+
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=SM90)])
 def test_recon_loss_without_grad_writes_only_partials(monkeypatch, backend):
     allocated = []
@@ -375,6 +403,25 @@ def test_recon_loss_sm90_op_names_bad_arguments():
         op(q, old_k, old_v, comp_k, comp_v, 0.1, torch.empty(2, device="cuda"), *none, False, 128, 64, 3)
     with pytest.raises(RuntimeError, match=r"\(block_m, block_n, stages\) must be .*, got \(64, 128, 3\)"):
         op(q, old_k, old_v, comp_k, comp_v, 0.1, partial, *none, False, 64, 128, 3)
+
+
+@SM90
+def test_recon_loss_sm90_backward_op_names_bad_arguments():
+    q, _, _, comp_k, comp_v = (t.bfloat16() for t in _recon_inputs(1, 5, 1, 128, 6, 2))
+    diff = torch.randn_like(q)
+    lse, delta = torch.randn(2, 1, 1, 5, device="cuda").unbind(0)
+    grad = torch.ones((), dtype=torch.bfloat16, device="cuda")
+    out = [torch.empty_like(comp_k), torch.empty_like(comp_k)]
+    op = torch.ops.ct_kernels.recon_loss_bwd_sm90
+    with pytest.raises(RuntimeError, match=r"recon_loss_bwd_sm90: comp_v must be \[B, S, H, 128\]"):
+        op(grad, q, comp_k, comp_v[..., :64], diff, lse, delta, 0.1, *out)
+    with pytest.raises(RuntimeError, match=r"lse must be a contiguous Float tensor of shape \[1, 1, 5\]"):
+        op(grad, q, comp_k, comp_v, diff, lse[..., :4], delta, 0.1, *out)
+    with pytest.raises(RuntimeError, match=r"grad_loss must be a contiguous BFloat16 tensor of shape \[\]"):
+        op(grad.float(), q, comp_k, comp_v, diff, lse, delta, 0.1, *out)
+    with pytest.raises(RuntimeError,
+                       match=r"d_comp_v must be a contiguous BFloat16 tensor of shape \[1, 3, 1, 128\]"):
+        op(grad, q, comp_k, comp_v, diff, lse, delta, 0.1, out[0], out[1][:, :2])
 
 
 # ------------------------------------------------------------------ auto-encoding loss

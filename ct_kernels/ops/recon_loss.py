@@ -23,11 +23,14 @@ saved: the [B, H, n, nc] matrix would cost about as much time in bytes, plus its
 The factor -2 g / numel is applied to the fp32 accumulators at the end: diff is stored
 unscaled, which keeps it representable in float16.
 
-On Hopper (sm_90), float16/bfloat16 with head dim 128, the "cuda" backend runs the forward
-in ct_kernels._C instead (csrc/recon_loss_sm90.cu: persistent blocks, warpgroup MMAs, the
-P V product of one key tile overlapping the softmax of the next) and writes the same
-partials and saved tensors; a second kernel there, launched as the forward's programmatic
-dependent, sums the partials into the loss. The backward is the Triton kernel either way.
+On Hopper (sm_90), float16/bfloat16 with head dim 128, the "cuda" backend runs both passes
+in ct_kernels._C instead (csrc/recon_loss_sm90.cu). The forward (persistent blocks,
+warpgroup MMAs, the P V product of one key tile overlapping the softmax of the next) writes
+the same partials and saved tensors; a second kernel there, launched as the forward's
+programmatic dependent, sums the partials into the loss. The backward has the Triton
+backward's blocking (128 compressed keys per block, all query tiles in turn), with the
+score and dP products of a query tile issued together with the previous tile's dK and dV
+products.
 
 The launches take no float computed from shapes: the kernels get numel as an integer and
 derive the default softmax scale from HEAD_DIM. Under torch.compile with dynamic shapes such
@@ -365,7 +368,8 @@ SM90_CONFIG = SM90_CONFIGS[0]
 
 @functools.lru_cache(maxsize=None)  # asked at every dispatch
 def _sm90_op_loaded() -> bool:
-    return dispatch._cuda_extension_loaded() and hasattr(torch.ops.ct_kernels, "recon_loss_fwd_sm90")
+    return dispatch._cuda_extension_loaded() and all(
+        hasattr(torch.ops.ct_kernels, op) for op in ("recon_loss_fwd_sm90", "recon_loss_bwd_sm90"))
 
 
 if _sm90_op_loaded():
@@ -373,6 +377,11 @@ if _sm90_op_loaded():
     def _recon_loss_fwd_sm90_fake(q, old_k, old_v, comp_k, comp_v, scale, partial, diff, lse, delta,
                                   save_for_backward, block_m, block_n, stages):
         return q.new_empty(())  # the loss; the other outputs are arguments it writes
+
+    @torch.library.register_fake("ct_kernels::recon_loss_bwd_sm90")
+    def _recon_loss_bwd_sm90_fake(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale, d_comp_k,
+                                  d_comp_v):
+        return None  # it writes d_comp_k and d_comp_v
 
 
 @functools.lru_cache(maxsize=None)
@@ -387,7 +396,7 @@ def _on_sm90() -> bool:
 
 def _sm90_unsupported(dtype=None, head_dim=None, **_):
     if not _sm90_op_loaded():
-        return "ct_kernels._C was built without recon_loss_fwd_sm90"
+        return "ct_kernels._C was built without the sm_90 recon_loss ops"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {dtype} (the sm_90 forward needs float16 or bfloat16)"
     if head_dim != SM90_HEAD_DIM:
@@ -416,6 +425,17 @@ def recon_loss_forward_sm90(q, old_k, old_v, comp_k, comp_v, scale, save_for_bac
     return (loss, *saved)
 
 
+def recon_loss_backward_sm90(grad_loss, q, comp_k, comp_v, diff, lse, delta, scale):
+    """``recon_loss_backward`` on the sm_90 kernel: (d comp_k, d comp_v), contiguous, from
+    what ``recon_loss_forward_sm90`` (or ``recon_loss_forward``) saved."""
+    d_comp_k = _empty(comp_k.shape, comp_k.dtype, q.device)
+    d_comp_v = _empty(comp_k.shape, comp_k.dtype, q.device)
+    torch.ops.ct_kernels.recon_loss_bwd_sm90(
+        grad_loss.to(q.dtype), q, comp_k, comp_v, diff, lse, delta,
+        q.shape[-1] ** -0.5 if scale is None else scale, d_comp_k, d_comp_v)
+    return d_comp_k, d_comp_v
+
+
 class ReconLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, old_k, old_v, comp_k, comp_v, scale, sm90):
@@ -425,13 +445,14 @@ class ReconLossFunction(torch.autograd.Function):
         if needs_grad:
             ctx.save_for_backward(q, comp_k, comp_v, diff, lse, delta)
             ctx.scale = scale
+            ctx.sm90 = sm90
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         q, comp_k, comp_v, diff, lse, delta = ctx.saved_tensors
-        d_comp_k, d_comp_v = recon_loss_backward(grad_loss, q, comp_k, comp_v, diff, lse, delta,
-                                                 ctx.scale)
+        backward = recon_loss_backward_sm90 if ctx.sm90 else recon_loss_backward
+        d_comp_k, d_comp_v = backward(grad_loss, q, comp_k, comp_v, diff, lse, delta, ctx.scale)
         # q, old_k and old_v are constants of the loss
         return (None, None, None,
                 d_comp_k if ctx.needs_input_grad[3] else None,
@@ -455,6 +476,6 @@ def attention_reconstruction_loss(q, old_k, old_v, comp_k, comp_v, *, scale=None
 
 @dispatch.register("recon_loss", "cuda", unsupported=_sm90_unsupported)
 def attention_reconstruction_loss_sm90(q, old_k, old_v, comp_k, comp_v, *, scale=None):
-    """Same contract as ``reference.attention_reconstruction_loss``: the forward on the sm_90
-    kernel of ct_kernels._C, the backward on the Triton kernel."""
+    """Same contract as ``reference.attention_reconstruction_loss``, on the sm_90 kernels of
+    ct_kernels._C."""
     return _recon_loss(q, old_k, old_v, comp_k, comp_v, scale, sm90=True)
