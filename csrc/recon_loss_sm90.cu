@@ -267,6 +267,33 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
          (uint64_t(stride >> 4) << 32) | (uint64_t(1) << 62);
 }
 
+// Descriptor step (in 16-byte units) to k-step kk of a K-major [rows, 128] tile stored as two
+// 64-column boxes of box_bytes each: +32 bytes per 16 columns, the second 64 columns a box
+// further.
+__device__ __forceinline__ uint32_t k_step(int kk, uint32_t box_bytes) {
+  return ((kk / 4) * box_bytes + (kk % 4) * 32) >> 4;
+}
+
+// Byte offset of a thread's 4-byte column pair in a [64, 128] tile of 2-byte elements in the
+// TMA maps' layout: two 64-column boxes, 128-byte rows, 16-byte chunk c of row x at chunk
+// c ^ (x % 8). chunk: the accumulator's 8-column group j (0..15) of that row.
+__device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk, int lane) {
+  return (chunk / 8) * (kQTileBytes / 2) + row * 128 + (((chunk % 8) ^ (row % 8)) * 16) + 4 * (lane % 4);
+}
+
+// An m64nN accumulator (fp32) as the A operand of a register-A wgmma over its N columns:
+// packed pairs, k-step kk in a[4kk..4kk+3]; pack_chunk does the 8 columns of group j
+template <typename T, int N>
+__device__ __forceinline__ void pack_chunk(const float (&acc)[N], uint32_t (&a)[N / 2], int j) {
+  a[2 * j] = pack<T>(acc[4 * j], acc[4 * j + 1]);
+  a[2 * j + 1] = pack<T>(acc[4 * j + 2], acc[4 * j + 3]);
+}
+template <typename T, int N>
+__device__ __forceinline__ void pack_operand(const float (&acc)[N], uint32_t (&a)[N / 2]) {
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) pack_chunk<T>(acc, a, j);
+}
+
 template <typename T, typename S>
 __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_sm90_kernel(const __grid_constant__ ReconParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -380,9 +407,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t q_off = ((kk / 4) * (kQTileBytes / 2) + (kk % 4) * 32) >> 4;
-      const uint32_t k_off = ((kk / 4) * kHalfBytes + (kk % 4) * 32) >> 4;
-      Mma<T>::scores(s, q_desc + q_off, k_stage + k_off, kk);
+      Mma<T>::scores(s, q_desc + k_step(kk, kQTileBytes / 2), k_stage + k_step(kk, kHalfBytes), kk);
     }
     wgmma_commit();
   };
@@ -442,13 +467,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     }
   };
   // P_t as the A operand of the next P V: k-step kk covers columns 16kk..16kk+15
-  auto pack_probabilities = [&]() {
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      pk[2 * j] = pack<T>(s[4 * j], s[4 * j + 1]);
-      pk[2 * j + 1] = pack<T>(s[4 * j + 2], s[4 * j + 3]);
-    }
-  };
+  auto pack_probabilities = [&]() { pack_operand<T>(s, pk); };
 
   float alpha[2] = {1.f, 1.f};
   // O times the rescale factors of the last softmax, where a row maximum moved (in this
@@ -542,9 +561,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
     // consumer warp is past its last product: the producer may load the next item's query
     // tile. diff goes out through the last key tile's ring slot (K; for the second warpgroup
     // V, where a K tile holds one warpgroup's diff only), which is released after the store:
-    // written there in the 128-byte swizzle (two 64-column boxes, 16-byte chunk c of row x at
-    // chunk c ^ (x % 8): a store instruction of a warp hits every bank once), then stored by
-    // the TMA, which drops the rows past n
+    // written there in the maps' swizzle (swizzled_offset: a store instruction of a warp hits
+    // every bank once), then stored by the TMA, which drops the rows past n
     asm volatile("bar.sync 1, %0;\n" ::"n"(S::kConsumers) : "memory");
     if (threadIdx.x % 128 == 0) barrier_arrive(q_empty);
     const int last_stage = (ring0 + tiles - 1) % kStages;
@@ -576,9 +594,9 @@ __global__ void __launch_bounds__(S::kThreads, S::kBlocksPerSm) recon_loss_fwd_s
         if (row_ok) sq += d0 * d0 + d1 * d1;
         if (p.save) {
           const uint32_t packed = pack<T>(d0, d1);
-          const uint32_t at = (j / 8) * (kQTileBytes / 2) + tile_row * 128 + (((j % 8) ^ (tile_row % 8)) * 16) +
-                              4 * (lane % 4);
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(diff_tile + at), "r"(packed) : "memory");
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(diff_tile + swizzled_offset(tile_row, j, lane)),
+                       "r"(packed)
+                       : "memory");
           const float2 rounded = unpack<T>(packed);
           delta[r] += rounded.x * c0 + rounded.y * c1;
         }
@@ -761,13 +779,11 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     const uint32_t at = stage * kQTileBytes >> 4;
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t off = ((kk / 4) * (kQTileBytes / 2) + (kk % 4) * 32) >> 4;
-      Mma<T>::scores(s, k_desc + off, q_desc + at + off, kk);
+      Mma<T>::scores(s, k_desc + k_step(kk, kQTileBytes / 2), q_desc + at + k_step(kk, kQTileBytes / 2), kk);
     }
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t off = ((kk / 4) * (kQTileBytes / 2) + (kk % 4) * 32) >> 4;
-      Mma<T>::scores(dp, v_desc + off, diff_desc + at + off, kk);
+      Mma<T>::scores(dp, v_desc + k_step(kk, kQTileBytes / 2), diff_desc + at + k_step(kk, kQTileBytes / 2), kk);
     }
   };
   // dV += P^T diff and dK += dS^T Q of query tile j (k-step kk: queries 16kk..16kk+15)
@@ -811,10 +827,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
         prob = exp2f(fmaf(prob, p.qk_scale, -((e & 1) ? l2.y : l2.x)));
         dp[4 * jj + e] = prob * (dp[4 * jj + e] - ((e & 1) ? d2.y : d2.x));
       }
-      pk[2 * jj] = pack<T>(s[4 * jj], s[4 * jj + 1]);
-      pk[2 * jj + 1] = pack<T>(s[4 * jj + 2], s[4 * jj + 3]);
-      dsk[2 * jj] = pack<T>(dp[4 * jj], dp[4 * jj + 1]);
-      dsk[2 * jj + 1] = pack<T>(dp[4 * jj + 2], dp[4 * jj + 3]);
+      pack_chunk<T>(s, pk, jj);
+      pack_chunk<T>(dp, dsk, jj);
     }
   };
   // both warpgroups are done with tile j's stage: the second to say so refills it
@@ -859,9 +873,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   if (wg == 0) my_turn();  // the last turn warpgroup 1 handed over
 
   // dK = scale * dS^T Q and dV = P^T dO with dO = -2 g diff / numel, written over this
-  // warpgroup's K and V (no longer read) in the 128-byte swizzle of the maps (16-byte chunk c
-  // of row x at chunk c ^ (x % 8), two 64-column boxes), then stored by the TMA, which drops
-  // the rows past nc
+  // warpgroup's K and V (no longer read) in the maps' swizzle (swizzled_offset), then stored
+  // by the TMA, which drops the rows past nc
   const float coef = -2.f * g * p.inv_numel;
   const float k_coef = coef * p.sm_scale;
   const uint32_t dk_tile = smem0 + kBwdKOffset + wg * kQTileBytes;
@@ -872,8 +885,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) {
       const int i = 4 * jj + 2 * r;
-      const uint32_t at = (jj / 8) * (kQTileBytes / 2) + tile_row * 128 + (((jj % 8) ^ (tile_row % 8)) * 16) +
-                          4 * (lane % 4);
+      const uint32_t at = swizzled_offset(tile_row, jj, lane);
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dk_tile + at), "r"(pack<T>(dk[i] * k_coef, dk[i + 1] * k_coef))
                    : "memory");
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dv_tile + at), "r"(pack<T>(dv[i] * coef, dv[i + 1] * coef))
@@ -978,8 +990,9 @@ void make_map(CUtensorMap& map, const at::Tensor& t, int box_rows) {
               ct_kernels::num(int64_t(result)), " for a tensor of shape ", ct_kernels::shape(t.sizes()));
 }
 
-void check_output(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape,
-                  at::ScalarType dtype, const at::Tensor& q) {
+// t: a contiguous tensor of exactly this shape and dtype on q's device
+void check_exact(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                 at::ScalarType dtype, const at::Tensor& q) {
   TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.device() == q.device() && t.is_contiguous(),
               op, ": ", name, " must be a contiguous ", dtype, " tensor of shape ",
               ct_kernels::shape(shape), " on ", q.device(), ", got ", t.scalar_type(), " ",
@@ -1021,11 +1034,11 @@ at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, con
                   old_k.size(1) < (int64_t(1) << 30) &&
                   comp_k.size(1) < (int64_t(1) << 30),
               kFwd, ": sizes out of range");
-  check_output(kFwd, partial, "partial", {batch * heads * tiles_m}, at::kFloat, q);
+  check_exact(kFwd, partial, "partial", {batch * heads * tiles_m}, at::kFloat, q);
   if (save_for_backward) {
-    check_output(kFwd, diff, "diff", q.sizes(), q.scalar_type(), q);
-    check_output(kFwd, lse, "lse", {batch, heads, n}, at::kFloat, q);
-    check_output(kFwd, delta, "delta", {batch, heads, n}, at::kFloat, q);
+    check_exact(kFwd, diff, "diff", q.sizes(), q.scalar_type(), q);
+    check_exact(kFwd, lse, "lse", {batch, heads, n}, at::kFloat, q);
+    check_exact(kFwd, delta, "delta", {batch, heads, n}, at::kFloat, q);
   }
 
   ReconParams p{};
@@ -1099,12 +1112,12 @@ void recon_loss_bwd_sm90(const at::Tensor& grad_loss, const at::Tensor& q, const
   TORCH_CHECK(comp_v.size(1) == comp_k.size(1), kBwd, ": comp_v must have as many rows as comp_k, got ",
               ct_kernels::shape(comp_k.sizes()), " / ", ct_kernels::shape(comp_v.sizes()));
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2), nc = comp_k.size(1);
-  check_output(kBwd, diff, "diff", q.sizes(), q.scalar_type(), q);
-  check_output(kBwd, lse, "lse", {batch, heads, n}, at::kFloat, q);
-  check_output(kBwd, delta, "delta", {batch, heads, n}, at::kFloat, q);
-  check_output(kBwd, grad_loss, "grad_loss", {}, q.scalar_type(), q);
-  check_output(kBwd, d_comp_k, "d_comp_k", comp_k.sizes(), q.scalar_type(), q);
-  check_output(kBwd, d_comp_v, "d_comp_v", comp_k.sizes(), q.scalar_type(), q);
+  check_exact(kBwd, diff, "diff", q.sizes(), q.scalar_type(), q);
+  check_exact(kBwd, lse, "lse", {batch, heads, n}, at::kFloat, q);
+  check_exact(kBwd, delta, "delta", {batch, heads, n}, at::kFloat, q);
+  check_exact(kBwd, grad_loss, "grad_loss", {}, q.scalar_type(), q);
+  check_exact(kBwd, d_comp_k, "d_comp_k", comp_k.sizes(), q.scalar_type(), q);
+  check_exact(kBwd, d_comp_v, "d_comp_v", comp_k.sizes(), q.scalar_type(), q);
   const int64_t key_tiles = (nc + 127) / 128;
   TORCH_CHECK(key_tiles * batch * heads < (int64_t(1) << 31) && n < (int64_t(1) << 30) && nc < (int64_t(1) << 30),
               kBwd, ": sizes out of range");

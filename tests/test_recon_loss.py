@@ -283,7 +283,7 @@ def test_recon_loss_sm90_matches_reference(B, n, H, ns, rate, dtype):
 ])
 def test_recon_loss_sm90_saves_what_the_triton_forward_saves(B, n, H, ns, rate, config):
     """Every launch configuration: the loss follows the error rule, and diff, lse and delta,
-    which feed the Triton backward, agree with the Triton forward's (every element written:
+    which feed either backward, agree with the Triton forward's (every element written:
     the buffers are NaN-poisoned)."""
     exact = _recon_inputs(B, n, H, 128, ns, rate, seed=21)
     tensors = [t.to(torch.bfloat16) for t in exact]
