@@ -9,6 +9,9 @@ Rows (benchmarks/results/attention.csv):
       [B, H, n, L] and added in score_mod), sdpa_bias (a float bias [B, H, n, L]);
       ct_triton_stored is ct_triton with store_score_grads=True (its backward keeps the
       [B, H, n, L] score gradients instead of recomputing the scores).
+  ct_triton runs the Triton kernels only; ct_cuda (attention on Hopper) is what the package
+  runs there by default: the Triton forward and the sm_90 backward of
+  csrc/attention_bwd_sm90.cu.
 Modes fwd (no grad) and fwd+bwd (gradients for q, k, v, both memories and r, u, v).
 FLOPs = 4 B H D (n (m + cm) + n (n + 1) / 2), x3.5 for fwd+bwd (QK and PV only).
 Peers get the concatenated K/V: the torch.cat is part of their time, as for a user.
@@ -16,13 +19,14 @@ Peers get the concatenated K/V: the torch.cat is part of their time, as for a us
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 import ct_kernels
 from benchmarks import harness
-from ct_kernels import reference, testing
+from ct_kernels import dispatch, reference, testing
 from ct_kernels.ops import attention
 
 # name -> (B, H, n, m, cm, D)
@@ -39,7 +43,21 @@ CPU_SHAPES = {"cpu-small": (1, 2, 24, 16, 32, 16)}
 CSV = "attention.csv"
 # also timed as CUDA graph replays (provider "<name>-graph"): GPU time without the Python,
 # autograd and launch work per call, which a training step overlaps with earlier GPU work
-GRAPH_PROVIDERS = ("ct_triton", "ct_triton_stored", "sdpa_flash", "flex")
+GRAPH_PROVIDERS = ("ct_triton", "ct_cuda", "ct_triton_stored", "sdpa_flash", "flex")
+
+
+@contextlib.contextmanager
+def triton_backward():
+    """The Triton backward even where the sm_90 one applies (provider ct_triton)."""
+    saved, attention.SM90_BACKWARD = attention.SM90_BACKWARD, False
+    try:
+        yield
+    finally:
+        attention.SM90_BACKWARD = saved
+
+
+def sm90_backward_available():
+    return attention._sm90_backward_loaded() and dispatch.on_sm90()
 
 
 def attention_flops(B, H, n, m, cm, D):
@@ -92,6 +110,8 @@ def providers(args, rel_pos, device):
             return flex(q.transpose(1, 2), keys, values, block_mask=block_mask).transpose(1, 2)
 
         fns.update(sdpa_flash=sdpa_flash, flex=flex_masked)
+        if D == attention.SM90_HEAD_DIM and sm90_backward_available():
+            fns["ct_cuda"] = fns["ct_triton"]  # the same call, outside triton_backward()
         return fns
 
     r, u, v_bias = args["rel_pos"]
@@ -134,12 +154,15 @@ def cases(shapes, dtype, device, rel_pos):
         grad = torch.randn_like(args["q"])
         flops = attention_flops(*shape)
         for provider, fwd in providers(args, rel_pos, device).items():
+            context = triton_backward if provider == "ct_triton" else contextlib.nullcontext
+
             def forward(fwd=fwd):
                 with torch.no_grad():
                     return fwd()
 
-            def forward_backward(fwd=fwd):  # gradients returned, not accumulated in .grad
-                torch.autograd.grad(fwd(), leaves(args), grad)
+            def forward_backward(fwd=fwd, context=context):  # gradients returned, not in .grad
+                with context():
+                    torch.autograd.grad(fwd(), leaves(args), grad)
             yield name, provider, "fwd", forward, flops
             yield name, provider, "fwd+bwd", forward_backward, 3.5 * flops
 

@@ -52,6 +52,18 @@ def _cuda_extension_loaded() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks once, traces no device query
+def on_sm90() -> bool:
+    """Whether the current CUDA device is a Hopper GPU (compute capability 9.0), which the
+    extension's sm_90 kernels need."""
+    return _capability(torch.cuda.current_device()) == (9, 0)
+
+
 @torch.compiler.assume_constant_result  # torch.compile runs it eagerly, traces no import
 def available_backends() -> list:
     """Backends this machine can run: "reference" always, "triton" where Triton runs

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ct_kernels
-from ct_kernels import reference, testing
+from ct_kernels import dispatch, reference, testing
 from ct_kernels.ops import attention
 
 pytestmark = pytest.mark.skipif("triton" not in ct_kernels.available_backends(),
@@ -268,6 +268,98 @@ def test_gpu_float32():
     args = testing.random_attention_inputs(2, 239, 2, 64, 100, 50, device="cuda", generator=g,
                                            partial=True, padding=True, rel_pos=True)
     check(args)
+
+
+# ----------------------------------------------------------------------------- sm_90 backward
+def _sm90_backward_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if not attention._sm90_backward_loaded():
+        return "ct_kernels._C was built without attention_bwd_sm90"
+    if not dispatch.on_sm90():
+        return "needs a Hopper GPU (compute capability 9.0)"
+    return None
+
+
+SM90 = pytest.mark.skipif(_sm90_backward_reason() is not None,
+                          reason=f"sm_90 backward: {_sm90_backward_reason()}")
+
+
+@pytest.fixture
+def sm90_backward_only(monkeypatch):
+    """The Triton backward passes fail if called: a test passes through the sm_90 kernel only."""
+    def triton_backward(*_args, **_kwargs):
+        raise AssertionError("the Triton backward ran")
+    monkeypatch.setattr(attention, "_launch_dq", triton_backward)
+    monkeypatch.setattr(attention, "_launch_dkdv", triton_backward)
+
+
+@SM90
+@pytest.mark.parametrize("n,m,cm,dtype,partial,causal", [
+    (1, 0, 0, torch.bfloat16, False, True), (1, 64, 96, torch.float16, True, True),
+    (113, 113, 0, torch.bfloat16, True, True), (239, 0, 0, torch.float16, False, True),
+    (239, 256, 384, torch.bfloat16, True, True), (512, 512, 1024, torch.bfloat16, False, True),
+    (1023, 512, 333, torch.bfloat16, True, True), (239, 113, 256, torch.float16, True, False),
+    (200, 0, 129, torch.bfloat16, False, False), (64, 1, 0, torch.bfloat16, True, True),
+    (130, 300, 0, torch.float16, False, True),
+])
+def test_sm90_backward_matches_reference(sm90_backward_only, n, m, cm, dtype, partial, causal):
+    # one query; partial query tiles; memories empty, partial (lens 0 and full included),
+    # shorter than a key block and spanning several; causal and not
+    g = torch.Generator().manual_seed(n + 3 * m + 7 * cm)
+    args = testing.random_attention_inputs(2, n, 3, 128, m, cm, dtype=dtype, device="cuda",
+                                           generator=g, partial=partial)
+    check(args, causal=causal)
+
+
+@SM90
+def test_sm90_backward_strided_and_unaligned_inputs(sm90_backward_only):
+    # k/v from one fused projection, memories stored [B, H, S, D] and transposed, q starting
+    # one element into its buffer (not 16-byte aligned: the op copies it)
+    g = torch.Generator().manual_seed(21)
+    B, n, H, D, m, cm = 2, 150, 2, 128, 70, 200
+    dtype = torch.bfloat16
+    kv = torch.randn(B, n, H, 2 * D, generator=g).to("cuda", dtype)
+    mem = torch.randn(B, H, m, 2 * D, generator=g).to("cuda", dtype).transpose(1, 2)
+    cmem = torch.randn(2, B, H, cm, D, generator=g).to("cuda", dtype).transpose(2, 3)
+    q = torch.randn(B, n, H, D + 1, generator=g).to("cuda", dtype)[..., 1:]
+    args = dict(q=q, k=kv[..., :D], v=kv[..., D:], mem_k=mem[..., :D], mem_v=mem[..., D:],
+                cmem_k=cmem[0], cmem_v=cmem[1], mem_lens=torch.tensor([3, 70], device="cuda"))
+    assert q.data_ptr() % 16 != 0 and not args["mem_k"].is_contiguous()
+    check(args, scale=0.07)
+
+
+@SM90
+def test_sm90_backward_op_names_bad_arguments():
+    B, n, H, D, m = 1, 64, 2, 128, 32
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, n, H, D, **bf16)
+    mem = torch.randn(B, m, H, D, **bf16)
+    stats = torch.zeros(B, H, n, device="cuda")
+    accum = torch.empty(B * H * 1 * attention.SM90_DQ_TILE, device="cuda")
+    grad = lambda rows: torch.empty(B, rows, H, D, **bf16)  # noqa: E731
+
+    def call(**change):
+        args = dict(grad_out=q, q=q, k=q, v=q, mem_k=mem, mem_v=mem, cmem_k=None, cmem_v=None,
+                    lse=stats, delta=stats, mem_lens=None, cmem_lens=None, causal=True,
+                    scale=0.1, dq=grad(n), dk=grad(n), dv=grad(n), dmem_k=grad(m),
+                    dmem_v=grad(m), dcmem_k=grad(0), dcmem_v=grad(0), dq_accum=accum)
+        args.update(change)
+        torch.ops.ct_kernels.attention_bwd_sm90(*args.values())
+
+    call()  # the arguments as given work
+    for change, message in (
+            (dict(q=q.float()), "q must be bfloat16 or float16"),
+            (dict(k=q[:, :10]), "k and v must have q's 64 rows"),
+            (dict(mem_v=None), "mem_k and mem_v must be given together"),
+            (dict(mem_lens=torch.tensor([3], device="cuda")), "mem_lens must be a contiguous int32"),
+            (dict(lse=stats[..., :10]), "lse must be a contiguous"),
+            (dict(dq=grad(n).float()), "dq must be a contiguous"),
+            (dict(dmem_k=grad(m + 1)), "dmem_k must be a contiguous"),
+            (dict(dq_accum=accum[1:]), "dq_accum must be a contiguous"),
+            (dict(q=q.cpu()), "q must be a CUDA tensor")):
+        with pytest.raises(RuntimeError, match=message):
+            call(**change)
 
 
 def test_torch_compile_fullgraph():

@@ -41,7 +41,7 @@ Gradients: dq = dqu; du = sum_i dqu_i - dw.r; dv = dw.r; dr = dr(band) + dw (v -
 """
 from __future__ import annotations
 
-from functools import cached_property
+import functools
 from typing import Optional
 
 import torch
@@ -836,9 +836,11 @@ class _Call:
             raise ValueError("a key/value tensor spans 2**31 elements or more along its "
                              "sequence dimension (per batch and head); split the batch")
         self.sources = [self.q if t is None else t for t in sources]
+        self.memories = sources[2:]  # mem_k, mem_v, cmem_k, cmem_v, None where absent
         self.source_strides = [s for t in sources for s in _strides(t)]
-        lens = lambda t: self.q if t is None else t.to(torch.int32).contiguous()  # noqa: E731
-        self.lens = (lens(mem_lens), lens(cmem_lens))
+        self.lengths = tuple(None if t is None else t.to(torch.int32).contiguous()
+                             for t in (mem_lens, cmem_lens))
+        self.lens = tuple(self.q if t is None else t for t in self.lengths)
         if key_padding_mask is None:
             self.pad, self.pad_strides = self.q, (0, 0)
         else:
@@ -876,7 +878,7 @@ class _Call:
         return dict(self.flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
                     num_warps=warps, num_stages=stages)
 
-    @cached_property
+    @functools.cached_property
     def score_grad_columns(self):
         """(row length, first column of the memory's keys, of the segment's) of the stored
         score gradients by key: each source's columns padded to a multiple of
@@ -973,6 +975,36 @@ def _launch_dq_stored(c, score_grads, dq, rel_grads):
         *c.source_strides[12:15], *c.r_strides, *c.score_grad_columns, *c.sizes), flags)
 
 
+# The Hopper backward (csrc/attention_bwd_sm90.cu): dQ, dK, dV in one pass over key blocks,
+# dQ added into an fp32 buffer of SM90_DQ_TILE elements per 64-query tile and batch-head.
+# It runs where it applies (below) unless SM90_BACKWARD is False (the benchmarks compare the
+# two backwards that way).
+SM90_BACKWARD = True
+SM90_HEAD_DIM = 128
+SM90_DQ_TILE = 64 * 128
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_backward_loaded() -> bool:
+    return dispatch._cuda_extension_loaded() and hasattr(torch.ops.ct_kernels, "attention_bwd_sm90")
+
+
+if _sm90_backward_loaded():
+    @torch.library.register_fake("ct_kernels::attention_bwd_sm90")
+    def _attention_bwd_sm90_fake(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, lse, delta,
+                                 mem_lens, cmem_lens, causal, scale, dq, dk, dv, dmem_k, dmem_v,
+                                 dcmem_k, dcmem_v, dq_accum):
+        return None  # it writes the gradients
+
+
+def _sm90_backward_applies(c) -> bool:
+    """Whether the call's backward runs on the Hopper kernel: float16/bfloat16 CUDA inputs at
+    head dim 128 on an sm_90 GPU, without relative positions or key padding."""
+    return (SM90_BACKWARD and c.q.is_cuda and c.dtype in (torch.float16, torch.bfloat16)
+            and c.D == SM90_HEAD_DIM and not c.flags["REL_POS"] and not c.flags["HAS_PAD"]
+            and _sm90_backward_loaded() and dispatch.on_sm90())
+
+
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
               key_padding_mask, r, u, v_bias, causal, scale, store_score_grads):
     c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
@@ -992,8 +1024,16 @@ def _backward_call(c, grad_out, out, lse):
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
     grads = (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck), grad_ptr(dcv))
     if not c.flags["REL_POS"]:
-        _launch_dq(c, out, grad_out, lse, delta, dq)
-        _launch_dkdv(c, grad_out, lse, delta, grads)
+        if _sm90_backward_applies(c):
+            _launch_delta(c, out, grad_out, delta)
+            dq_accum = torch.empty(B * H * cdiv(n, 64) * SM90_DQ_TILE, dtype=torch.float32,
+                                   device=device)
+            torch.ops.ct_kernels.attention_bwd_sm90(
+                grad_out, c.q, *c.sources[:2], *c.memories, lse, delta, *c.lengths,
+                c.flags["CAUSAL"], c.scale, dq, dk, dv, dmk, dmv, dck, dcv, dq_accum)
+        else:
+            _launch_dq(c, out, grad_out, lse, delta, dq)
+            _launch_dkdv(c, grad_out, lse, delta, grads)
         return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
     # gradients of r (band part), of w = (v - u).r and of q + u summed over rows: fp32
     # atomics into one zeroed buffer

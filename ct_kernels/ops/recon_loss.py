@@ -384,16 +384,6 @@ if _sm90_op_loaded():
         return None  # it writes d_comp_k and d_comp_v
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple:
-    return torch.cuda.get_device_capability(device_index)
-
-
-@torch.compiler.assume_constant_result  # torch.compile asks once, traces no device query
-def _on_sm90() -> bool:
-    return _capability(torch.cuda.current_device()) == (9, 0)
-
-
 def _sm90_unsupported(dtype=None, head_dim=None, **_):
     if not _sm90_op_loaded():
         return "ct_kernels._C was built without the sm_90 recon_loss ops"
@@ -401,7 +391,7 @@ def _sm90_unsupported(dtype=None, head_dim=None, **_):
         return f"dtype {dtype} (the sm_90 forward needs float16 or bfloat16)"
     if head_dim != SM90_HEAD_DIM:
         return f"head dim {head_dim} (the sm_90 forward needs {SM90_HEAD_DIM})"
-    if not _on_sm90():
+    if not dispatch.on_sm90():
         return "the sm_90 forward needs a Hopper GPU (compute capability 9.0)"
     return None
 

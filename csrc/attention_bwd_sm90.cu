@@ -1,0 +1,495 @@
+// Attention backward for Hopper (sm_90a): dQ, dK and dV of compressive attention from the
+// Triton forward's output and log2-domain LSE (ct_kernels/ops/attention.py), for float16 and
+// bfloat16 at head dim 128, without relative positions or key padding.
+//
+// One block per (128 keys of one source, batch, head): two warpgroups of 64 keys each, whose
+// K, V and fp32 dK, dV stay put while the 64-query tiles that see them stream past. Q and dO
+// of each tile come through a ring of kStages stages that both warpgroups read; the warpgroup
+// that releases a stage second refills it (one thread issues the TMA copies, no producer
+// warpgroup). Per query tile j, in each warpgroup (the loop is rotated as in the
+// reconstruction loss's backward, csrc/recon_loss_sm90.cu):
+//   dV += P_{j-1}^T dO_{j-1}, dK += dS_{j-1}^T Q_{j-1}    (P from registers, dS from
+//                                                          shared memory)
+//   S_j^T = K Q_j^T, dP_j^T = V dO_j^T                     (issued with them, one wait)
+//   dQ_{j-1} = dS_{j-1} K: both warpgroups' dS^T wait in shared memory; each warpgroup
+//     multiplies all 128 keys into half the head dim, 32 columns at a time (one quarter
+//     with the next tile's products above), and adds the fp32 result into a global buffer
+//     by bulk reductions of the TMA (cp.reduce.async.bulk)
+//   P_j^T = exp2(S_j^T * scale * log2(e) - lse_j), dS_j^T = P_j^T (dP_j^T - delta_j)
+// So dQ costs one product per tile instead of a second pass that recomputes S and dP.
+// Masks: keys outside the valid part of their memory (mem_lens, cmem_lens) or past the
+// source's end, and, with causal, segment keys after the query (the diagonal tiles only).
+// Query rows past n and keys past the source's end arrive as zeros from the TMA (lse and
+// delta of rows past n as zeros too), and the TMA does not store the rows past the ends.
+// A second kernel turns the fp32 buffer into dQ times the softmax scale.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include "sm90.cuh"
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace ct_kernels::attention_sm90 {
+
+using namespace ct_kernels::sm90;
+
+constexpr int kStages = 3;
+constexpr int kThreads = 256;                           // two warpgroups
+constexpr int kDsBytes = 64 * 64 * 2;                   // a warpgroup's dS^T [64 keys, 64 queries]
+constexpr int kDqBytes = 64 * 64 * 4;                   // a warpgroup's fp32 half of dQ [64, 64]
+constexpr int kDqFloats = kDqBytes / 4;
+constexpr int kKOffset = 0;                             // K of each warpgroup, 16 KiB
+constexpr int kVOffset = kKOffset + 2 * kQTileBytes;    // V of each warpgroup
+constexpr int kQOffset = kVOffset + 2 * kQTileBytes;    // the ring: Q per stage
+constexpr int kDoOffset = kQOffset + kStages * kQTileBytes;  // dO per stage
+constexpr int kDsOffset = kDoOffset + kStages * kQTileBytes;  // dS^T: 2 tiles x 2 warpgroups
+constexpr int kDqOffset = kDsOffset + 4 * kDsBytes;     // dQ staging per warpgroup
+constexpr int kStatsOffset = kDqOffset + 2 * kDqBytes;  // per warpgroup [2][128] fp32
+constexpr int kBarrierOffset = kStatsOffset + 2 * 2 * 128 * 4;  // K/V full, then per stage full
+constexpr int kCountOffset = kBarrierOffset + 8 * (1 + kStages);  // per stage: releases so far
+constexpr int kSmemBytes = kCountOffset + 4 * kStages;
+static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+
+// the three key sources, oldest first
+constexpr int kCmem = 0, kSegment = 2;  // mem is 1
+
+struct AttnBwdParams {
+  CUtensorMap q_map, do_map;  // [B, n, H, 128], boxes of 64 rows x 64 columns
+  CUtensorMap k_map[3], v_map[3];
+  CUtensorMap dk_map[3], dv_map[3];  // the gradients, contiguous like their sources
+  int size[3];                // keys per source
+  int blocks[3];              // 128-key blocks per source
+  const int* lens[2];         // valid (newest) slots of cmem and mem per sample, or null
+  int heads, n, tiles_m;      // tiles_m: 64-query tiles
+  int key_blocks;             // blocks[0] + blocks[1] + blocks[2]
+  int causal;
+  float qk_scale;             // softmax scale * log2(e)
+  float sm_scale;
+  const float* lse;           // [B, H, n], log2 domain
+  const float* delta;         // [B, H, n], rowsum(dO * O)
+  float* dq_accum;            // [B * H, tiles_m, 2, kDqFloats], zeroed
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ AttnBwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t smem0 = smem_addr(smem_raw);
+  if (smem0 % 1024 != 0) __trap();
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
+  const int bh = blockIdx.x / p.key_blocks, b = bh / p.heads, h = bh % p.heads;
+  // the block's source and its first key there
+  int src = kCmem, block = blockIdx.x % p.key_blocks;
+  while (src < kSegment && block >= p.blocks[src]) block -= p.blocks[src++];
+  const int start = block * 128, size = p.size[src];
+  const int* lens = src == kSegment ? nullptr : p.lens[src];
+  const int valid_lo = lens == nullptr ? 0 : max(size - lens[b], 0);
+  // memory keys are seen by every query, segment key s by queries i >= s (causal); a block
+  // without a valid key sees no query (its gradients are zero)
+  const bool segment = src == kSegment;
+  int q_lo = p.causal && segment ? start / 64 : 0;
+  if (start + 128 <= valid_lo) q_lo = p.tiles_m;
+  const int tiles = p.tiles_m - q_lo;
+  const bool mask_keys = start < valid_lo || start + 128 > size;
+
+  const uint32_t kv_bar = smem0 + kBarrierOffset;
+  auto full = [&](int stage) { return kv_bar + 8 + 8 * stage; };
+  int* releases = reinterpret_cast<int*>(smem_raw + kCountOffset);
+  // this warpgroup's lse (64) and delta (64) of a query tile, double-buffered
+  float* stats = reinterpret_cast<float*>(smem_raw + kStatsOffset) + wg * 256;
+
+  // Q and dO of the block's query tile j into its ring stage
+  auto load_query_tile = [&](int j) {
+    const int stage = j % kStages, row = 64 * (q_lo + j);
+    barrier_expect(full(stage), 2 * kQTileBytes);
+    tma_load_tile(smem0 + kQOffset + stage * kQTileBytes, kQTileBytes / 2, &p.q_map, h, row, b, full(stage));
+    tma_load_tile(smem0 + kDoOffset + stage * kQTileBytes, kQTileBytes / 2, &p.do_map, h, row, b, full(stage));
+  };
+  if (threadIdx.x == 0) {
+    barrier_init(kv_bar, 1);
+    for (int stage = 0; stage < kStages; ++stage) {
+      barrier_init(full(stage), 1);
+      releases[stage] = 0;
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    // K and V of both warpgroups, then the first query tiles (none for a block that no
+    // query sees: it only stores zeros)
+    if (tiles > 0) {
+      barrier_expect(kv_bar, 4 * kQTileBytes);
+      for (int g = 0; g < 2; ++g) {
+        tma_load_tile(smem0 + kKOffset + g * kQTileBytes, kQTileBytes / 2, &p.k_map[src], h, start + 64 * g, b, kv_bar);
+        tma_load_tile(smem0 + kVOffset + g * kQTileBytes, kQTileBytes / 2, &p.v_map[src], h, start + 64 * g, b, kv_bar);
+      }
+    }
+    for (int j = 0; j < tiles && j < kStages; ++j) load_query_tile(j);
+  }
+  __syncthreads();  // barriers and counters initialised
+
+  float dk[64], dv[64];      // [64 keys, 128] fp32 accumulators
+  float s[32];               // S^T of a tile [64 keys, 64 queries], then P^T
+  float dp[32];              // dP^T, then dS^T
+  float dq[16];              // a quarter of dQ of a tile [64 queries, 32]
+  uint32_t pk[16];           // P^T as packed pairs (A operand)
+#pragma unroll
+  for (int i = 0; i < 64; ++i) dk[i] = dv[i] = 0.f;
+
+  // descriptors: K, V, Q and dO as K-major operands of the score products (rows of the head
+  // dim); Q and dO as MN-major B operands of dK and dV (rows of queries: +2048 bytes per 16
+  // queries, the two column halves a box apart). dQ: dS (stored as dS^T, rows of keys) and K
+  // (rows of keys, this warpgroup's column half) as MN-major operands.
+  const uint64_t k_desc = descriptor(smem0 + kKOffset + wg * kQTileBytes, 0, 1024);
+  const uint64_t v_desc = descriptor(smem0 + kVOffset + wg * kQTileBytes, 0, 1024);
+  const uint64_t q_desc = descriptor(smem0 + kQOffset, 0, 1024);
+  const uint64_t do_desc = descriptor(smem0 + kDoOffset, 0, 1024);
+  const uint64_t q_mn_desc = descriptor(smem0 + kQOffset, kQTileBytes / 2, 1024);
+  const uint64_t do_mn_desc = descriptor(smem0 + kDoOffset, kQTileBytes / 2, 1024);
+  const uint64_t ds_desc = descriptor(smem0 + kDsOffset, kDsBytes, 1024);
+  const uint64_t ds_k_desc = descriptor(smem0 + kDsOffset, 0, 1024);  // dS^T as K-major A of dK
+  const uint64_t k_half_desc = descriptor(smem0 + kKOffset + wg * (kQTileBytes / 2), kQTileBytes / 2, 1024);
+
+  // S^T and dP^T of query tile j, once its stage has arrived
+  auto issue_scores = [&](int j) {
+    const int stage = j % kStages;
+    barrier_wait(full(stage), (j / kStages) & 1);
+    const uint32_t at = stage * kQTileBytes >> 4;
+    key_major_scores<T>(s, dp, k_desc, v_desc, q_desc + at, do_desc + at);
+  };
+  // dV += P^T dO and dK += dS^T Q of query tile j (k-step kk: queries 16kk..16kk+15; P^T from
+  // registers, dS^T from its shared-memory buffer)
+  auto issue_gradients = [&](int j) {
+    const uint32_t at = (j % kStages) * kQTileBytes >> 4;
+    const uint32_t ds_at = ((j % 2) * 2 + wg) * kDsBytes >> 4;
+    key_major_gradient<T>(dv, pk, do_mn_desc + at);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) Mma<T>::gradients(dk, ds_k_desc + ds_at + (kk * 32 >> 4), q_mn_desc + at + (kk * 2048 >> 4));
+  };
+  // quarter `part` of dQ of tile j (this warpgroup's column half, its 32 columns 32 part..):
+  // dS_j [64 queries, 128 keys] K [128 keys, those columns] (k-step kk: keys 16kk..16kk+15,
+  // of warpgroup kk / 4). Two products of 32 columns keep the accumulator at 16 registers.
+  auto issue_dq = [&](int j, int part) {
+    const uint32_t at = (j % 2) * 2 * kDsBytes;
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint32_t row = (kk % 4) * 2048;
+      Mma<T>::mn_major(dq, ds_desc + ((at + (kk / 4) * kDsBytes + row) >> 4),
+                       k_half_desc + (((kk / 4) * kQTileBytes + row + part * 64) >> 4), kk);
+    }
+  };
+  // lse (threads 0-63 of the warpgroup) or delta (64-127) of one row of query tile j, zero
+  // past n; fetched before a wait, written to the tile's buffer after it
+  auto fetch_stat = [&](int j) {
+    const int row = 64 * (q_lo + j) + x % 64;
+    return row < p.n ? (x < 64 ? p.lse : p.delta)[int64_t(bh) * p.n + row] : 0.f;
+  };
+  auto wg_sync = [&]() { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
+  // The warpgroups take turns issuing their products (named barrier 3 + w: warpgroup w's
+  // turn), so that one's elementwise work runs while the tensor cores do the other's.
+  auto my_turn = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); };
+  auto your_turn = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); };
+  auto both_sync = [&]() { asm volatile("bar.sync 5, 256;\n" ::: "memory"); };
+  // the keys of this thread's two accumulator rows (S^T rows are keys)
+  const int key0 = start + 64 * wg + 16 * warp + lane / 4;
+  // P^T and dS^T of tile j from S^T, dP^T and the tile's statistics: P^T packed as an A
+  // operand, dS^T into the tile's shared-memory buffer for dK and dQ (rows of keys, the
+  // maps' swizzle)
+  auto score_gradients = [&](int j) {
+    const float* lse = stats + (j % 2) * 128;
+    const float* delta = lse + 64;
+    const int query0 = 64 * (q_lo + j);
+    // causal: some segment key of this warpgroup comes after some query of the tile
+    const bool diagonal = p.causal && segment && start + 64 * wg + 63 > query0;
+    const bool masked = mask_keys || diagonal;
+    const uint32_t ds_tile = smem0 + kDsOffset + ((j % 2) * 2 + wg) * kDsBytes;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+      const int col = 8 * jj + 2 * (lane % 4);  // the query columns of this thread
+      const float2 l2 = *reinterpret_cast<const float2*>(lse + col);
+      const float2 d2 = *reinterpret_cast<const float2*>(delta + col);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float& prob = s[4 * jj + e];
+        prob = exp2f(fmaf(prob, p.qk_scale, -((e & 1) ? l2.y : l2.x)));
+        if (masked) {
+          const int key = key0 + 8 * (e / 2), query = query0 + col + (e & 1);
+          if (key < valid_lo || key >= size || (diagonal && key > query)) prob = 0.f;
+        }
+        dp[4 * jj + e] = prob * (dp[4 * jj + e] - ((e & 1) ? d2.y : d2.x));
+      }
+      pack_chunk<T>(s, pk, jj);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_tile + swizzled_offset(warp * 16 + lane / 4 + 8 * r, jj, lane)),
+                     "r"(pack<T>(dp[4 * jj + 2 * r], dp[4 * jj + 2 * r + 1]))
+                     : "memory");
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the products
+  };
+  // A quarter of dQ of tile j into its half of this warpgroup's staging buffer in the
+  // accumulator's order (thread x's elements 4i..4i+3 at float4 128 (4 part + i) + x: one
+  // store instruction of a warp fills 512 consecutive bytes), then added into the global
+  // buffer by the TMA. The caller has made sure that the previous reduction from that half
+  // has read it (cp.async.bulk.wait_group.read 1 by thread 0, then a barrier).
+  float4* dq_staging = reinterpret_cast<float4*>(smem_raw + kDqOffset + wg * kDqBytes);
+  auto reduce_dq = [&](int j, int part) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      dq_staging[128 * (4 * part + i) + x] = make_float4(dq[4 * i], dq[4 * i + 1], dq[4 * i + 2], dq[4 * i + 3]);
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
+    wg_sync();
+    if (x == 0) {
+      const int64_t chunk = (int64_t(bh) * p.tiles_m + q_lo + j) * 2 + wg;
+      bulk_reduce_add(p.dq_accum + chunk * kDqFloats + part * (kDqFloats / 2),
+                      smem0 + kDqOffset + wg * kDqBytes + part * (kDqBytes / 2), kDqBytes / 2);
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    }
+  };
+  // the reduction issued two before has read its staging half
+  auto staging_read = [&]() {
+    if (x == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
+  };
+  // both warpgroups are done with tile j's stage: the second to say so refills it
+  auto release = [&](int j) {
+    if (x == 0) {
+      const int stage = j % kStages;
+      if (atomicAdd(&releases[stage], 1) % 2 == 1 && j + kStages < tiles) load_query_tile(j + kStages);
+    }
+  };
+
+  if (tiles > 0) {
+    // tile 0's statistics load while K, V and Q arrive
+    stats[x] = fetch_stat(0);
+    barrier_wait(kv_bar, 0);
+    if (wg == 1) your_turn();  // the first turn is warpgroup 0's
+    my_turn();
+    wgmma_fence();
+    issue_scores(0);
+    wgmma_commit();
+    your_turn();
+    wg_sync();  // tile 0's statistics are in place
+    wgmma_wait<0>();
+    touch(s), touch(dp);
+    score_gradients(0);
+    // Iteration j: the gradient products of tile j - 1, the second quarter of dQ of tile
+    // j - 2 and the score products of tile j in flight together (the statistics of tile j
+    // load meanwhile); then the first quarter of dQ of tile j - 1, and the scores of tile j
+    // become P and dS. (With that quarter in flight during the last step, or two quarters'
+    // accumulators alive at once, ptxas runs out of registers: it serialises the products,
+    // C7515, or spills, and either costs more than the product's latency.)
+    for (int j = 1; j <= tiles + 1; ++j) {
+      my_turn();
+      wgmma_fence();
+      if (j <= tiles) issue_gradients(j - 1);
+      if (j >= 2) issue_dq(j - 2, 1);
+      if (j < tiles) issue_scores(j);
+      wgmma_commit();
+      your_turn();
+      const float stat = j < tiles ? fetch_stat(j) : 0.f;
+      wgmma_wait<0>();
+      touch(dk), touch(dv), touch(s), touch(dp), touch(dq);
+      if (j < tiles) stats[(j % 2) * 128 + x] = stat;
+      staging_read();
+      // both warpgroups are past tile j - 1's products (its stage may go) and tile j - 2's
+      // dQ, their dS^T of tile j - 1 is in shared memory, and tile j's statistics are in place
+      both_sync();
+      if (j >= 2) reduce_dq(j - 2, 1);
+      if (j <= tiles) {  // (the product and its wait in one branch: see NOTES, C7515)
+        release(j - 1);
+        wgmma_fence();
+        issue_dq(j - 1, 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        touch(dq);
+        staging_read();
+        wg_sync();
+        reduce_dq(j - 1, 0);
+        if (j < tiles) score_gradients(j);
+      }
+    }
+    if (wg == 0) my_turn();  // the last turn warpgroup 1 handed over
+  }
+  both_sync();  // the dQ products (which read both warpgroups' K) are done
+
+  // dK = scale * dS^T Q and dV = P^T dO, written over this warpgroup's K and V in the maps'
+  // swizzle (swizzled_offset), then stored by the TMA, which drops the rows past the source
+  const uint32_t dk_tile = smem0 + kKOffset + wg * kQTileBytes;
+  const uint32_t dv_tile = smem0 + kVOffset + wg * kQTileBytes;
+  write_key_gradients<T>(dk, dv, p.sm_scale, 1.f, dk_tile, dv_tile, warp, lane);
+  wg_sync();
+  if (x == 0) {
+    const int key = start + wg * 64;
+    for (int half = 0; half < 2; ++half) {
+      tma_store(&p.dk_map[src], dk_tile + half * (kQTileBytes / 2), 64 * half, h, key, b);
+      tma_store(&p.dv_map[src], dv_tile + half * (kQTileBytes / 2), 64 * half, h, key, b);
+    }
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // every store and reduction done
+  }
+#else
+  __trap();  // built without sm_90a: the host never launches this
+#endif
+}
+
+// dQ [B, n, H, 128] (contiguous) = scale * the fp32 buffer: one block of 128 threads per
+// (batch-head, query tile, column half), thread x reading the elements that thread x of the
+// warpgroup staged (see reduce_dq)
+template <typename T>
+__global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, T* dq, int heads, int n, int tiles_m,
+                                                            float scale) {
+  const int chunk = blockIdx.x, half = chunk % 2, tile = (chunk / 2) % tiles_m, bh = chunk / (2 * tiles_m);
+  const int b = bh / heads, h = bh % heads;
+  const int x = threadIdx.x, warp = x / 32, lane = x % 32;
+  const float4* src = reinterpret_cast<const float4*>(accum + int64_t(chunk) * kDqFloats);
+  const int row = 64 * tile + 16 * warp + lane / 4;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float4 v = src[128 * i + x];
+    const int col = 64 * half + 8 * i + 2 * (lane % 4);
+    T* at = dq + ((int64_t(b) * n + row) * heads + h) * kHeadDim + col;
+    if (row < n) *reinterpret_cast<uint32_t*>(at) = pack<T>(v.x * scale, v.y * scale);
+    if (row + 8 < n) *reinterpret_cast<uint32_t*>(at + 8 * int64_t(heads) * kHeadDim) = pack<T>(v.z * scale, v.w * scale);
+  }
+}
+
+}  // namespace ct_kernels::attention_sm90
+
+// ---- host ----------------------------------------------------------------------------------
+namespace {
+
+using namespace ct_kernels::attention_sm90;
+using namespace ct_kernels::sm90;
+
+constexpr const char* kOp = "attention_bwd_sm90";
+
+// a per-sample length tensor: contiguous int32 [B] on q's device
+void check_lens(const at::Tensor& lens, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(lens.scalar_type() == at::kInt && lens.device() == q.device() && lens.dim() == 1 &&
+                  lens.size(0) == q.size(0) && lens.is_contiguous(),
+              kOp, ": ", name, " must be a contiguous int32 tensor of shape [", ct_kernels::num(q.size(0)), "] on ",
+              q.device(), ", got ", lens.scalar_type(), " ", ct_kernels::shape(lens.sizes()), " on ", lens.device());
+}
+
+// Writes dq, dk, dv and the memories' gradients (contiguous, shaped like their inputs, q's
+// dtype) from the forward's lse ([B, H, n], log2 domain) and delta = rowsum(grad_out * out)
+// ([B, H, n] fp32). dq_accum: an fp32 workspace of B * H * ceil(n / 64) * 8192 elements.
+// Absent memories: None, with empty gradients.
+void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
+                        const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
+                        const at::Tensor& lse, const at::Tensor& delta, const std::optional<at::Tensor>& mem_lens,
+                        const std::optional<at::Tensor>& cmem_lens, bool causal, double scale, at::Tensor dq,
+                        at::Tensor dk, at::Tensor dv, at::Tensor dmem_k, at::Tensor dmem_v, at::Tensor dcmem_k,
+                        at::Tensor dcmem_v, at::Tensor dq_accum) {
+  check_q(kOp, q);
+  check_input(kOp, k, "k", q);
+  check_input(kOp, v, "v", q);
+  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
+  TORCH_CHECK(k.size(1) == n && v.size(1) == n, kOp, ": k and v must have q's ", ct_kernels::num(n), " rows, got ",
+              ct_kernels::shape(k.sizes()), " / ", ct_kernels::shape(v.sizes()));
+  check_input(kOp, grad_out, "grad_out", q);
+  TORCH_CHECK(grad_out.size(1) == n, kOp, ": grad_out must have q's shape ", ct_kernels::shape(q.sizes()),
+              ", got ", ct_kernels::shape(grad_out.sizes()));
+  check_exact(kOp, lse, "lse", {batch, heads, n}, at::kFloat, q);
+  check_exact(kOp, delta, "delta", {batch, heads, n}, at::kFloat, q);
+  check_exact(kOp, dq, "dq", q.sizes(), q.scalar_type(), q);
+  check_exact(kOp, dk, "dk", q.sizes(), q.scalar_type(), q);
+  check_exact(kOp, dv, "dv", q.sizes(), q.scalar_type(), q);
+  const int64_t tiles_m = (n + 63) / 64;
+  check_exact(kOp, dq_accum, "dq_accum", {batch * heads * tiles_m * 2 * kDqFloats}, at::kFloat, q);
+
+  // the sources in the kernel's order (cmem, mem, segment), their lengths and gradients
+  const std::optional<at::Tensor>* keys[2] = {&cmem_k, &mem_k};
+  const std::optional<at::Tensor>* values[2] = {&cmem_v, &mem_v};
+  const std::optional<at::Tensor>* lens[2] = {&cmem_lens, &mem_lens};
+  const char* names[2][3] = {{"cmem_k", "cmem_v", "cmem_lens"}, {"mem_k", "mem_v", "mem_lens"}};
+  at::Tensor* k_grads[2] = {&dcmem_k, &dmem_k};
+  at::Tensor* v_grads[2] = {&dcmem_v, &dmem_v};
+  const char* grad_names[2][2] = {{"dcmem_k", "dcmem_v"}, {"dmem_k", "dmem_v"}};
+  at::Tensor src_k[3], src_v[3], grad_k[3] = {dcmem_k, dmem_k, dk}, grad_v[3] = {dcmem_v, dmem_v, dv};
+  AttnBwdParams p{};
+  for (int s = 0; s < 2; ++s) {
+    TORCH_CHECK(keys[s]->has_value() == values[s]->has_value(), kOp, ": ", names[s][0], " and ", names[s][1],
+                " must be given together");
+    const int64_t rows = keys[s]->has_value() ? (*keys[s])->size(1) : 0;
+    if (rows > 0) {
+      check_input(kOp, **keys[s], names[s][0], q);
+      check_input(kOp, **values[s], names[s][1], q);
+      TORCH_CHECK((*values[s])->size(1) == rows, kOp, ": ", names[s][1], " must have as many rows as ", names[s][0]);
+      src_k[s] = rows_aligned(**keys[s]), src_v[s] = rows_aligned(**values[s]);
+    }
+    const int64_t grad_shape[4] = {batch, rows, heads, int64_t(kHeadDim)};
+    check_exact(kOp, *k_grads[s], grad_names[s][0], grad_shape, q.scalar_type(), q);
+    check_exact(kOp, *v_grads[s], grad_names[s][1], grad_shape, q.scalar_type(), q);
+    if (lens[s]->has_value()) {
+      check_lens(**lens[s], names[s][2], q);
+      p.lens[s] = (*lens[s])->data_ptr<int>();
+    }
+    p.size[s] = int(rows);
+  }
+  src_k[2] = rows_aligned(k), src_v[2] = rows_aligned(v);
+  p.size[2] = int(n);
+  int64_t key_blocks = 0;
+  for (int s = 0; s < 3; ++s) {
+    TORCH_CHECK(p.size[s] < (1 << 30), kOp, ": sizes out of range");
+    p.blocks[s] = (p.size[s] + 127) / 128;
+    key_blocks += p.blocks[s];
+  }
+  TORCH_CHECK(key_blocks * batch * heads < (int64_t(1) << 31) && tiles_m * batch * heads * 2 < (int64_t(1) << 31),
+              kOp, ": sizes out of range");
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  sm90_properties(kOp);
+
+  const at::Tensor q_rows = rows_aligned(q);
+  make_map(p.q_map, q_rows, 64);
+  const at::Tensor do_rows = rows_aligned(grad_out);
+  make_map(p.do_map, do_rows, 64);
+  for (int s = 0; s < 3; ++s) {
+    if (p.size[s] == 0) continue;
+    make_map(p.k_map[s], src_k[s], 64);
+    make_map(p.v_map[s], src_v[s], 64);
+    make_map(p.dk_map[s], grad_k[s], 64);
+    make_map(p.dv_map[s], grad_v[s], 64);
+  }
+  p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m), p.key_blocks = int(key_blocks);
+  p.causal = causal;
+  p.qk_scale = float(scale * 1.4426950408889634);
+  p.sm_scale = float(scale);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, dq_accum.numel() * sizeof(float), stream));
+  auto run = [&](auto type) {
+    using T = decltype(type);
+    auto kernel = attention_bwd_sm90_kernel<T>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    kernel<<<int(key_blocks * batch * heads), kThreads, kSmemBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dq_from_accum_kernel<T><<<int(batch * heads * tiles_m * 2), 128, 0, stream>>>(
+        p.dq_accum, reinterpret_cast<T*>(dq.data_ptr()), int(heads), int(n), int(tiles_m), float(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (q.scalar_type() == at::kHalf) {
+    run(__half{});
+  } else {
+    run(__nv_bfloat16{});
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
+  m.def(
+      "attention_bwd_sm90(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, "
+      "Tensor? cmem_k, Tensor? cmem_v, Tensor lse, Tensor delta, Tensor? mem_lens, Tensor? cmem_lens, bool causal, "
+      "float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dmem_k, Tensor(e!) dmem_v, "
+      "Tensor(f!) dcmem_k, Tensor(g!) dcmem_v, Tensor(h!) dq_accum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) { m.impl("attention_bwd_sm90", &attention_bwd_sm90); }
