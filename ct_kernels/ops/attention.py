@@ -21,6 +21,10 @@ Kernels (one program per (tile, batch*head)):
     and by distance, for
   - ``_bwd_dq_stored_kernel``: dQ, dr, dw from those stored gradients (no recompute); it
     replaces the dQ pass, and ``_bwd_delta_kernel`` computes delta before the dK/dV pass.
+On Hopper (sm_90) with float16/bfloat16 at head dim 128, without relative positions or key
+padding, the backward runs instead on ct_kernels._C's ``attention_bwd_sm90``
+(csrc/attention_bwd_sm90.cu): one pass over key blocks that also computes dQ, adding it into
+an fp32 buffer (``SM90_BACKWARD`` switches it off).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Any head dim up to 256 runs: the
 tiles' head-dim width BLOCK_D is HEAD_DIM padded to a power of two, and only where it pads do
