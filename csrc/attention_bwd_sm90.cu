@@ -54,9 +54,6 @@ constexpr int kCountOffset = kBarrierOffset + 8 * (1 + kStages);  // per stage: 
 constexpr int kSmemBytes = kCountOffset + 4 * kStages;
 static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
 
-// the three key sources, oldest first
-constexpr int kCmem = 0, kSegment = 2;  // mem is 1
-
 struct AttnBwdParams {
   CUtensorMap q_map, do_map;  // [B, n, H, 128], boxes of 64 rows x 64 columns
   CUtensorMap k_map[3], v_map[3];
@@ -82,7 +79,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   if (smem0 % 1024 != 0) __trap();
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
   const int bh = blockIdx.x / p.key_blocks, b = bh / p.heads, h = bh % p.heads;
-  // the block's source and its first key there
+  // the block's source (the three oldest first: cmem, mem, segment) and its first key there
+  constexpr int kCmem = 0, kSegment = 2;
   int src = kCmem, block = blockIdx.x % p.key_blocks;
   while (src < kSegment && block >= p.blocks[src]) block -= p.blocks[src++];
   const int start = block * 128, size = p.size[src];
