@@ -320,12 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   write_key_gradients<T>(dk, dv, p.sm_scale, 1.f, dk_tile, dv_tile, warp, lane);
   wg_sync();
   if (x == 0) {
-    const int key = start + wg * 64;
-    for (int half = 0; half < 2; ++half) {
-      tma_store(&p.dk_map[src], dk_tile + half * (kQTileBytes / 2), 64 * half, h, key, b);
-      tma_store(&p.dv_map[src], dv_tile + half * (kQTileBytes / 2), 64 * half, h, key, b);
-    }
-    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    store_key_gradients(&p.dk_map[src], &p.dv_map[src], dk_tile, dv_tile, h, start + wg * 64, b);
     asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // every store and reduction done
   }
 #else
@@ -473,11 +468,7 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
         p.dq_accum, reinterpret_cast<T*>(dq.data_ptr()), int(heads), int(n), int(tiles_m), float(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (q.scalar_type() == at::kHalf) {
-    run(__half{});
-  } else {
-    run(__nv_bfloat16{});
-  }
+  with_element_type(q, run);
 }
 
 }  // namespace

@@ -664,12 +664,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   write_key_gradients<T>(dk, dv, coef * p.sm_scale, coef, dk_tile, dv_tile, warp, lane);
   wg_sync();
   if (x == 0) {
-    const int key0 = key_tile * 128 + wg * 64;
-    for (int half = 0; half < 2; ++half) {
-      tma_store(&p.dk_map, dk_tile + half * (kQTileBytes / 2), 64 * half, h, key0, b);
-      tma_store(&p.dv_map, dv_tile + half * (kQTileBytes / 2), 64 * half, h, key0, b);
-    }
-    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    store_key_gradients(&p.dk_map, &p.dv_map, dk_tile, dv_tile, h, key_tile * 128 + wg * 64, b);
     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // shared memory read before the block exits
   }
 #else
@@ -781,11 +776,7 @@ at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, con
     C10_CUDA_CHECK(cudaLaunchKernelEx(&sum_launch, sum_partials_kernel<T>, static_cast<const float*>(p.partial), p.items,
                                       reinterpret_cast<T*>(loss.data_ptr())));
   };
-  if (q.scalar_type() == at::kHalf) {
-    run(__half{});
-  } else {
-    run(__nv_bfloat16{});
-  }
+  with_element_type(q, run);
   return loss;
 }
 
@@ -837,11 +828,7 @@ void recon_loss_bwd_sm90(const at::Tensor& grad_loss, const at::Tensor& q, const
     kernel<<<int(key_tiles * batch * heads), kBwdThreads, kBwdSmemBytes, at::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (q.scalar_type() == at::kHalf) {
-    run(__half{});
-  } else {
-    run(__nv_bfloat16{});
-  }
+  with_element_type(q, run);
 }
 
 }  // namespace

@@ -306,6 +306,17 @@ __device__ __forceinline__ void write_key_gradients(const float (&dk)[64], const
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
 }
 
+// The TMA stores of a warpgroup's dK and dV tiles (written by write_key_gradients) to rows
+// row.. of head h, batch b of the gradients' maps, as one bulk group of the calling thread
+__device__ __forceinline__ void store_key_gradients(const CUtensorMap* dk_map, const CUtensorMap* dv_map,
+                                                    uint32_t dk_tile, uint32_t dv_tile, int h, int row, int b) {
+  for (int half = 0; half < 2; ++half) {
+    tma_store(dk_map, dk_tile + half * (kQTileBytes / 2), 64 * half, h, row, b);
+    tma_store(dv_map, dv_tile + half * (kQTileBytes / 2), 64 * half, h, row, b);
+  }
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+
 // ---- host ----------------------------------------------------------------------------------
 
 inline void check_input(const char* op, const at::Tensor& t, const char* name, const at::Tensor& q) {
@@ -378,6 +389,16 @@ inline void make_map(CUtensorMap& map, const at::Tensor& t, int box_rows) {
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(result == CUDA_SUCCESS, "ct_kernels: cuTensorMapEncodeTiled failed with error ",
               ct_kernels::num(int64_t(result)), " for a tensor of shape ", ct_kernels::shape(t.sizes()));
+}
+
+// run(T{}) with T the CUDA type of q's dtype (float16 or bfloat16, as check_q requires)
+template <typename Run>
+void with_element_type(const at::Tensor& q, Run&& run) {
+  if (q.scalar_type() == at::kHalf) {
+    run(__half{});
+  } else {
+    run(__nv_bfloat16{});
+  }
 }
 
 // t: a contiguous tensor of exactly this shape and dtype on q's device
