@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   const bool mask_keys = start < valid_lo || start + 128 > size;
 
   const uint32_t kv_bar = smem0 + kBarrierOffset;
-  auto full = [&](int stage) { return kv_bar + 8 + 8 * stage; };
+  auto full = [&](int stage) { return stage_full(kv_bar, stage); };
   int* releases = reinterpret_cast<int*>(smem_raw + kCountOffset);
   // this warpgroup's lse (64) and delta (64) of a query tile, double-buffered
   float* stats = reinterpret_cast<float*>(smem_raw + kStatsOffset) + wg * 256;
@@ -108,21 +108,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     tma_load_tile(smem0 + kDoOffset + stage * kQTileBytes, kQTileBytes / 2, &p.do_map, h, row, b, full(stage));
   };
   if (threadIdx.x == 0) {
-    barrier_init(kv_bar, 1);
-    for (int stage = 0; stage < kStages; ++stage) {
-      barrier_init(full(stage), 1);
-      releases[stage] = 0;
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    init_key_block_barriers(kv_bar, kStages, releases);
     // K and V of both warpgroups, then the first query tiles (none for a block that no
     // query sees: it only stores zeros)
-    if (tiles > 0) {
-      barrier_expect(kv_bar, 4 * kQTileBytes);
-      for (int g = 0; g < 2; ++g) {
-        tma_load_tile(smem0 + kKOffset + g * kQTileBytes, kQTileBytes / 2, &p.k_map[src], h, start + 64 * g, b, kv_bar);
-        tma_load_tile(smem0 + kVOffset + g * kQTileBytes, kQTileBytes / 2, &p.v_map[src], h, start + 64 * g, b, kv_bar);
-      }
-    }
+    if (tiles > 0) load_key_block(smem0 + kKOffset, smem0 + kVOffset, &p.k_map[src], &p.v_map[src], h, start, b, kv_bar);
     for (int j = 0; j < tiles && j < kStages; ++j) load_query_tile(j);
   }
   __syncthreads();  // barriers and counters initialised
@@ -135,16 +124,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
 #pragma unroll
   for (int i = 0; i < 64; ++i) dk[i] = dv[i] = 0.f;
 
-  // descriptors: K, V, Q and dO as K-major operands of the score products (rows of the head
-  // dim); Q and dO as MN-major B operands of dK and dV (rows of queries: +2048 bytes per 16
-  // queries, the two column halves a box apart). dQ: dS (stored as dS^T, rows of keys) and K
-  // (rows of keys, this warpgroup's column half) as MN-major operands.
-  const uint64_t k_desc = descriptor(smem0 + kKOffset + wg * kQTileBytes, 0, 1024);
-  const uint64_t v_desc = descriptor(smem0 + kVOffset + wg * kQTileBytes, 0, 1024);
-  const uint64_t q_desc = descriptor(smem0 + kQOffset, 0, 1024);
-  const uint64_t do_desc = descriptor(smem0 + kDoOffset, 0, 1024);
-  const uint64_t q_mn_desc = descriptor(smem0 + kQOffset, kQTileBytes / 2, 1024);
-  const uint64_t do_mn_desc = descriptor(smem0 + kDoOffset, kQTileBytes / 2, 1024);
+  // descriptors of this warpgroup's operands; for dQ, dS (stored as dS^T, rows of keys) and K
+  // (rows of keys, this warpgroup's column half) as MN-major operands
+  const KeyMajorOperands op = key_major_operands(smem0 + kKOffset, smem0 + kVOffset, smem0 + kQOffset, smem0 + kDoOffset, wg);
   const uint64_t ds_desc = descriptor(smem0 + kDsOffset, kDsBytes, 1024);
   const uint64_t ds_k_desc = descriptor(smem0 + kDsOffset, 0, 1024);  // dS^T as K-major A of dK
   const uint64_t k_half_desc = descriptor(smem0 + kKOffset + wg * (kQTileBytes / 2), kQTileBytes / 2, 1024);
@@ -154,16 +136,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     const int stage = j % kStages;
     barrier_wait(full(stage), (j / kStages) & 1);
     const uint32_t at = stage * kQTileBytes >> 4;
-    key_major_scores<T>(s, dp, k_desc, v_desc, q_desc + at, do_desc + at);
+    key_major_scores<T>(s, dp, op.k, op.v, op.q + at, op.dout + at);
   };
   // dV += P^T dO and dK += dS^T Q of query tile j (k-step kk: queries 16kk..16kk+15; P^T from
   // registers, dS^T from its shared-memory buffer)
   auto issue_gradients = [&](int j) {
     const uint32_t at = (j % kStages) * kQTileBytes >> 4;
     const uint32_t ds_at = ((j % 2) * 2 + wg) * kDsBytes >> 4;
-    key_major_gradient<T>(dv, pk, do_mn_desc + at);
+    key_major_gradient<T>(dv, pk, op.dout_mn + at);
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) Mma<T>::gradients(dk, ds_k_desc + ds_at + (kk * 32 >> 4), q_mn_desc + at + (kk * 2048 >> 4));
+    for (int kk = 0; kk < 4; ++kk) Mma<T>::gradients(dk, ds_k_desc + ds_at + (kk * 32 >> 4), op.q_mn + at + (kk * 2048 >> 4));
   };
   // quarter `part` of dQ of tile j (this warpgroup's column half, its 32 columns 32 part..):
   // dS_j [64 queries, 128 keys] K [128 keys, those columns] (k-step kk: keys 16kk..16kk+15,
@@ -184,10 +166,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     return row < p.n ? (x < 64 ? p.lse : p.delta)[int64_t(bh) * p.n + row] : 0.f;
   };
   auto wg_sync = [&]() { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
-  // The warpgroups take turns issuing their products (named barrier 3 + w: warpgroup w's
-  // turn), so that one's elementwise work runs while the tensor cores do the other's.
-  auto my_turn = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); };
-  auto your_turn = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); };
+  auto my_turn = [&]() { take_turn(wg); };  // the warpgroups take turns issuing (take_turn)
+  auto your_turn = [&]() { pass_turn(wg); };
   auto both_sync = [&]() { asm volatile("bar.sync 5, 256;\n" ::: "memory"); };
   // the keys of this thread's two accumulator rows (S^T rows are keys)
   const int key0 = start + 64 * wg + 16 * warp + lane / 4;
@@ -252,12 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     if (x == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
   };
   // both warpgroups are done with tile j's stage: the second to say so refills it
-  auto release = [&](int j) {
-    if (x == 0) {
-      const int stage = j % kStages;
-      if (atomicAdd(&releases[stage], 1) % 2 == 1 && j + kStages < tiles) load_query_tile(j + kStages);
-    }
-  };
+  auto release = [&](int j) { release_stage(releases, j, kStages, tiles, x, load_query_tile); };
 
   if (tiles > 0) {
     // tile 0's statistics load while K, V and Q arrive

@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   const int key_tile = blockIdx.x % p.key_tiles, bh = blockIdx.x / p.key_tiles;
   const int b = bh / p.heads, h = bh % p.heads;
   const uint32_t kv_bar = smem0 + kBwdBarrierOffset;
-  auto full = [&](int stage) { return kv_bar + 8 + 8 * stage; };
+  auto full = [&](int stage) { return stage_full(kv_bar, stage); };
   int* releases = reinterpret_cast<int*>(smem_raw + kBwdCountOffset);
   // this warpgroup's lse (64) and delta (64) of a query tile, double-buffered
   float* stats = reinterpret_cast<float*>(smem_raw + kBwdStatsOffset) + wg * 256;
@@ -536,19 +536,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
                   full(stage));
   };
   if (threadIdx.x == 0) {
-    barrier_init(kv_bar, 1);
-    for (int stage = 0; stage < kBwdStages; ++stage) {
-      barrier_init(full(stage), 1);
-      releases[stage] = 0;
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    init_key_block_barriers(kv_bar, kBwdStages, releases);
     // K and V of both warpgroups, then the first query tiles
-    barrier_expect(kv_bar, 4 * kQTileBytes);
-    for (int g = 0; g < 2; ++g) {
-      const int key0 = key_tile * 128 + 64 * g;
-      tma_load_tile(smem0 + kBwdKOffset + g * kQTileBytes, kQTileBytes / 2, &p.k_map, h, key0, b, kv_bar);
-      tma_load_tile(smem0 + kBwdVOffset + g * kQTileBytes, kQTileBytes / 2, &p.v_map, h, key0, b, kv_bar);
-    }
+    load_key_block(smem0 + kBwdKOffset, smem0 + kBwdVOffset, &p.k_map, &p.v_map, h, key_tile * 128, b, kv_bar);
     for (int j = 0; j < tiles && j < kBwdStages; ++j) load_query_tile(j);
   }
   __syncthreads();  // barriers and counters initialised
@@ -560,28 +550,22 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 #pragma unroll
   for (int i = 0; i < 64; ++i) dk[i] = dv[i] = 0.f;
 
-  // descriptors: K, V, Q and diff as K-major operands of the score products (rows of the
-  // head dim); Q and diff as MN-major B operands of dK and dV (rows of queries: +2048 bytes
-  // per 16 queries, the two column halves a box apart)
-  const uint64_t k_desc = descriptor(smem0 + kBwdKOffset + wg * kQTileBytes, 0, 1024);
-  const uint64_t v_desc = descriptor(smem0 + kBwdVOffset + wg * kQTileBytes, 0, 1024);
-  const uint64_t q_desc = descriptor(smem0 + kBwdQOffset, 0, 1024);
-  const uint64_t diff_desc = descriptor(smem0 + kBwdDiffOffset, 0, 1024);
-  const uint64_t q_mn_desc = descriptor(smem0 + kBwdQOffset, kQTileBytes / 2, 1024);
-  const uint64_t diff_mn_desc = descriptor(smem0 + kBwdDiffOffset, kQTileBytes / 2, 1024);
+  // descriptors of this warpgroup's operands (diff in the place of dO)
+  const KeyMajorOperands op =
+      key_major_operands(smem0 + kBwdKOffset, smem0 + kBwdVOffset, smem0 + kBwdQOffset, smem0 + kBwdDiffOffset, wg);
 
   // S^T and dP^T of query tile j, once its stage has arrived
   auto issue_scores = [&](int j) {
     const int stage = j % kBwdStages;
     barrier_wait(full(stage), (j / kBwdStages) & 1);
     const uint32_t at = stage * kQTileBytes >> 4;
-    key_major_scores<T>(s, dp, k_desc, v_desc, q_desc + at, diff_desc + at);
+    key_major_scores<T>(s, dp, op.k, op.v, op.q + at, op.dout + at);
   };
   // dV += P^T diff and dK += dS^T Q of query tile j
   auto issue_gradients = [&](int j) {
     const uint32_t at = (j % kBwdStages) * kQTileBytes >> 4;
-    key_major_gradient<T>(dv, pk, diff_mn_desc + at);
-    key_major_gradient<T>(dk, dsk, q_mn_desc + at);
+    key_major_gradient<T>(dv, pk, op.dout_mn + at);
+    key_major_gradient<T>(dk, dsk, op.q_mn + at);
   };
   // lse (threads 0-63 of the warpgroup) or delta (64-127) of one row of query tile j, zero
   // past n; fetched before a wait, written to the tile's buffer after it
@@ -590,11 +574,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     return row < p.n ? (x < 64 ? p.lse : p.delta)[int64_t(bh) * p.n + row] : 0.f;
   };
   auto wg_sync = [&]() { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
-  // The warpgroups take turns issuing their products (named barrier 3 + w: warpgroup w's
-  // turn), so that one's elementwise work runs while the tensor cores do the other's
-  // products instead of both waiting for products issued at the same time.
-  auto my_turn = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); };
-  auto your_turn = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); };
+  auto my_turn = [&]() { take_turn(wg); };  // the warpgroups take turns issuing (take_turn)
+  auto your_turn = [&]() { pass_turn(wg); };
   // P^T and dS^T of tile j from S^T, dP^T and the tile's statistics, packed as A operands
   auto score_gradients = [&](int j) {
     const float* lse = stats + (j % 2) * 128;
@@ -615,12 +596,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     }
   };
   // both warpgroups are done with tile j's stage: the second to say so refills it
-  auto release = [&](int j) {
-    if (x == 0) {
-      const int stage = j % kBwdStages;
-      if (atomicAdd(&releases[stage], 1) % 2 == 1 && j + kBwdStages < tiles) load_query_tile(j + kBwdStages);
-    }
-  };
+  auto release = [&](int j) { release_stage(releases, j, kBwdStages, tiles, x, load_query_tile); };
 
   // the loss's gradient and tile 0's statistics load while K, V and Q arrive
   const float g = to_float(*p.grad_loss);

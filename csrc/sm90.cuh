@@ -257,6 +257,63 @@ __device__ __forceinline__ void pack_operand(const float (&acc)[N], uint32_t (&a
 
 // ---- key-major backward pieces (dK and dV of 64 keys per warpgroup) ----------------------
 
+// Shared memory of a block of two warpgroups of 64 keys each: its K and V tiles (key_offset,
+// value_offset: [64, 128] per warpgroup), a ring of Q and dO (or diff) tiles (query_offset,
+// dout_offset: one [64, 128] tile per stage) and their mbarriers: kv_bar for K and V, then
+// one per stage (full) at kv_bar + 8 + 8 stage, with a counter of releases per stage.
+__device__ __forceinline__ uint32_t stage_full(uint32_t kv_bar, int stage) { return kv_bar + 8 + 8 * stage; }
+
+// (one thread) the barriers and release counters of a block's ring of `stages` stages
+__device__ __forceinline__ void init_key_block_barriers(uint32_t kv_bar, int stages, int* releases) {
+  barrier_init(kv_bar, 1);
+  for (int stage = 0; stage < stages; ++stage) {
+    barrier_init(stage_full(kv_bar, stage), 1);
+    releases[stage] = 0;
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// (one thread) K and V of both warpgroups: rows key0.. of head h, batch b
+__device__ __forceinline__ void load_key_block(uint32_t k_tiles, uint32_t v_tiles, const CUtensorMap* k_map,
+                                               const CUtensorMap* v_map, int h, int key0, int b, uint32_t kv_bar) {
+  barrier_expect(kv_bar, 4 * kQTileBytes);
+  for (int g = 0; g < 2; ++g) {
+    tma_load_tile(k_tiles + g * kQTileBytes, kQTileBytes / 2, k_map, h, key0 + 64 * g, b, kv_bar);
+    tma_load_tile(v_tiles + g * kQTileBytes, kQTileBytes / 2, v_map, h, key0 + 64 * g, b, kv_bar);
+  }
+}
+
+// Both warpgroups are done with query tile j's ring stage: the second to say so (thread 0 of
+// its warpgroup, x == 0) refills the stage with tile j + stages by load(j + stages).
+template <typename Load>
+__device__ __forceinline__ void release_stage(int* releases, int j, int stages, int tiles, int x, Load&& load) {
+  if (x == 0) {
+    const int stage = j % stages;
+    if (atomicAdd(&releases[stage], 1) % 2 == 1 && j + stages < tiles) load(j + stages);
+  }
+}
+
+// The two warpgroups take turns issuing their products (named barrier 3 + w: warpgroup w's
+// turn), so that one's elementwise work runs while the tensor cores do the other's products.
+__device__ __forceinline__ void take_turn(int wg) { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); }
+__device__ __forceinline__ void pass_turn(int wg) { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); }
+
+// Descriptors of warpgroup wg's operands: K, V, Q and dO as K-major operands of the score
+// products (rows of the head dim; Q and dO at the ring's stage 0); Q and dO as MN-major B
+// operands of dK and dV (rows of queries: +2048 bytes per 16 queries, the two column halves a
+// box apart)
+struct KeyMajorOperands {
+  uint64_t k, v, q, dout, q_mn, dout_mn;
+};
+__device__ __forceinline__ KeyMajorOperands key_major_operands(uint32_t k_tiles, uint32_t v_tiles, uint32_t q_ring,
+                                                               uint32_t dout_ring, int wg) {
+  return {descriptor(k_tiles + wg * kQTileBytes, 0, 1024), descriptor(v_tiles + wg * kQTileBytes, 0, 1024),
+          descriptor(q_ring, 0, 1024),
+          descriptor(dout_ring, 0, 1024),
+          descriptor(q_ring, kQTileBytes / 2, 1024),
+          descriptor(dout_ring, kQTileBytes / 2, 1024)};
+}
+
 // S^T = K Q^T and dP^T = V dO^T of a [64 keys, 64 queries] tile, over the head dim: K, V, Q
 // and dO as K-major [64, 128] tiles (descriptors at their starts)
 template <typename T>

@@ -52,6 +52,12 @@ def _cuda_extension_loaded() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)  # asked at every dispatch
+def extension_has(*ops: str) -> bool:
+    """Whether ct_kernels._C loaded and registered every one of these torch.ops.ct_kernels ops."""
+    return _cuda_extension_loaded() and all(hasattr(torch.ops.ct_kernels, op) for op in ops)
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple:
     return torch.cuda.get_device_capability(device_index)

@@ -988,9 +988,8 @@ SM90_HEAD_DIM = 128
 SM90_DQ_TILE = 64 * 128
 
 
-@functools.lru_cache(maxsize=None)
 def _sm90_backward_loaded() -> bool:
-    return dispatch._cuda_extension_loaded() and hasattr(torch.ops.ct_kernels, "attention_bwd_sm90")
+    return dispatch.extension_has("attention_bwd_sm90")
 
 
 if _sm90_backward_loaded():

@@ -40,7 +40,6 @@ be interpreted as an integer".
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -366,10 +365,8 @@ SM90_CONFIGS = ((64, 64, 3), (128, 64, 3), (128, 128, 2))
 SM90_CONFIG = SM90_CONFIGS[0]
 
 
-@functools.lru_cache(maxsize=None)  # asked at every dispatch
 def _sm90_op_loaded() -> bool:
-    return dispatch._cuda_extension_loaded() and all(
-        hasattr(torch.ops.ct_kernels, op) for op in ("recon_loss_fwd_sm90", "recon_loss_bwd_sm90"))
+    return dispatch.extension_has("recon_loss_fwd_sm90", "recon_loss_bwd_sm90")
 
 
 if _sm90_op_loaded():
