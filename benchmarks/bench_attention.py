@@ -10,8 +10,7 @@ Rows (benchmarks/results/attention.csv):
       ct_triton_stored is ct_triton with store_score_grads=True (its backward keeps the
       [B, H, n, L] score gradients instead of recomputing the scores).
   ct_triton runs the Triton kernels only; ct_cuda (attention on Hopper) is what the package
-  runs there by default: the Triton forward and the sm_90 backward of
-  csrc/attention_bwd_sm90.cu.
+  runs there by default: the sm_90 forward and backward of csrc/attention_sm90.cu.
 Modes fwd (no grad) and fwd+bwd (gradients for q, k, v, both memories and r, u, v).
 FLOPs = 4 B H D (n (m + cm) + n (n + 1) / 2), x3.5 for fwd+bwd (QK and PV only).
 Peers get the concatenated K/V: the torch.cat is part of their time, as for a user.
@@ -47,17 +46,18 @@ GRAPH_PROVIDERS = ("ct_triton", "ct_cuda", "ct_triton_stored", "sdpa_flash", "fl
 
 
 @contextlib.contextmanager
-def triton_backward():
-    """The Triton backward even where the sm_90 one applies (provider ct_triton)."""
-    saved, attention.SM90_BACKWARD = attention.SM90_BACKWARD, False
+def triton_only():
+    """The Triton passes even where the sm_90 kernels apply (provider ct_triton)."""
+    saved = attention.SM90_FORWARD, attention.SM90_BACKWARD
+    attention.SM90_FORWARD = attention.SM90_BACKWARD = False
     try:
         yield
     finally:
-        attention.SM90_BACKWARD = saved
+        attention.SM90_FORWARD, attention.SM90_BACKWARD = saved
 
 
-def sm90_backward_available():
-    return attention._sm90_backward_loaded() and dispatch.on_sm90()
+def sm90_available():
+    return attention._sm90_loaded() and dispatch.on_sm90()
 
 
 def attention_flops(B, H, n, m, cm, D):
@@ -110,8 +110,8 @@ def providers(args, rel_pos, device):
             return flex(q.transpose(1, 2), keys, values, block_mask=block_mask).transpose(1, 2)
 
         fns.update(sdpa_flash=sdpa_flash, flex=flex_masked)
-        if D == attention.SM90_HEAD_DIM and sm90_backward_available():
-            fns["ct_cuda"] = fns["ct_triton"]  # the same call, outside triton_backward()
+        if D == attention.SM90_HEAD_DIM and sm90_available():
+            fns["ct_cuda"] = fns["ct_triton"]  # the same call, outside triton_only()
         return fns
 
     r, u, v_bias = args["rel_pos"]
@@ -154,10 +154,10 @@ def cases(shapes, dtype, device, rel_pos):
         grad = torch.randn_like(args["q"])
         flops = attention_flops(*shape)
         for provider, fwd in providers(args, rel_pos, device).items():
-            context = triton_backward if provider == "ct_triton" else contextlib.nullcontext
+            context = triton_only if provider == "ct_triton" else contextlib.nullcontext
 
-            def forward(fwd=fwd):
-                with torch.no_grad():
+            def forward(fwd=fwd, context=context):
+                with torch.no_grad(), context():
                     return fwd()
 
             def forward_backward(fwd=fwd, context=context):  # gradients returned, not in .grad

@@ -341,25 +341,30 @@ __device__ __forceinline__ void key_major_gradient(float (&acc)[64], const uint3
   }
 }
 
-// dK * k_coef and dV * v_coef in the input type over a warpgroup's [64, 128] tiles at dk_tile
-// and dv_tile, in the TMA maps' swizzle (swizzled_offset), for a TMA store
+// acc * coef in the input type over a warpgroup's [64, 128] tile at `tile`, in the TMA maps'
+// swizzle (swizzled_offset); the caller fences before a TMA store reads it
 template <typename T>
-__device__ __forceinline__ void write_key_gradients(const float (&dk)[64], const float (&dv)[64], float k_coef,
-                                                    float v_coef, uint32_t dk_tile, uint32_t dv_tile, int warp,
-                                                    int lane) {
+__device__ __forceinline__ void write_tile(const float (&acc)[64], float coef, uint32_t tile, int warp, int lane) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int tile_row = warp * 16 + lane / 4 + 8 * r;
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) {
       const int i = 4 * jj + 2 * r;
-      const uint32_t at = swizzled_offset(tile_row, jj, lane);
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dk_tile + at), "r"(pack<T>(dk[i] * k_coef, dk[i + 1] * k_coef))
-                   : "memory");
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dv_tile + at), "r"(pack<T>(dv[i] * v_coef, dv[i + 1] * v_coef))
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + swizzled_offset(tile_row, jj, lane)),
+                   "r"(pack<T>(acc[i] * coef, acc[i + 1] * coef))
                    : "memory");
     }
   }
+}
+
+// dK * k_coef and dV * v_coef over a warpgroup's tiles at dk_tile and dv_tile, for a TMA store
+template <typename T>
+__device__ __forceinline__ void write_key_gradients(const float (&dk)[64], const float (&dv)[64], float k_coef,
+                                                    float v_coef, uint32_t dk_tile, uint32_t dv_tile, int warp,
+                                                    int lane) {
+  write_tile<T>(dk, k_coef, dk_tile, warp, lane);
+  write_tile<T>(dv, v_coef, dv_tile, warp, lane);
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
 }
 

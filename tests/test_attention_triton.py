@@ -270,28 +270,28 @@ def test_gpu_float32():
     check(args)
 
 
-# ----------------------------------------------------------------------------- sm_90 backward
-def _sm90_backward_reason():
+# ----------------------------------------------------------------------------- sm_90 kernels
+def _sm90_reason():
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
-    if not attention._sm90_backward_loaded():
-        return "ct_kernels._C was built without attention_bwd_sm90"
+    if not attention._sm90_loaded():
+        return "ct_kernels._C was built without attention_fwd_sm90 / attention_bwd_sm90"
     if not dispatch.on_sm90():
         return "needs a Hopper GPU (compute capability 9.0)"
     return None
 
 
-SM90 = pytest.mark.skipif(_sm90_backward_reason() is not None,
-                          reason=f"sm_90 backward: {_sm90_backward_reason()}")
+SM90 = pytest.mark.skipif(_sm90_reason() is not None, reason=f"sm_90 kernels: {_sm90_reason()}")
 
 
 @pytest.fixture
-def sm90_backward_only(monkeypatch):
-    """The Triton backward passes fail if called: a test passes through the sm_90 kernel only."""
-    def triton_backward(*_args, **_kwargs):
-        raise AssertionError("the Triton backward ran")
-    monkeypatch.setattr(attention, "_launch_dq", triton_backward)
-    monkeypatch.setattr(attention, "_launch_dkdv", triton_backward)
+def sm90_only(monkeypatch):
+    """The Triton forward and backward passes fail if called: a test passes through the sm_90
+    kernels only."""
+    def triton_pass(*_args, **_kwargs):
+        raise AssertionError("a Triton attention pass ran")
+    for name in ("_launch_fwd", "_launch_dq", "_launch_dkdv"):
+        monkeypatch.setattr(attention, name, triton_pass)
 
 
 @SM90
@@ -303,9 +303,9 @@ def sm90_backward_only(monkeypatch):
     (200, 0, 129, torch.bfloat16, False, False), (64, 1, 0, torch.bfloat16, True, True),
     (130, 300, 0, torch.float16, False, True),
 ])
-def test_sm90_backward_matches_reference(sm90_backward_only, n, m, cm, dtype, partial, causal):
+def test_sm90_matches_reference(sm90_only, n, m, cm, dtype, partial, causal):
     # one query; partial query tiles; memories empty, partial (lens 0 and full included),
-    # shorter than a key block and spanning several; causal and not
+    # shorter than a key tile and spanning several; causal and not
     g = torch.Generator().manual_seed(n + 3 * m + 7 * cm)
     args = testing.random_attention_inputs(2, n, 3, 128, m, cm, dtype=dtype, device="cuda",
                                            generator=g, partial=partial)
@@ -313,7 +313,17 @@ def test_sm90_backward_matches_reference(sm90_backward_only, n, m, cm, dtype, pa
 
 
 @SM90
-def test_sm90_backward_strided_and_unaligned_inputs(sm90_backward_only):
+@pytest.mark.parametrize("n,m,cm", [(1, 0, 40), (239, 113, 256)])
+def test_sm90_forward_key_usage(sm90_only, n, m, cm):
+    # the key usage (a Triton pass) from the sm_90 forward's LSE
+    g = torch.Generator().manual_seed(n + m)
+    args = testing.random_attention_inputs(2, n, 2, 128, m, cm, dtype=torch.bfloat16,
+                                           device="cuda", generator=g, partial=True)
+    check(args, grads=False, usage=True)
+
+
+@SM90
+def test_sm90_strided_and_unaligned_inputs(sm90_only):
     # k/v from one fused projection, memories stored [B, H, S, D] and transposed, q starting
     # one element into its buffer (not 16-byte aligned: the op copies it)
     g = torch.Generator().manual_seed(21)
@@ -327,6 +337,34 @@ def test_sm90_backward_strided_and_unaligned_inputs(sm90_backward_only):
                 cmem_k=cmem[0], cmem_v=cmem[1], mem_lens=torch.tensor([3, 70], device="cuda"))
     assert q.data_ptr() % 16 != 0 and not args["mem_k"].is_contiguous()
     check(args, scale=0.07)
+
+
+@SM90
+def test_sm90_forward_op_names_bad_arguments():
+    B, n, H, D, cm = 2, 70, 2, 128, 40
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, n, H, D, **bf16)
+    cmem = torch.randn(B, cm, H, D, **bf16)
+
+    def call(**change):
+        args = dict(q=q, k=q, v=q, mem_k=None, mem_v=None, cmem_k=cmem, cmem_v=cmem,
+                    mem_lens=None, cmem_lens=torch.tensor([0, 40], dtype=torch.int32, device="cuda"),
+                    causal=True, scale=0.1, out=torch.empty_like(q),
+                    lse=torch.empty(B, H, n, device="cuda"))
+        args.update(change)
+        torch.ops.ct_kernels.attention_fwd_sm90(*args.values())
+
+    call()  # the arguments as given work
+    for change, message in (
+            (dict(q=q.half()), "k must be a Half tensor"),
+            (dict(v=q[:, :, :, :64]), "v must be \\[B, S, H, 128\\]"),
+            (dict(cmem_v=None), "cmem_k and cmem_v must be given together"),
+            (dict(cmem_lens=torch.tensor([3, 4], device="cuda")), "cmem_lens must be a contiguous int32"),
+            (dict(out=torch.empty(B, n + 1, H, D, **bf16)), "out must be a contiguous"),
+            (dict(lse=torch.empty(B, H, n, device="cuda", dtype=torch.float64)), "lse must be a contiguous"),
+            (dict(q=q.cpu()), "q must be a CUDA tensor")):
+        with pytest.raises(RuntimeError, match=message):
+            call(**change)
 
 
 @SM90

@@ -22,9 +22,10 @@ Kernels (one program per (tile, batch*head)):
   - ``_bwd_dq_stored_kernel``: dQ, dr, dw from those stored gradients (no recompute); it
     replaces the dQ pass, and ``_bwd_delta_kernel`` computes delta before the dK/dV pass.
 On Hopper (sm_90) with float16/bfloat16 at head dim 128, without relative positions or key
-padding, the backward runs instead on ct_kernels._C's ``attention_bwd_sm90``
-(csrc/attention_bwd_sm90.cu): one pass over key blocks that also computes dQ, adding it into
-an fp32 buffer (``SM90_BACKWARD`` switches it off).
+padding, the forward and the backward run instead on ct_kernels._C's ``attention_fwd_sm90``
+and ``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward is one pass over key blocks
+that also computes dQ, adding it into an fp32 buffer; ``SM90_FORWARD`` and ``SM90_BACKWARD``
+switch them off).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Any head dim up to 256 runs: the
 tiles' head-dim width BLOCK_D is HEAD_DIM padded to a power of two, and only where it pads do
@@ -908,6 +909,42 @@ def _launch_fwd(c, out, lse):
         *c.sizes, c.scale * LOG2E), meta)
 
 
+# The Hopper kernels (csrc/attention_sm90.cu): a forward, and a backward that computes dQ, dK
+# and dV in one pass over key blocks, dQ added into an fp32 buffer of SM90_DQ_TILE elements per
+# 64-query tile and batch-head. They run where they apply (below) unless SM90_FORWARD /
+# SM90_BACKWARD is False (the benchmarks compare them with the Triton passes that way).
+SM90_FORWARD = True
+SM90_BACKWARD = True
+SM90_HEAD_DIM = 128
+SM90_DQ_TILE = 64 * 128
+
+
+def _sm90_loaded() -> bool:
+    return dispatch.extension_has("attention_fwd_sm90", "attention_bwd_sm90")
+
+
+if _sm90_loaded():
+    @torch.library.register_fake("ct_kernels::attention_fwd_sm90")
+    def _attention_fwd_sm90_fake(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
+                                 causal, scale, out, lse):
+        return None  # it writes out and lse
+
+    @torch.library.register_fake("ct_kernels::attention_bwd_sm90")
+    def _attention_bwd_sm90_fake(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, lse, delta,
+                                 mem_lens, cmem_lens, causal, scale, dq, dk, dv, dmem_k, dmem_v,
+                                 dcmem_k, dcmem_v, dq_accum):
+        return None  # it writes the gradients
+
+
+def _sm90_applies(c, switch: bool) -> bool:
+    """Whether the call runs on a Hopper kernel (switch: SM90_FORWARD or SM90_BACKWARD):
+    float16/bfloat16 CUDA inputs at head dim 128 on an sm_90 GPU, without relative positions
+    or key padding."""
+    return (switch and c.q.is_cuda and c.dtype in (torch.float16, torch.bfloat16)
+            and c.D == SM90_HEAD_DIM and not c.flags["REL_POS"] and not c.flags["HAS_PAD"]
+            and _sm90_loaded() and dispatch.on_sm90())
+
+
 def _forward(*inputs):
     """(out, lse) of the inputs of ``attention_fwd``."""
     return _forward_call(_Call(*inputs))
@@ -916,7 +953,11 @@ def _forward(*inputs):
 def _forward_call(c):
     out = _empty((c.B, c.n, c.H, c.D), c.dtype, c.q.device)
     lse = _empty((c.B, c.H, c.n), torch.float32, c.q.device)
-    _launch_fwd(c, out, lse)
+    if _sm90_applies(c, SM90_FORWARD):
+        torch.ops.ct_kernels.attention_fwd_sm90(c.q, *c.sources[:2], *c.memories, *c.lengths,
+                                                c.flags["CAUSAL"], c.scale, out, lse)
+    else:
+        _launch_fwd(c, out, lse)
     return out, lse
 
 
@@ -979,35 +1020,6 @@ def _launch_dq_stored(c, score_grads, dq, rel_grads):
         *c.source_strides[12:15], *c.r_strides, *c.score_grad_columns, *c.sizes), flags)
 
 
-# The Hopper backward (csrc/attention_bwd_sm90.cu): dQ, dK, dV in one pass over key blocks,
-# dQ added into an fp32 buffer of SM90_DQ_TILE elements per 64-query tile and batch-head.
-# It runs where it applies (below) unless SM90_BACKWARD is False (the benchmarks compare the
-# two backwards that way).
-SM90_BACKWARD = True
-SM90_HEAD_DIM = 128
-SM90_DQ_TILE = 64 * 128
-
-
-def _sm90_backward_loaded() -> bool:
-    return dispatch.extension_has("attention_bwd_sm90")
-
-
-if _sm90_backward_loaded():
-    @torch.library.register_fake("ct_kernels::attention_bwd_sm90")
-    def _attention_bwd_sm90_fake(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, lse, delta,
-                                 mem_lens, cmem_lens, causal, scale, dq, dk, dv, dmem_k, dmem_v,
-                                 dcmem_k, dcmem_v, dq_accum):
-        return None  # it writes the gradients
-
-
-def _sm90_backward_applies(c) -> bool:
-    """Whether the call's backward runs on the Hopper kernel: float16/bfloat16 CUDA inputs at
-    head dim 128 on an sm_90 GPU, without relative positions or key padding."""
-    return (SM90_BACKWARD and c.q.is_cuda and c.dtype in (torch.float16, torch.bfloat16)
-            and c.D == SM90_HEAD_DIM and not c.flags["REL_POS"] and not c.flags["HAS_PAD"]
-            and _sm90_backward_loaded() and dispatch.on_sm90())
-
-
 def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
               key_padding_mask, r, u, v_bias, causal, scale, store_score_grads):
     c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
@@ -1027,7 +1039,7 @@ def _backward_call(c, grad_out, out, lse):
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
     grads = (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck), grad_ptr(dcv))
     if not c.flags["REL_POS"]:
-        if _sm90_backward_applies(c):
+        if _sm90_applies(c, SM90_BACKWARD):
             _launch_delta(c, out, grad_out, delta)
             dq_accum = torch.empty(B * H * cdiv(n, 64) * SM90_DQ_TILE, dtype=torch.float32,
                                    device=device)

@@ -1,0 +1,824 @@
+// Compressive attention for Hopper (sm_90a), float16 and bfloat16 at head dim 128, without
+// relative positions or key padding: the forward, and the backward (dQ, dK, dV) from the
+// forward's output and log2-domain LSE (the same LSE as the Triton forward's,
+// ct_kernels/ops/attention.py).
+//
+// Forward: one block per (128 queries, batch, head), two warpgroups of 64 queries each, whose
+// Q and fp32 O stay put while the 128-key tiles of the three sources stream past (oldest
+// first: cmem, mem, segment; the tiles before a memory's first valid slot are skipped, and
+// with causal the segment's tiles after the block's last query). K and V of each tile come
+// through rings of fwd::kStages stages that both warpgroups read; the warpgroup that
+// releases a stage second refills it (K once the scores are done, V once P V is). Per key
+// tile j, in each warpgroup:
+//   S_j = Q K_j^T and O += P_{j-1} V_{j-1}            (issued together, P from registers)
+//   P_j = exp2(S_j * scale * log2(e) - row max)       (online softmax, log2 domain, while
+//                                                      the second product runs)
+//   O *= exp2(old max - new max)                      (once that product is done)
+// The two warpgroups take turns issuing their products, so that one's softmax runs while the
+// tensor cores do the other's. At the end O / row sum goes out through the TMA and the LSE
+// (row max + log2(row sum)) per row.
+//
+// Backward: one block per (128 keys of one source, batch, head): two warpgroups of 64 keys
+// each, whose K, V and fp32 dK, dV stay put while the 64-query tiles that see them stream
+// past. Q and dO of each tile come through a ring of bwd::kStages stages that both
+// warpgroups read; the warpgroup that releases a stage second refills it (one thread issues
+// the TMA copies, no producer warpgroup). Per query tile j, in each warpgroup (the loop is
+// rotated as in the reconstruction loss's backward, csrc/recon_loss_sm90.cu):
+//   dV += P_{j-1}^T dO_{j-1}, dK += dS_{j-1}^T Q_{j-1}    (P from registers, dS from
+//                                                          shared memory)
+//   S_j^T = K Q_j^T, dP_j^T = V dO_j^T                     (issued with them, one wait)
+//   dQ_{j-1} = dS_{j-1} K: both warpgroups' dS^T wait in shared memory; each warpgroup
+//     multiplies all 128 keys into half the head dim, 32 columns at a time (one quarter
+//     with the next tile's products above), and adds the fp32 result into a global buffer
+//     by bulk reductions of the TMA (cp.reduce.async.bulk)
+//   P_j^T = exp2(S_j^T * scale * log2(e) - lse_j), dS_j^T = P_j^T (dP_j^T - delta_j)
+// So dQ costs one product per tile instead of a second pass that recomputes S and dP.
+// Masks, in both: keys outside the valid part of their memory (mem_lens, cmem_lens) or past the
+// source's end, and, with causal, segment keys after the query (the diagonal tiles only).
+// Query rows past n and keys past the source's end arrive as zeros from the TMA (lse and
+// delta of rows past n as zeros too), and the TMA does not store the rows past the ends.
+// A second kernel turns the fp32 buffer into dQ times the softmax scale.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include "sm90.cuh"
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace ct_kernels::attention_sm90 {
+
+using namespace ct_kernels::sm90;
+
+// ---- forward -------------------------------------------------------------------------------
+namespace fwd {
+
+constexpr int kStages = 3;
+constexpr int kThreads = 256;                                  // two warpgroups
+constexpr int kKeyTile = 128;                                  // keys per tile
+constexpr int kKvTileBytes = kKeyTile * kHeadDim * 2;          // [128, 128], two 64-column boxes
+constexpr int kQOffset = 0;                                    // Q of each warpgroup, then its output
+constexpr int kKOffset = kQOffset + 2 * kQTileBytes;           // the ring: K per stage
+constexpr int kVOffset = kKOffset + kStages * kKvTileBytes;    // V per stage
+constexpr int kBarrierOffset = kVOffset + kStages * kKvTileBytes;  // Q, then K and V full per stage
+constexpr int kCountOffset = kBarrierOffset + 8 * (1 + 2 * kStages);  // per stage: releases of K, of V
+constexpr int kSmemBytes = kCountOffset + 4 * 2 * kStages;
+static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+
+struct AttnFwdParams {
+  CUtensorMap q_map, out_map;        // [B, n, H, 128], boxes of 64 rows x 64 columns
+  CUtensorMap k_map[3], v_map[3];    // boxes of 128 rows x 64 columns
+  int size[3];                       // keys per source
+  const int* lens[2];                // valid (newest) slots of cmem and mem per sample, or null
+  int heads, n, tiles_m;             // tiles_m: 128-query tiles
+  int causal;
+  float qk_scale;                    // softmax scale * log2(e)
+  float* lse;                        // [B, H, n], log2 domain
+};
+
+// The key tiles a query tile visits, oldest first: tiles first_c.. of cmem (count_c), first_m..
+// of mem (count_m), then 0.. of the segment (count_s); the tiles before a memory's first
+// valid slot are skipped
+struct KeyTiles {
+  int first_c, count_c, first_m, count_m, count_s;
+  __device__ __forceinline__ int total() const { return count_c + count_m + count_s; }
+  // source (0 cmem, 1 mem, 2 segment) and first key of tile j
+  __device__ __forceinline__ void locate(int j, int& src, int& key0) const {
+    if (j < count_c) {
+      src = 0, key0 = (first_c + j) * kKeyTile;
+    } else if (j < count_c + count_m) {
+      src = 1, key0 = (first_m + j - count_c) * kKeyTile;
+    } else {
+      src = 2, key0 = (j - count_c - count_m) * kKeyTile;
+    }
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t smem0 = smem_addr(smem_raw);
+  if (smem0 % 1024 != 0) __trap();
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
+  // the query tiles of a batch-head are neighbours (they share its keys in L2), the longest
+  // (the last, causal) first
+  const int bh = blockIdx.x / p.tiles_m, b = bh / p.heads, h = bh % p.heads;
+  const int tile_m = p.tiles_m - 1 - blockIdx.x % p.tiles_m;
+  const int query0 = tile_m * 128 + 64 * wg;  // this warpgroup's first query
+
+  // the memories' valid slots [valid_lo, size) and the key tiles that hold them
+  int valid_lo[2];
+  KeyTiles tiles;
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int size = p.size[s];
+    valid_lo[s] = p.lens[s] == nullptr ? 0 : max(size - p.lens[s][b], 0);
+    const int first = valid_lo[s] / kKeyTile;
+    const int count = valid_lo[s] < size ? (size + kKeyTile - 1) / kKeyTile - first : 0;
+    (s == 0 ? tiles.first_c : tiles.first_m) = first;
+    (s == 0 ? tiles.count_c : tiles.count_m) = count;
+  }
+  tiles.count_s = p.causal ? tile_m + 1 : p.tiles_m;  // segment key tile t holds keys 128 t..
+  const int num_tiles = tiles.total();
+
+  const uint32_t q_bar = smem0 + kBarrierOffset;
+  auto k_full = [&](int stage) { return q_bar + 8 + 8 * stage; };
+  auto v_full = [&](int stage) { return q_bar + 8 + 8 * (kStages + stage); };
+  int* k_releases = reinterpret_cast<int*>(smem_raw + kCountOffset);
+  int* v_releases = k_releases + kStages;
+  // K (V) of key tile j into its ring stage
+  auto load_keys = [&](int j) {
+    int src, key0;
+    tiles.locate(j, src, key0);
+    const int stage = j % kStages;
+    barrier_expect(k_full(stage), kKvTileBytes);
+    tma_load_tile(smem0 + kKOffset + stage * kKvTileBytes, kKvTileBytes / 2, &p.k_map[src], h, key0, b, k_full(stage));
+  };
+  auto load_values = [&](int j) {
+    int src, key0;
+    tiles.locate(j, src, key0);
+    const int stage = j % kStages;
+    barrier_expect(v_full(stage), kKvTileBytes);
+    tma_load_tile(smem0 + kVOffset + stage * kKvTileBytes, kKvTileBytes / 2, &p.v_map[src], h, key0, b, v_full(stage));
+  };
+  if (threadIdx.x == 0) {
+    barrier_init(q_bar, 1);
+    for (int stage = 0; stage < kStages; ++stage) {
+      barrier_init(k_full(stage), 1), barrier_init(v_full(stage), 1);
+      k_releases[stage] = v_releases[stage] = 0;
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    barrier_expect(q_bar, 2 * kQTileBytes);
+    for (int g = 0; g < 2; ++g) {
+      tma_load_tile(smem0 + kQOffset + g * kQTileBytes, kQTileBytes / 2, &p.q_map, h, tile_m * 128 + 64 * g, b, q_bar);
+    }
+    for (int j = 0; j < num_tiles && j < kStages; ++j) load_keys(j), load_values(j);
+  }
+  __syncthreads();  // barriers and counters initialised
+
+  float o[64];      // output [64 queries, 128] fp32, unnormalised
+  float s[64];      // scores [64 queries, 128 keys], then probabilities
+  uint32_t pk[32];  // probabilities as packed pairs (A operand of O += P V)
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, of this thread's two rows
+  float row_sum[2] = {0.f, 0.f};              // this thread's part of each row's sum
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+
+  // descriptors: Q and K as K-major operands of the scores (rows of the head dim), V as the
+  // MN-major B operand of O += P V (rows of keys: +2048 bytes per 16 keys, the column halves a
+  // box apart)
+  const uint64_t q_desc = descriptor(smem0 + kQOffset + wg * kQTileBytes, 0, 1024);
+  const uint64_t k_desc = descriptor(smem0 + kKOffset, 0, 1024);
+  const uint64_t v_desc = descriptor(smem0 + kVOffset, kKvTileBytes / 2, 1024);
+  // S = Q K_j^T, once K of tile j has arrived
+  auto issue_scores = [&](int j) {
+    const int stage = j % kStages;
+    barrier_wait(k_full(stage), (j / kStages) & 1);
+    const uint32_t at = stage * kKvTileBytes >> 4;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      Mma<T>::scores(s, q_desc + k_step(kk, kQTileBytes / 2), k_desc + at + k_step(kk, kKvTileBytes / 2), kk);
+    }
+  };
+  // V of tile j has arrived (waited for apart from K, see the loop)
+  auto wait_values = [&](int j) { barrier_wait(v_full(j % kStages), (j / kStages) & 1); };
+  // O += P_j V_j (k-step kk: keys 16 kk..16 kk + 15)
+  auto issue_values = [&](int j) {
+    const uint32_t at = (j % kStages) * kKvTileBytes >> 4;
+#pragma unroll
+    for (int kk = 0; kk < kKeyTile / 16; ++kk) {
+      const uint32_t step[4] = {pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
+      Mma<T>::values(o, step, v_desc + at + (kk * 2048 >> 4));
+    }
+  };
+  // this thread's rows (accumulator layout, sm90.cuh): 16 warp + lane / 4 and 8 below
+  const int row0 = query0 + 16 * warp + lane / 4;
+  // P_j = exp2(S_j * scale * log2(e) - row max) with the running maxima and sums updated;
+  // masked keys (outside their memory's valid slots, past the source's end, after the query
+  // in the causal segment: only on the tiles that hold such keys) score -inf. Returns the
+  // factors that rescale the rows of O.
+  auto softmax = [&](int j, float (&alpha)[2]) {
+    int src, key0;
+    tiles.locate(j, src, key0);
+    const int size = src == 0 ? p.size[0] : src == 1 ? p.size[1] : p.n;
+    const int lo = src == 0 ? valid_lo[0] : src == 1 ? valid_lo[1] : 0;
+    const bool diagonal = p.causal && src == 2 && key0 + kKeyTile - 1 > query0;
+    if (key0 < lo || key0 + kKeyTile > size || diagonal) {
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + 8 * jj + 2 * (lane % 4) + (e & 1), query = row0 + 8 * (e / 2);
+          if (key < lo || key >= size || (diagonal && key > query)) s[4 * jj + e] = -INFINITY;
+        }
+      }
+    }
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], s[i]);
+    float neg_max[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]) * p.qk_scale);
+      const float subtract = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet
+      alpha[r] = exp2f(row_max[r] - subtract);
+      row_max[r] = new_max;
+      neg_max[r] = -subtract;
+    }
+    float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      s[i] = exp2f(fmaf(s[i], p.qk_scale, neg_max[(i / 2) % 2]));
+      tile_sum[(i / 2) % 2] += s[i];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = fmaf(row_sum[r], alpha[r], tile_sum[r]);
+  };
+  auto rescale = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
+  };
+  auto my_turn = [&]() { take_turn(wg); };  // the warpgroups take turns issuing (take_turn)
+  auto your_turn = [&]() { pass_turn(wg); };
+  // both warpgroups are done with K (V) of tile j: the second to say so refills its stage, K
+  // as soon as the scores are done, a tile before V
+  auto release_keys = [&](int j) { release_stage(k_releases, j, kStages, num_tiles, x, load_keys); };
+  auto release_values = [&](int j) { release_stage(v_releases, j, kStages, num_tiles, x, load_values); };
+
+  barrier_wait(q_bar, 0);
+  if (wg == 1) your_turn();  // the first turn is warpgroup 0's
+  float alpha[2];
+  my_turn();
+  wgmma_fence();
+  issue_scores(0);
+  wgmma_commit();
+  your_turn();
+  wgmma_wait<0>();
+  touch(s);
+  release_keys(0);
+  softmax(0, alpha);
+  pack_operand<T>(s, pk);
+  wait_values(0);
+  // Iteration j: S_j and O += P_{j-1} V_{j-1} in flight together; the softmax of S_j runs
+  // while the second product finishes, then O is rescaled and P_j packed.
+  for (int j = 1; j < num_tiles; ++j) {
+    my_turn();
+    wgmma_fence();
+    issue_scores(j);
+    wgmma_commit();
+    issue_values(j - 1);
+    wgmma_commit();
+    your_turn();
+    wgmma_wait<1>();
+    touch(s);
+    release_keys(j);
+    softmax(j, alpha);
+    // V of tile j, for the next iteration. Waiting for it here also ends a basic block between
+    // the softmax and the wait below, which ptxas would otherwise hoist above the softmax
+    // (the whole product's latency then exposed), as in the reconstruction loss's forward.
+    wait_values(j);
+    wgmma_wait<0>();
+    touch(o);
+    release_values(j - 1);
+    rescale(alpha);
+    pack_operand<T>(s, pk);
+  }
+  my_turn();
+  wgmma_fence();
+  issue_values(num_tiles - 1);
+  wgmma_commit();
+  your_turn();
+  wgmma_wait<0>();
+  touch(o);
+  if (wg == 0) my_turn();  // the last turn warpgroup 1 handed over
+
+  // epilogue: O / row sum over this warpgroup's Q tile (its last reader, the scores of the
+  // last tile, is done), stored by the TMA (rows past n are dropped); the LSE of each row
+  float inv_sum[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(row_sum[r]);  // > 0: every row sees a key (no padding here)
+    inv_sum[r] = 1.f / sum;
+    const int row = row0 + 8 * r;
+    if (lane % 4 == 0 && row < p.n) p.lse[int64_t(bh) * p.n + row] = row_max[r] + log2f(sum);
+  }
+  rescale(inv_sum);
+  const uint32_t out_tile = smem0 + kQOffset + wg * kQTileBytes;
+  write_tile<T>(o, 1.f, out_tile, warp, lane);
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+  if (x == 0) {
+    for (int half = 0; half < 2; ++half) {
+      tma_store(&p.out_map, out_tile + half * (kQTileBytes / 2), 64 * half, h, query0, b);
+    }
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the tile read before the block ends
+  }
+#else
+  __trap();  // built without sm_90a: the host never launches this
+#endif
+}
+
+}  // namespace fwd
+
+// ---- backward ------------------------------------------------------------------------------
+namespace bwd {
+
+constexpr int kStages = 3;
+constexpr int kThreads = 256;                           // two warpgroups
+constexpr int kDsBytes = 64 * 64 * 2;                   // a warpgroup's dS^T [64 keys, 64 queries]
+constexpr int kDqBytes = 64 * 64 * 4;                   // a warpgroup's fp32 half of dQ [64, 64]
+constexpr int kDqFloats = kDqBytes / 4;
+constexpr int kKOffset = 0;                             // K of each warpgroup, 16 KiB
+constexpr int kVOffset = kKOffset + 2 * kQTileBytes;    // V of each warpgroup
+constexpr int kQOffset = kVOffset + 2 * kQTileBytes;    // the ring: Q per stage
+constexpr int kDoOffset = kQOffset + kStages * kQTileBytes;  // dO per stage
+constexpr int kDsOffset = kDoOffset + kStages * kQTileBytes;  // dS^T: 2 tiles x 2 warpgroups
+constexpr int kDqOffset = kDsOffset + 4 * kDsBytes;     // dQ staging per warpgroup
+constexpr int kStatsOffset = kDqOffset + 2 * kDqBytes;  // per warpgroup [2][128] fp32
+constexpr int kBarrierOffset = kStatsOffset + 2 * 2 * 128 * 4;  // K/V full, then per stage full
+constexpr int kCountOffset = kBarrierOffset + 8 * (1 + kStages);  // per stage: releases so far
+constexpr int kSmemBytes = kCountOffset + 4 * kStages;
+static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+
+struct AttnBwdParams {
+  CUtensorMap q_map, do_map;  // [B, n, H, 128], boxes of 64 rows x 64 columns
+  CUtensorMap k_map[3], v_map[3];
+  CUtensorMap dk_map[3], dv_map[3];  // the gradients, contiguous like their sources
+  int size[3];                // keys per source
+  int blocks[3];              // 128-key blocks per source
+  const int* lens[2];         // valid (newest) slots of cmem and mem per sample, or null
+  int heads, n, tiles_m;      // tiles_m: 64-query tiles
+  int key_blocks;             // blocks[0] + blocks[1] + blocks[2]
+  int causal;
+  float qk_scale;             // softmax scale * log2(e)
+  float sm_scale;
+  const float* lse;           // [B, H, n], log2 domain
+  const float* delta;         // [B, H, n], rowsum(dO * O)
+  float* dq_accum;            // [B * H, tiles_m, 2, kDqFloats], zeroed
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ AttnBwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t smem0 = smem_addr(smem_raw);
+  if (smem0 % 1024 != 0) __trap();
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
+  const int bh = blockIdx.x / p.key_blocks, b = bh / p.heads, h = bh % p.heads;
+  // the block's source (the three oldest first: cmem, mem, segment) and its first key there
+  constexpr int kCmem = 0, kSegment = 2;
+  int src = kCmem, block = blockIdx.x % p.key_blocks;
+  while (src < kSegment && block >= p.blocks[src]) block -= p.blocks[src++];
+  const int start = block * 128, size = p.size[src];
+  const int* lens = src == kSegment ? nullptr : p.lens[src];
+  const int valid_lo = lens == nullptr ? 0 : max(size - lens[b], 0);
+  // memory keys are seen by every query, segment key s by queries i >= s (causal); a block
+  // without a valid key sees no query (its gradients are zero)
+  const bool segment = src == kSegment;
+  int q_lo = p.causal && segment ? start / 64 : 0;
+  if (start + 128 <= valid_lo) q_lo = p.tiles_m;
+  const int tiles = p.tiles_m - q_lo;
+  const bool mask_keys = start < valid_lo || start + 128 > size;
+
+  const uint32_t kv_bar = smem0 + kBarrierOffset;
+  auto full = [&](int stage) { return stage_full(kv_bar, stage); };
+  int* releases = reinterpret_cast<int*>(smem_raw + kCountOffset);
+  // this warpgroup's lse (64) and delta (64) of a query tile, double-buffered
+  float* stats = reinterpret_cast<float*>(smem_raw + kStatsOffset) + wg * 256;
+
+  // Q and dO of the block's query tile j into its ring stage
+  auto load_query_tile = [&](int j) {
+    const int stage = j % kStages, row = 64 * (q_lo + j);
+    barrier_expect(full(stage), 2 * kQTileBytes);
+    tma_load_tile(smem0 + kQOffset + stage * kQTileBytes, kQTileBytes / 2, &p.q_map, h, row, b, full(stage));
+    tma_load_tile(smem0 + kDoOffset + stage * kQTileBytes, kQTileBytes / 2, &p.do_map, h, row, b, full(stage));
+  };
+  if (threadIdx.x == 0) {
+    init_key_block_barriers(kv_bar, kStages, releases);
+    // K and V of both warpgroups, then the first query tiles (none for a block that no
+    // query sees: it only stores zeros)
+    if (tiles > 0) load_key_block(smem0 + kKOffset, smem0 + kVOffset, &p.k_map[src], &p.v_map[src], h, start, b, kv_bar);
+    for (int j = 0; j < tiles && j < kStages; ++j) load_query_tile(j);
+  }
+  __syncthreads();  // barriers and counters initialised
+
+  float dk[64], dv[64];      // [64 keys, 128] fp32 accumulators
+  float s[32];               // S^T of a tile [64 keys, 64 queries], then P^T
+  float dp[32];              // dP^T, then dS^T
+  float dq[16];              // a quarter of dQ of a tile [64 queries, 32]
+  uint32_t pk[16];           // P^T as packed pairs (A operand)
+#pragma unroll
+  for (int i = 0; i < 64; ++i) dk[i] = dv[i] = 0.f;
+
+  // descriptors of this warpgroup's operands; for dQ, dS (stored as dS^T, rows of keys) and K
+  // (rows of keys, this warpgroup's column half) as MN-major operands
+  const KeyMajorOperands op = key_major_operands(smem0 + kKOffset, smem0 + kVOffset, smem0 + kQOffset, smem0 + kDoOffset, wg);
+  const uint64_t ds_desc = descriptor(smem0 + kDsOffset, kDsBytes, 1024);
+  const uint64_t ds_k_desc = descriptor(smem0 + kDsOffset, 0, 1024);  // dS^T as K-major A of dK
+  const uint64_t k_half_desc = descriptor(smem0 + kKOffset + wg * (kQTileBytes / 2), kQTileBytes / 2, 1024);
+
+  // S^T and dP^T of query tile j, once its stage has arrived
+  auto issue_scores = [&](int j) {
+    const int stage = j % kStages;
+    barrier_wait(full(stage), (j / kStages) & 1);
+    const uint32_t at = stage * kQTileBytes >> 4;
+    key_major_scores<T>(s, dp, op.k, op.v, op.q + at, op.dout + at);
+  };
+  // dV += P^T dO and dK += dS^T Q of query tile j (k-step kk: queries 16kk..16kk+15; P^T from
+  // registers, dS^T from its shared-memory buffer)
+  auto issue_gradients = [&](int j) {
+    const uint32_t at = (j % kStages) * kQTileBytes >> 4;
+    const uint32_t ds_at = ((j % 2) * 2 + wg) * kDsBytes >> 4;
+    key_major_gradient<T>(dv, pk, op.dout_mn + at);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) Mma<T>::gradients(dk, ds_k_desc + ds_at + (kk * 32 >> 4), op.q_mn + at + (kk * 2048 >> 4));
+  };
+  // quarter `part` of dQ of tile j (this warpgroup's column half, its 32 columns 32 part..):
+  // dS_j [64 queries, 128 keys] K [128 keys, those columns] (k-step kk: keys 16kk..16kk+15,
+  // of warpgroup kk / 4). Two products of 32 columns keep the accumulator at 16 registers.
+  auto issue_dq = [&](int j, int part) {
+    const uint32_t at = (j % 2) * 2 * kDsBytes;
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint32_t row = (kk % 4) * 2048;
+      Mma<T>::mn_major(dq, ds_desc + ((at + (kk / 4) * kDsBytes + row) >> 4),
+                       k_half_desc + (((kk / 4) * kQTileBytes + row + part * 64) >> 4), kk);
+    }
+  };
+  // lse (threads 0-63 of the warpgroup) or delta (64-127) of one row of query tile j, zero
+  // past n; fetched before a wait, written to the tile's buffer after it
+  auto fetch_stat = [&](int j) {
+    const int row = 64 * (q_lo + j) + x % 64;
+    return row < p.n ? (x < 64 ? p.lse : p.delta)[int64_t(bh) * p.n + row] : 0.f;
+  };
+  auto wg_sync = [&]() { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
+  auto my_turn = [&]() { take_turn(wg); };  // the warpgroups take turns issuing (take_turn)
+  auto your_turn = [&]() { pass_turn(wg); };
+  auto both_sync = [&]() { asm volatile("bar.sync 5, 256;\n" ::: "memory"); };
+  // the keys of this thread's two accumulator rows (S^T rows are keys)
+  const int key0 = start + 64 * wg + 16 * warp + lane / 4;
+  // P^T and dS^T of tile j from S^T, dP^T and the tile's statistics: P^T packed as an A
+  // operand, dS^T into the tile's shared-memory buffer for dK and dQ (rows of keys, the
+  // maps' swizzle)
+  auto score_gradients = [&](int j) {
+    const float* lse = stats + (j % 2) * 128;
+    const float* delta = lse + 64;
+    const int query0 = 64 * (q_lo + j);
+    // causal: some segment key of this warpgroup comes after some query of the tile
+    const bool diagonal = p.causal && segment && start + 64 * wg + 63 > query0;
+    const bool masked = mask_keys || diagonal;
+    const uint32_t ds_tile = smem0 + kDsOffset + ((j % 2) * 2 + wg) * kDsBytes;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+      const int col = 8 * jj + 2 * (lane % 4);  // the query columns of this thread
+      const float2 l2 = *reinterpret_cast<const float2*>(lse + col);
+      const float2 d2 = *reinterpret_cast<const float2*>(delta + col);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float& prob = s[4 * jj + e];
+        prob = exp2f(fmaf(prob, p.qk_scale, -((e & 1) ? l2.y : l2.x)));
+        if (masked) {
+          const int key = key0 + 8 * (e / 2), query = query0 + col + (e & 1);
+          if (key < valid_lo || key >= size || (diagonal && key > query)) prob = 0.f;
+        }
+        dp[4 * jj + e] = prob * (dp[4 * jj + e] - ((e & 1) ? d2.y : d2.x));
+      }
+      pack_chunk<T>(s, pk, jj);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_tile + swizzled_offset(warp * 16 + lane / 4 + 8 * r, jj, lane)),
+                     "r"(pack<T>(dp[4 * jj + 2 * r], dp[4 * jj + 2 * r + 1]))
+                     : "memory");
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the products
+  };
+  // A quarter of dQ of tile j into its half of this warpgroup's staging buffer in the
+  // accumulator's order (thread x's elements 4i..4i+3 at float4 128 (4 part + i) + x: one
+  // store instruction of a warp fills 512 consecutive bytes), then added into the global
+  // buffer by the TMA. The caller has made sure that the previous reduction from that half
+  // has read it (cp.async.bulk.wait_group.read 1 by thread 0, then a barrier).
+  float4* dq_staging = reinterpret_cast<float4*>(smem_raw + kDqOffset + wg * kDqBytes);
+  auto reduce_dq = [&](int j, int part) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      dq_staging[128 * (4 * part + i) + x] = make_float4(dq[4 * i], dq[4 * i + 1], dq[4 * i + 2], dq[4 * i + 3]);
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
+    wg_sync();
+    if (x == 0) {
+      const int64_t chunk = (int64_t(bh) * p.tiles_m + q_lo + j) * 2 + wg;
+      bulk_reduce_add(p.dq_accum + chunk * kDqFloats + part * (kDqFloats / 2),
+                      smem0 + kDqOffset + wg * kDqBytes + part * (kDqBytes / 2), kDqBytes / 2);
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    }
+  };
+  // the reduction issued two before has read its staging half
+  auto staging_read = [&]() {
+    if (x == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
+  };
+  // both warpgroups are done with tile j's stage: the second to say so refills it
+  auto release = [&](int j) { release_stage(releases, j, kStages, tiles, x, load_query_tile); };
+
+  if (tiles > 0) {
+    // tile 0's statistics load while K, V and Q arrive
+    stats[x] = fetch_stat(0);
+    barrier_wait(kv_bar, 0);
+    if (wg == 1) your_turn();  // the first turn is warpgroup 0's
+    my_turn();
+    wgmma_fence();
+    issue_scores(0);
+    wgmma_commit();
+    your_turn();
+    wg_sync();  // tile 0's statistics are in place
+    wgmma_wait<0>();
+    touch(s), touch(dp);
+    score_gradients(0);
+    // Iteration j: the gradient products of tile j - 1, the second quarter of dQ of tile
+    // j - 2 and the score products of tile j in flight together (the statistics of tile j
+    // load meanwhile); then the first quarter of dQ of tile j - 1, and the scores of tile j
+    // become P and dS. (With that quarter in flight during the last step, or two quarters'
+    // accumulators alive at once, ptxas runs out of registers: it serialises the products,
+    // C7515, or spills, and either costs more than the product's latency.)
+    for (int j = 1; j <= tiles + 1; ++j) {
+      my_turn();
+      wgmma_fence();
+      if (j <= tiles) issue_gradients(j - 1);
+      if (j >= 2) issue_dq(j - 2, 1);
+      if (j < tiles) issue_scores(j);
+      wgmma_commit();
+      your_turn();
+      const float stat = j < tiles ? fetch_stat(j) : 0.f;
+      wgmma_wait<0>();
+      touch(dk), touch(dv), touch(s), touch(dp), touch(dq);
+      if (j < tiles) stats[(j % 2) * 128 + x] = stat;
+      staging_read();
+      // both warpgroups are past tile j - 1's products (its stage may go) and tile j - 2's
+      // dQ, their dS^T of tile j - 1 is in shared memory, and tile j's statistics are in place
+      both_sync();
+      if (j >= 2) reduce_dq(j - 2, 1);
+      if (j <= tiles) {  // (the product and its wait in one branch: see NOTES, C7515)
+        release(j - 1);
+        wgmma_fence();
+        issue_dq(j - 1, 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        touch(dq);
+        staging_read();
+        wg_sync();
+        reduce_dq(j - 1, 0);
+        if (j < tiles) score_gradients(j);
+      }
+    }
+    if (wg == 0) my_turn();  // the last turn warpgroup 1 handed over
+  }
+  both_sync();  // the dQ products (which read both warpgroups' K) are done
+
+  // dK = scale * dS^T Q and dV = P^T dO, written over this warpgroup's K and V in the maps'
+  // swizzle (swizzled_offset), then stored by the TMA, which drops the rows past the source
+  const uint32_t dk_tile = smem0 + kKOffset + wg * kQTileBytes;
+  const uint32_t dv_tile = smem0 + kVOffset + wg * kQTileBytes;
+  write_key_gradients<T>(dk, dv, p.sm_scale, 1.f, dk_tile, dv_tile, warp, lane);
+  wg_sync();
+  if (x == 0) {
+    store_key_gradients(&p.dk_map[src], &p.dv_map[src], dk_tile, dv_tile, h, start + wg * 64, b);
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // every store and reduction done
+  }
+#else
+  __trap();  // built without sm_90a: the host never launches this
+#endif
+}
+
+// dQ [B, n, H, 128] (contiguous) = scale * the fp32 buffer: one block of 128 threads per
+// (batch-head, query tile, column half), thread x reading the elements that thread x of the
+// warpgroup staged (see reduce_dq)
+template <typename T>
+__global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, T* dq, int heads, int n, int tiles_m,
+                                                            float scale) {
+  const int chunk = blockIdx.x, half = chunk % 2, tile = (chunk / 2) % tiles_m, bh = chunk / (2 * tiles_m);
+  const int b = bh / heads, h = bh % heads;
+  const int x = threadIdx.x, warp = x / 32, lane = x % 32;
+  const float4* src = reinterpret_cast<const float4*>(accum + int64_t(chunk) * kDqFloats);
+  const int row = 64 * tile + 16 * warp + lane / 4;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float4 v = src[128 * i + x];
+    const int col = 64 * half + 8 * i + 2 * (lane % 4);
+    T* at = dq + ((int64_t(b) * n + row) * heads + h) * kHeadDim + col;
+    if (row < n) *reinterpret_cast<uint32_t*>(at) = pack<T>(v.x * scale, v.y * scale);
+    if (row + 8 < n) *reinterpret_cast<uint32_t*>(at + 8 * int64_t(heads) * kHeadDim) = pack<T>(v.z * scale, v.w * scale);
+  }
+}
+
+}  // namespace bwd
+
+}  // namespace ct_kernels::attention_sm90
+
+// ---- host ----------------------------------------------------------------------------------
+namespace {
+
+using namespace ct_kernels::attention_sm90;
+using namespace ct_kernels::sm90;
+
+constexpr const char* kFwdOp = "attention_fwd_sm90";
+constexpr const char* kBwdOp = "attention_bwd_sm90";
+
+// The key sources in the kernels' order (cmem, mem, segment), checked: keys and values as the
+// TMA can read them (rows_aligned), their lengths and the memories' per-sample valid slots
+// (null where not given). Absent memories (None) have no rows.
+struct KeySources {
+  at::Tensor k[3], v[3];
+  int size[3] = {0, 0, 0};
+  const int* lens[2] = {nullptr, nullptr};
+};
+
+// a per-sample length tensor: contiguous int32 [B] on q's device
+void check_lens(const char* op, const at::Tensor& lens, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(lens.scalar_type() == at::kInt && lens.device() == q.device() && lens.dim() == 1 &&
+                  lens.size(0) == q.size(0) && lens.is_contiguous(),
+              op, ": ", name, " must be a contiguous int32 tensor of shape [", ct_kernels::num(q.size(0)), "] on ",
+              q.device(), ", got ", lens.scalar_type(), " ", ct_kernels::shape(lens.sizes()), " on ", lens.device());
+}
+
+KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
+                       const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
+                       const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens) {
+  check_q(op, q);
+  check_input(op, k, "k", q);
+  check_input(op, v, "v", q);
+  const int64_t n = q.size(1);
+  TORCH_CHECK(k.size(1) == n && v.size(1) == n, op, ": k and v must have q's ", ct_kernels::num(n), " rows, got ",
+              ct_kernels::shape(k.sizes()), " / ", ct_kernels::shape(v.sizes()));
+  const std::optional<at::Tensor>* keys[2] = {&cmem_k, &mem_k};
+  const std::optional<at::Tensor>* values[2] = {&cmem_v, &mem_v};
+  const std::optional<at::Tensor>* lens[2] = {&cmem_lens, &mem_lens};
+  const char* names[2][3] = {{"cmem_k", "cmem_v", "cmem_lens"}, {"mem_k", "mem_v", "mem_lens"}};
+  KeySources sources;
+  for (int s = 0; s < 2; ++s) {
+    TORCH_CHECK(keys[s]->has_value() == values[s]->has_value(), op, ": ", names[s][0], " and ", names[s][1],
+                " must be given together");
+    const int64_t rows = keys[s]->has_value() ? (*keys[s])->size(1) : 0;
+    if (rows > 0) {
+      check_input(op, **keys[s], names[s][0], q);
+      check_input(op, **values[s], names[s][1], q);
+      TORCH_CHECK((*values[s])->size(1) == rows, op, ": ", names[s][1], " must have as many rows as ", names[s][0]);
+      sources.k[s] = rows_aligned(**keys[s]), sources.v[s] = rows_aligned(**values[s]);
+    }
+    if (lens[s]->has_value()) {
+      check_lens(op, **lens[s], names[s][2], q);
+      sources.lens[s] = (*lens[s])->data_ptr<int>();
+    }
+    TORCH_CHECK(rows < (1 << 30), op, ": sizes out of range");
+    sources.size[s] = int(rows);
+  }
+  TORCH_CHECK(n < (1 << 30), op, ": sizes out of range");
+  sources.k[2] = rows_aligned(k), sources.v[2] = rows_aligned(v);
+  sources.size[2] = int(n);
+  return sources;
+}
+
+// Writes out ([B, n, H, 128], contiguous, q's dtype) and lse ([B, H, n] fp32, log2 domain).
+// Absent memories: None.
+void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
+                        const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
+                        const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens,
+                        bool causal, double scale, at::Tensor out, at::Tensor lse) {
+  const KeySources sources = key_sources(kFwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens);
+  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
+  check_exact(kFwdOp, out, "out", q.sizes(), q.scalar_type(), q);
+  check_exact(kFwdOp, lse, "lse", {batch, heads, n}, at::kFloat, q);
+  const int64_t tiles_m = (n + 127) / 128;
+  TORCH_CHECK(tiles_m * batch * heads < (int64_t(1) << 31), kFwdOp, ": sizes out of range");
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  sm90_properties(kFwdOp);
+
+  fwd::AttnFwdParams p{};
+  const at::Tensor q_rows = rows_aligned(q);
+  make_map(p.q_map, q_rows, 64);
+  make_map(p.out_map, out, 64);
+  for (int s = 0; s < 3; ++s) {
+    p.size[s] = sources.size[s];
+    if (p.size[s] == 0) continue;
+    make_map(p.k_map[s], sources.k[s], fwd::kKeyTile);
+    make_map(p.v_map[s], sources.v[s], fwd::kKeyTile);
+  }
+  p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
+  p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m);
+  p.causal = causal;
+  p.qk_scale = float(scale * 1.4426950408889634);
+  p.lse = lse.data_ptr<float>();
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto type) {
+    auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type)>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd::kSmemBytes));
+    kernel<<<int(tiles_m * batch * heads), fwd::kThreads, fwd::kSmemBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  with_element_type(q, run);
+}
+
+// Writes dq, dk, dv and the memories' gradients (contiguous, shaped like their inputs, q's
+// dtype) from the forward's lse ([B, H, n], log2 domain) and delta = rowsum(grad_out * out)
+// ([B, H, n] fp32). dq_accum: an fp32 workspace of B * H * ceil(n / 64) * 8192 elements.
+// Absent memories: None, with empty gradients.
+void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
+                        const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
+                        const at::Tensor& lse, const at::Tensor& delta, const std::optional<at::Tensor>& mem_lens,
+                        const std::optional<at::Tensor>& cmem_lens, bool causal, double scale, at::Tensor dq,
+                        at::Tensor dk, at::Tensor dv, at::Tensor dmem_k, at::Tensor dmem_v, at::Tensor dcmem_k,
+                        at::Tensor dcmem_v, at::Tensor dq_accum) {
+  const KeySources sources = key_sources(kBwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens);
+  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
+  check_input(kBwdOp, grad_out, "grad_out", q);
+  TORCH_CHECK(grad_out.size(1) == n, kBwdOp, ": grad_out must have q's shape ", ct_kernels::shape(q.sizes()),
+              ", got ", ct_kernels::shape(grad_out.sizes()));
+  check_exact(kBwdOp, lse, "lse", {batch, heads, n}, at::kFloat, q);
+  check_exact(kBwdOp, delta, "delta", {batch, heads, n}, at::kFloat, q);
+  check_exact(kBwdOp, dq, "dq", q.sizes(), q.scalar_type(), q);
+  check_exact(kBwdOp, dk, "dk", q.sizes(), q.scalar_type(), q);
+  check_exact(kBwdOp, dv, "dv", q.sizes(), q.scalar_type(), q);
+  const int64_t tiles_m = (n + 63) / 64;
+  check_exact(kBwdOp, dq_accum, "dq_accum", {batch * heads * tiles_m * 2 * bwd::kDqFloats}, at::kFloat, q);
+
+  // the gradients of the sources in the kernel's order (cmem, mem, segment)
+  at::Tensor grad_k[3] = {dcmem_k, dmem_k, dk}, grad_v[3] = {dcmem_v, dmem_v, dv};
+  const char* grad_names[2][2] = {{"dcmem_k", "dcmem_v"}, {"dmem_k", "dmem_v"}};
+  for (int s = 0; s < 2; ++s) {
+    const int64_t grad_shape[4] = {batch, sources.size[s], heads, int64_t(kHeadDim)};
+    check_exact(kBwdOp, grad_k[s], grad_names[s][0], grad_shape, q.scalar_type(), q);
+    check_exact(kBwdOp, grad_v[s], grad_names[s][1], grad_shape, q.scalar_type(), q);
+  }
+  bwd::AttnBwdParams p{};
+  int64_t key_blocks = 0;
+  for (int s = 0; s < 3; ++s) {
+    p.size[s] = sources.size[s];
+    p.blocks[s] = (p.size[s] + 127) / 128;
+    key_blocks += p.blocks[s];
+  }
+  p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
+  TORCH_CHECK(key_blocks * batch * heads < (int64_t(1) << 31) && tiles_m * batch * heads * 2 < (int64_t(1) << 31),
+              kBwdOp, ": sizes out of range");
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  sm90_properties(kBwdOp);
+
+  const at::Tensor q_rows = rows_aligned(q);
+  make_map(p.q_map, q_rows, 64);
+  const at::Tensor do_rows = rows_aligned(grad_out);
+  make_map(p.do_map, do_rows, 64);
+  for (int s = 0; s < 3; ++s) {
+    if (p.size[s] == 0) continue;
+    make_map(p.k_map[s], sources.k[s], 64);
+    make_map(p.v_map[s], sources.v[s], 64);
+    make_map(p.dk_map[s], grad_k[s], 64);
+    make_map(p.dv_map[s], grad_v[s], 64);
+  }
+  p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m), p.key_blocks = int(key_blocks);
+  p.causal = causal;
+  p.qk_scale = float(scale * 1.4426950408889634);
+  p.sm_scale = float(scale);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, dq_accum.numel() * sizeof(float), stream));
+  auto run = [&](auto type) {
+    using T = decltype(type);
+    auto kernel = bwd::attention_bwd_sm90_kernel<T>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bwd::kSmemBytes));
+    kernel<<<int(key_blocks * batch * heads), bwd::kThreads, bwd::kSmemBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bwd::dq_from_accum_kernel<T><<<int(batch * heads * tiles_m * 2), 128, 0, stream>>>(
+        p.dq_accum, reinterpret_cast<T*>(dq.data_ptr()), int(heads), int(n), int(tiles_m), float(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  with_element_type(q, run);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
+  m.def(
+      "attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? cmem_k, "
+      "Tensor? cmem_v, Tensor? mem_lens, Tensor? cmem_lens, bool causal, float scale, Tensor(a!) out, "
+      "Tensor(b!) lse) -> ()");
+  m.def(
+      "attention_bwd_sm90(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, "
+      "Tensor? cmem_k, Tensor? cmem_v, Tensor lse, Tensor delta, Tensor? mem_lens, Tensor? cmem_lens, bool causal, "
+      "float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dmem_k, Tensor(e!) dmem_v, "
+      "Tensor(f!) dcmem_k, Tensor(g!) dcmem_v, Tensor(h!) dq_accum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) {
+  m.impl("attention_fwd_sm90", &attention_fwd_sm90);
+  m.impl("attention_bwd_sm90", &attention_bwd_sm90);
+}
