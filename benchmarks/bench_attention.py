@@ -10,7 +10,8 @@ Rows (benchmarks/results/attention.csv):
       ct_triton_stored is ct_triton with store_score_grads=True (its backward keeps the
       [B, H, n, L] score gradients instead of recomputing the scores).
   ct_triton runs the Triton kernels only; ct_cuda (attention on Hopper) is what the package
-  runs there by default: the sm_90 forward and backward of csrc/attention_sm90.cu.
+  runs there by default: the sm_90 forward of csrc/attention_sm90.cu and, at head dim 128, its
+  sm_90 backward (the Triton backward at 64).
 Modes fwd (no grad) and fwd+bwd (gradients for q, k, v, both memories and r, u, v).
 FLOPs = 4 B H D (n (m + cm) + n (n + 1) / 2), x3.5 for fwd+bwd (QK and PV only).
 Peers get the concatenated K/V: the torch.cat is part of their time, as for a user.
@@ -110,7 +111,7 @@ def providers(args, rel_pos, device):
             return flex(q.transpose(1, 2), keys, values, block_mask=block_mask).transpose(1, 2)
 
         fns.update(sdpa_flash=sdpa_flash, flex=flex_masked)
-        if D == attention.SM90_HEAD_DIM and sm90_available():
+        if D in attention.SM90_FORWARD_HEAD_DIMS and sm90_available():
             fns["ct_cuda"] = fns["ct_triton"]  # the same call, outside triton_only()
         return fns
 

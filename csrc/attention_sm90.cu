@@ -13,7 +13,8 @@
 //   S_j = Q K_j^T and O += P_{j-1} V_{j-1}            (issued together, P from registers)
 //   P_j = exp2(S_j * scale * log2(e) - row max)       (online softmax, log2 domain, while
 //                                                      the second product runs)
-//   O *= exp2(old max - new max)                      (once that product is done)
+//   O *= exp2(old max - new max)                      (once that product is done, where a
+//                                                      row maximum moved)
 // The two warpgroups take turns issuing their products, so that one's softmax runs while the
 // tensor cores do the other's. At the end O / row sum goes out through the TMA and the LSE
 // (row max + log2(row sum)) per row.
@@ -48,6 +49,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace ct_kernels::attention_sm90 {
 
@@ -57,19 +59,27 @@ using namespace ct_kernels::sm90;
 namespace fwd {
 
 constexpr int kStages = 3;
-constexpr int kThreads = 256;                                  // two warpgroups
-constexpr int kKeyTile = 128;                                  // keys per tile
-constexpr int kKvTileBytes = kKeyTile * kHeadDim * 2;          // [128, 128], two 64-column boxes
-constexpr int kQOffset = 0;                                    // Q of each warpgroup, then its output
-constexpr int kKOffset = kQOffset + 2 * kQTileBytes;           // the ring: K per stage
-constexpr int kVOffset = kKOffset + kStages * kKvTileBytes;    // V per stage
-constexpr int kBarrierOffset = kVOffset + kStages * kKvTileBytes;  // Q, then K and V full per stage
-constexpr int kCountOffset = kBarrierOffset + 8 * (1 + 2 * kStages);  // per stage: releases of K, of V
-constexpr int kSmemBytes = kCountOffset + 4 * 2 * kStages;
-static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+constexpr int kThreads = 256;      // two warpgroups
+constexpr int kKeyTile = 128;      // keys per tile
+
+// Shared memory of a block at head dim D (64 or 128; rows of D / 64 boxes of 64 columns)
+template <int D>
+struct Layout {
+  static constexpr int kBoxes = D / 64;
+  static constexpr int kQBytes = 64 * D * 2;                  // a warpgroup's [64, D] query tile
+  static constexpr int kKvBytes = kKeyTile * D * 2;           // a [128, D] key or value tile
+  static constexpr int kKvBoxBytes = kKeyTile * 128;          // its boxes: 128 rows x 64 columns
+  static constexpr int kQOffset = 0;                          // Q of each warpgroup, then its output
+  static constexpr int kKOffset = kQOffset + 2 * kQBytes;     // the ring: K per stage
+  static constexpr int kVOffset = kKOffset + kStages * kKvBytes;      // V per stage
+  static constexpr int kBarrierOffset = kVOffset + kStages * kKvBytes;  // Q, then K and V full per stage
+  static constexpr int kCountOffset = kBarrierOffset + 8 * (1 + 2 * kStages);  // per stage: releases of K, of V
+  static constexpr int kSmemBytes = kCountOffset + 4 * 2 * kStages;
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+};
 
 struct AttnFwdParams {
-  CUtensorMap q_map, out_map;        // [B, n, H, 128], boxes of 64 rows x 64 columns
+  CUtensorMap q_map, out_map;        // [B, n, H, D], boxes of 64 rows x 64 columns
   CUtensorMap k_map[3], v_map[3];    // boxes of 128 rows x 64 columns
   int size[3];                       // keys per source
   const int* lens[2];                // valid (newest) slots of cmem and mem per sample, or null
@@ -97,9 +107,11 @@ struct KeyTiles {
   }
 };
 
-template <typename T>
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Layout<D>;
+  constexpr float kMaxSlack = 8.f;  // see softmax
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem0 = smem_addr(smem_raw);
   if (smem0 % 1024 != 0) __trap();
@@ -125,25 +137,27 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
   tiles.count_s = p.causal ? tile_m + 1 : p.tiles_m;  // segment key tile t holds keys 128 t..
   const int num_tiles = tiles.total();
 
-  const uint32_t q_bar = smem0 + kBarrierOffset;
+  const uint32_t q_bar = smem0 + L::kBarrierOffset;
   auto k_full = [&](int stage) { return q_bar + 8 + 8 * stage; };
   auto v_full = [&](int stage) { return q_bar + 8 + 8 * (kStages + stage); };
-  int* k_releases = reinterpret_cast<int*>(smem_raw + kCountOffset);
+  int* k_releases = reinterpret_cast<int*>(smem_raw + L::kCountOffset);
   int* v_releases = k_releases + kStages;
   // K (V) of key tile j into its ring stage
   auto load_keys = [&](int j) {
     int src, key0;
     tiles.locate(j, src, key0);
     const int stage = j % kStages;
-    barrier_expect(k_full(stage), kKvTileBytes);
-    tma_load_tile(smem0 + kKOffset + stage * kKvTileBytes, kKvTileBytes / 2, &p.k_map[src], h, key0, b, k_full(stage));
+    barrier_expect(k_full(stage), L::kKvBytes);
+    tma_load_boxes<L::kBoxes>(smem0 + L::kKOffset + stage * L::kKvBytes, L::kKvBoxBytes, &p.k_map[src], h, key0, b,
+                              k_full(stage));
   };
   auto load_values = [&](int j) {
     int src, key0;
     tiles.locate(j, src, key0);
     const int stage = j % kStages;
-    barrier_expect(v_full(stage), kKvTileBytes);
-    tma_load_tile(smem0 + kVOffset + stage * kKvTileBytes, kKvTileBytes / 2, &p.v_map[src], h, key0, b, v_full(stage));
+    barrier_expect(v_full(stage), L::kKvBytes);
+    tma_load_boxes<L::kBoxes>(smem0 + L::kVOffset + stage * L::kKvBytes, L::kKvBoxBytes, &p.v_map[src], h, key0, b,
+                              v_full(stage));
   };
   if (threadIdx.x == 0) {
     barrier_init(q_bar, 1);
@@ -152,43 +166,44 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
       k_releases[stage] = v_releases[stage] = 0;
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    barrier_expect(q_bar, 2 * kQTileBytes);
+    barrier_expect(q_bar, 2 * L::kQBytes);
     for (int g = 0; g < 2; ++g) {
-      tma_load_tile(smem0 + kQOffset + g * kQTileBytes, kQTileBytes / 2, &p.q_map, h, tile_m * 128 + 64 * g, b, q_bar);
+      tma_load_boxes<L::kBoxes>(smem0 + L::kQOffset + g * L::kQBytes, kBoxBytes, &p.q_map, h, tile_m * 128 + 64 * g, b,
+                                q_bar);
     }
     for (int j = 0; j < num_tiles && j < kStages; ++j) load_keys(j), load_values(j);
   }
   __syncthreads();  // barriers and counters initialised
 
-  float o[64];      // output [64 queries, 128] fp32, unnormalised
+  float o[D / 2];   // output [64 queries, D] fp32, unnormalised
   float s[64];      // scores [64 queries, 128 keys], then probabilities
   uint32_t pk[32];  // probabilities as packed pairs (A operand of O += P V)
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, of this thread's two rows
   float row_sum[2] = {0.f, 0.f};              // this thread's part of each row's sum
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
 
   // descriptors: Q and K as K-major operands of the scores (rows of the head dim), V as the
   // MN-major B operand of O += P V (rows of keys: +2048 bytes per 16 keys, the column halves a
   // box apart)
-  const uint64_t q_desc = descriptor(smem0 + kQOffset + wg * kQTileBytes, 0, 1024);
-  const uint64_t k_desc = descriptor(smem0 + kKOffset, 0, 1024);
-  const uint64_t v_desc = descriptor(smem0 + kVOffset, kKvTileBytes / 2, 1024);
+  const uint64_t q_desc = descriptor(smem0 + L::kQOffset + wg * L::kQBytes, 0, 1024);
+  const uint64_t k_desc = descriptor(smem0 + L::kKOffset, 0, 1024);
+  const uint64_t v_desc = descriptor(smem0 + L::kVOffset, L::kKvBoxBytes, 1024);
   // S = Q K_j^T, once K of tile j has arrived
   auto issue_scores = [&](int j) {
     const int stage = j % kStages;
     barrier_wait(k_full(stage), (j / kStages) & 1);
-    const uint32_t at = stage * kKvTileBytes >> 4;
+    const uint32_t at = stage * L::kKvBytes >> 4;
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      Mma<T>::scores(s, q_desc + k_step(kk, kQTileBytes / 2), k_desc + at + k_step(kk, kKvTileBytes / 2), kk);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      Mma<T>::scores(s, q_desc + k_step(kk, kBoxBytes), k_desc + at + k_step(kk, L::kKvBoxBytes), kk);
     }
   };
   // V of tile j has arrived (waited for apart from K, see the loop)
   auto wait_values = [&](int j) { barrier_wait(v_full(j % kStages), (j / kStages) & 1); };
   // O += P_j V_j (k-step kk: keys 16 kk..16 kk + 15)
   auto issue_values = [&](int j) {
-    const uint32_t at = (j % kStages) * kKvTileBytes >> 4;
+    const uint32_t at = (j % kStages) * L::kKvBytes >> 4;
 #pragma unroll
     for (int kk = 0; kk < kKeyTile / 16; ++kk) {
       const uint32_t step[4] = {pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
@@ -220,14 +235,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int i = 0; i < 64; ++i) tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], s[i]);
+    // A row's running maximum moves only where the tile's exceeds it by more than kMaxSlack
+    // (as in the reconstruction loss's forward): the probabilities stay below 2^kMaxSlack,
+    // and O needs no rescale on most tiles.
     float neg_max[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]) * p.qk_scale);
-      const float subtract = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet
-      alpha[r] = exp2f(row_max[r] - subtract);
+      const float tile = quad_max(tile_max[r]) * p.qk_scale;
+      const float new_max = tile > row_max[r] + kMaxSlack ? tile : row_max[r];
+      alpha[r] = new_max == row_max[r] ? 1.f : exp2f(row_max[r] - new_max);
       row_max[r] = new_max;
-      neg_max[r] = -subtract;
+      neg_max[r] = new_max == -INFINITY ? 0.f : -new_max;  // a row with no key yet
     }
     float tile_sum[2] = {0.f, 0.f};
 #pragma unroll
@@ -238,9 +256,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = fmaf(row_sum[r], alpha[r], tile_sum[r]);
   };
-  auto rescale = [&](const float (&alpha)[2]) {
+  auto scale_rows = [&](const float (&factor)[2]) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
+    for (int i = 0; i < D / 2; ++i) o[i] *= factor[(i / 2) % 2];
+  };
+  // O times the factors of the last softmax, where a row maximum of this warp moved
+  auto rescale = [&](const float (&alpha)[2]) {
+    if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) scale_rows(alpha);
   };
   auto my_turn = [&]() { take_turn(wg); };  // the warpgroups take turns issuing (take_turn)
   auto your_turn = [&]() { pass_turn(wg); };
@@ -306,15 +328,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
     const int row = row0 + 8 * r;
     if (lane % 4 == 0 && row < p.n) p.lse[int64_t(bh) * p.n + row] = row_max[r] + log2f(sum);
   }
-  rescale(inv_sum);
-  const uint32_t out_tile = smem0 + kQOffset + wg * kQTileBytes;
+  scale_rows(inv_sum);
+  const uint32_t out_tile = smem0 + L::kQOffset + wg * L::kQBytes;
   write_tile<T>(o, 1.f, out_tile, warp, lane);
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
   if (x == 0) {
-    for (int half = 0; half < 2; ++half) {
-      tma_store(&p.out_map, out_tile + half * (kQTileBytes / 2), 64 * half, h, query0, b);
-    }
+    for (int box = 0; box < L::kBoxes; ++box) tma_store(&p.out_map, out_tile + box * kBoxBytes, 64 * box, h, query0, b);
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the tile read before the block ends
   }
@@ -630,7 +650,8 @@ constexpr const char* kBwdOp = "attention_bwd_sm90";
 
 // The key sources in the kernels' order (cmem, mem, segment), checked: keys and values as the
 // TMA can read them (rows_aligned), their lengths and the memories' per-sample valid slots
-// (null where not given). Absent memories (None) have no rows.
+// (null where not given). Absent memories (None) have no rows. Head dim 128, or also 64 with
+// head_dim_64.
 struct KeySources {
   at::Tensor k[3], v[3];
   int size[3] = {0, 0, 0};
@@ -648,8 +669,9 @@ void check_lens(const char* op, const at::Tensor& lens, const char* name, const 
 KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                        const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
-                       const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens) {
-  check_q(op, q);
+                       const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens,
+                       bool head_dim_64) {
+  check_q(op, q, head_dim_64);
   check_input(op, k, "k", q);
   check_input(op, v, "v", q);
   const int64_t n = q.size(1);
@@ -683,14 +705,14 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
   return sources;
 }
 
-// Writes out ([B, n, H, 128], contiguous, q's dtype) and lse ([B, H, n] fp32, log2 domain).
+// Writes out ([B, n, H, D], D = 64 or 128, contiguous, q's dtype) and lse ([B, H, n] fp32, log2 domain).
 // Absent memories: None.
 void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
                         const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens,
                         bool causal, double scale, at::Tensor out, at::Tensor lse) {
-  const KeySources sources = key_sources(kFwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens);
+  const KeySources sources = key_sources(kFwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, true);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   check_exact(kFwdOp, out, "out", q.sizes(), q.scalar_type(), q);
   check_exact(kFwdOp, lse, "lse", {batch, heads, n}, at::kFloat, q);
@@ -716,11 +738,19 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.lse = lse.data_ptr<float>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto run = [&](auto type) {
-    auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type)>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, fwd::kSmemBytes));
-    kernel<<<int(tiles_m * batch * heads), fwd::kThreads, fwd::kSmemBytes, stream>>>(p);
+  auto launch = [&](auto type, auto head_dim) {
+    constexpr int kSmemBytes = fwd::Layout<decltype(head_dim)::value>::kSmemBytes;
+    auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type), decltype(head_dim)::value>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    kernel<<<int(tiles_m * batch * heads), fwd::kThreads, kSmemBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  auto run = [&](auto type) {
+    if (q.size(3) == 64) {
+      launch(type, std::integral_constant<int, 64>{});
+    } else {
+      launch(type, std::integral_constant<int, kHeadDim>{});
+    }
   };
   with_element_type(q, run);
 }
@@ -736,7 +766,7 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
                         const std::optional<at::Tensor>& cmem_lens, bool causal, double scale, at::Tensor dq,
                         at::Tensor dk, at::Tensor dv, at::Tensor dmem_k, at::Tensor dmem_v, at::Tensor dcmem_k,
                         at::Tensor dcmem_v, at::Tensor dq_accum) {
-  const KeySources sources = key_sources(kBwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens);
+  const KeySources sources = key_sources(kBwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, false);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   check_input(kBwdOp, grad_out, "grad_out", q);
   TORCH_CHECK(grad_out.size(1) == n, kBwdOp, ": grad_out must have q's shape ", ct_kernels::shape(q.sizes()),

@@ -1,7 +1,7 @@
 // Shared pieces of the Hopper (sm_90a) kernels: element packing, mbarriers, TMA copies,
 // warpgroup MMAs (wgmma) and their shared-memory descriptors, and the host side of the TMA
-// maps. Tiles are [rows, 128] of 2-byte elements, stored by the TMA as two 64-column boxes
-// with the 128-byte swizzle.
+// maps. Tiles are [rows, D] of 2-byte elements (D = 128, or 64 in the attention forward),
+// stored by the TMA as D / 64 boxes of 64 columns with the 128-byte swizzle.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +20,7 @@ namespace ct_kernels::sm90 {
 
 constexpr int kHeadDim = 128;
 constexpr int kQTileBytes = 64 * kHeadDim * 2;  // a [64, 128] tile (a warpgroup's rows), 16 KiB
+constexpr int kBoxBytes = 64 * 128;              // a box of 64 rows x 64 columns, 8 KiB
 
 // ---- element types -------------------------------------------------------------------------
 
@@ -82,11 +83,18 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
       "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(head), "r"(row), "r"(batch), "r"(bar)
       : "memory");
 }
-// both column halves of a [rows, 128] tile (the map's box has the rows)
+// the kBoxes 64-column boxes of a [rows, 64 kBoxes] tile, box_bytes apart (the map's box has
+// the rows)
+template <int kBoxes>
+__device__ __forceinline__ void tma_load_boxes(uint32_t dst, uint32_t box_bytes, const CUtensorMap* map, int head,
+                                               int row, int batch, uint32_t bar) {
+#pragma unroll
+  for (int i = 0; i < kBoxes; ++i) tma_load(dst + i * box_bytes, map, 64 * i, head, row, batch, bar);
+}
+// both column halves of a [rows, 128] tile
 __device__ __forceinline__ void tma_load_tile(uint32_t dst, uint32_t half_bytes, const CUtensorMap* map, int head,
                                               int row, int batch, uint32_t bar) {
-  tma_load(dst, map, 0, head, row, batch, bar);
-  tma_load(dst + half_bytes, map, 64, head, row, batch, bar);
+  tma_load_boxes<2>(dst, half_bytes, map, head, row, batch, bar);
 }
 
 // a box of 64 columns from shared memory to (column, head, row, batch) of a 4-d map; rows
@@ -144,6 +152,10 @@ struct Mma;
   " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
   "%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,"  \
   "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, 1, 1, 1, 0, 1;\n"
+#define CT_WGMMA_RS_64x64(TY)                                                                          \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                              \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
+  "%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1, 1;\n"
 #define CT_WGMMA_RS_64x128(TY)                                                                         \
   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                             \
   " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
@@ -201,6 +213,13 @@ struct Mma;
                                                   uint64_t b) {                                       \
       asm volatile(CT_WGMMA_RS_64x128(TY)                                                             \
                    : CT_ACC64(o)                                                                      \
+                   : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(b));                            \
+    }                                                                                                 \
+    /* o[64x64] += P[64x16] (registers) V[16x64] (shared memory, rows of V = keys) */                \
+    static __device__ __forceinline__ void values(float (&o)[32], const uint32_t (&p)[4],           \
+                                                  uint64_t b) {                                       \
+      asm volatile(CT_WGMMA_RS_64x64(TY)                                                              \
+                   : CT_ACC32(o)                                                                      \
                    : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(b));                            \
     }                                                                                                 \
   };
@@ -341,15 +360,15 @@ __device__ __forceinline__ void key_major_gradient(float (&acc)[64], const uint3
   }
 }
 
-// acc * coef in the input type over a warpgroup's [64, 128] tile at `tile`, in the TMA maps'
-// swizzle (swizzled_offset); the caller fences before a TMA store reads it
-template <typename T>
-__device__ __forceinline__ void write_tile(const float (&acc)[64], float coef, uint32_t tile, int warp, int lane) {
+// acc * coef in the input type over a warpgroup's [64, N / 2] tile at `tile` (N: the m64 accumulator's
+// registers), in the TMA maps' swizzle (swizzled_offset); the caller fences before a TMA store reads it
+template <typename T, int N>
+__device__ __forceinline__ void write_tile(const float (&acc)[N], float coef, uint32_t tile, int warp, int lane) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int tile_row = warp * 16 + lane / 4 + 8 * r;
 #pragma unroll
-    for (int jj = 0; jj < 16; ++jj) {
+    for (int jj = 0; jj < N / 4; ++jj) {
       const int i = 4 * jj + 2 * r;
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + swizzled_offset(tile_row, jj, lane)),
                    "r"(pack<T>(acc[i] * coef, acc[i + 1] * coef))
@@ -381,9 +400,10 @@ __device__ __forceinline__ void store_key_gradients(const CUtensorMap* dk_map, c
 
 // ---- host ----------------------------------------------------------------------------------
 
+// t: [B, S, H, D] with q's B, H and D, q's dtype and device, at least one row
 inline void check_input(const char* op, const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(2) == q.size(2) && t.size(3) == kHeadDim,
-              op, ": ", name, " must be [B, S, H, 128] with B, H as q's ",
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(2) == q.size(2) && t.size(3) == q.size(3),
+              op, ": ", name, " must be [B, S, H, ", ct_kernels::num(q.size(3)), "] with B, H as q's ",
               ct_kernels::shape(q.sizes()), ", got ", ct_kernels::shape(t.sizes()));
   TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), op, ": ", name,
               " must be a ", q.scalar_type(), " tensor on ", q.device(), ", got ", t.scalar_type(), " on ",
@@ -391,11 +411,13 @@ inline void check_input(const char* op, const at::Tensor& t, const char* name, c
   TORCH_CHECK(t.size(1) >= 1, op, ": ", name, " needs at least one row");
 }
 
-// q: a [B, n, H, 128] bfloat16 or float16 CUDA tensor
-inline void check_q(const char* op, const at::Tensor& q) {
+// q: a [B, n, H, 128] (or, with head_dim_64, [B, n, H, 64]) bfloat16 or float16 CUDA tensor
+inline void check_q(const char* op, const at::Tensor& q, bool head_dim_64 = false) {
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
               ": q must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 4 && (q.size(3) == kHeadDim || (head_dim_64 && q.size(3) == 64)), op,
+              ": q must be [B, n, H, ", head_dim_64 ? "64 or 128" : "128", "], got ", ct_kernels::shape(q.sizes()));
   check_input(op, q, "q", q);
 }
 
@@ -428,16 +450,16 @@ inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return encode;
 }
 
-// A TMA map of a [B, S, H, 128] tensor (checked by check_input) as the 4-d array
+// A TMA map of a [B, S, H, D] tensor (checked by check_input, D = 64 or 128) as the 4-d array
 // (column, head, row, batch): boxes of 64 columns x box_rows rows of one head, 128-byte
 // swizzle.
 inline void make_map(CUtensorMap& map, const at::Tensor& t, int box_rows) {
-  const cuuint64_t dims[4] = {cuuint64_t(kHeadDim), cuuint64_t(t.size(2)), cuuint64_t(t.size(1)),
+  const cuuint64_t dims[4] = {cuuint64_t(t.size(3)), cuuint64_t(t.size(2)), cuuint64_t(t.size(1)),
                               cuuint64_t(t.size(0))};
   // byte strides of dims 1..3; a dimension of size 1 takes the next-inner extent (any
   // multiple of 16 would do)
   cuuint64_t strides[3];
-  cuuint64_t extent = kHeadDim * 2;
+  cuuint64_t extent = cuuint64_t(t.size(3)) * 2;
   for (int d = 0; d < 3; ++d) {
     const int dim = 2 - d;  // head, row, batch
     strides[d] = t.size(dim) == 1 ? extent : cuuint64_t(t.stride(dim)) * 2;

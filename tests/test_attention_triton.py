@@ -313,6 +313,23 @@ def test_sm90_matches_reference(sm90_only, n, m, cm, dtype, partial, causal):
 
 
 @SM90
+@pytest.mark.parametrize("n,m,cm,dtype,partial,causal", [
+    (1, 0, 0, torch.bfloat16, False, True), (113, 113, 40, torch.float16, True, True),
+    (239, 256, 384, torch.bfloat16, True, True), (512, 512, 1024, torch.bfloat16, False, True),
+    (200, 70, 0, torch.float16, True, False),
+])
+def test_sm90_forward_head_dim_64(monkeypatch, n, m, cm, dtype, partial, causal):
+    # the sm_90 forward at D = 64 (its gradients from the Triton backward and the LSE it saved)
+    def triton_forward(*_args, **_kwargs):
+        raise AssertionError("the Triton forward ran")
+    monkeypatch.setattr(attention, "_launch_fwd", triton_forward)
+    g = torch.Generator().manual_seed(n + 5 * m + 3 * cm)
+    args = testing.random_attention_inputs(2, n, 3, 64, m, cm, dtype=dtype, device="cuda",
+                                           generator=g, partial=partial)
+    check(args, causal=causal)
+
+
+@SM90
 @pytest.mark.parametrize("n,m,cm", [(1, 0, 40), (239, 113, 256)])
 def test_sm90_forward_key_usage(sm90_only, n, m, cm):
     # the key usage (a Triton pass) from the sm_90 forward's LSE
@@ -362,6 +379,7 @@ def test_sm90_forward_op_names_bad_arguments():
             (dict(cmem_lens=torch.tensor([3, 4], device="cuda")), "cmem_lens must be a contiguous int32"),
             (dict(out=torch.empty(B, n + 1, H, D, **bf16)), "out must be a contiguous"),
             (dict(lse=torch.empty(B, H, n, device="cuda", dtype=torch.float64)), "lse must be a contiguous"),
+            (dict(q=q[..., :32]), "q must be \\[B, n, H, 64 or 128\\]"),
             (dict(q=q.cpu()), "q must be a CUDA tensor")):
         with pytest.raises(RuntimeError, match=message):
             call(**change)

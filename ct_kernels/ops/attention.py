@@ -21,9 +21,9 @@ Kernels (one program per (tile, batch*head)):
     and by distance, for
   - ``_bwd_dq_stored_kernel``: dQ, dr, dw from those stored gradients (no recompute); it
     replaces the dQ pass, and ``_bwd_delta_kernel`` computes delta before the dK/dV pass.
-On Hopper (sm_90) with float16/bfloat16 at head dim 128, without relative positions or key
-padding, the forward and the backward run instead on ct_kernels._C's ``attention_fwd_sm90``
-and ``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward is one pass over key blocks
+On Hopper (sm_90) with float16/bfloat16, without relative positions or key padding, the
+forward (head dims 64 and 128) and the backward (head dim 128) run instead on ct_kernels._C's
+``attention_fwd_sm90`` and ``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward is one pass over key blocks
 that also computes dQ, adding it into an fp32 buffer; ``SM90_FORWARD`` and ``SM90_BACKWARD``
 switch them off).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
@@ -909,13 +909,15 @@ def _launch_fwd(c, out, lse):
         *c.sizes, c.scale * LOG2E), meta)
 
 
-# The Hopper kernels (csrc/attention_sm90.cu): a forward, and a backward that computes dQ, dK
-# and dV in one pass over key blocks, dQ added into an fp32 buffer of SM90_DQ_TILE elements per
-# 64-query tile and batch-head. They run where they apply (below) unless SM90_FORWARD /
-# SM90_BACKWARD is False (the benchmarks compare them with the Triton passes that way).
+# The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128), and a backward
+# (head dim 128) that computes dQ, dK and dV in one pass over key blocks, dQ added into an fp32
+# buffer of SM90_DQ_TILE elements per 64-query tile and batch-head. They run where they apply
+# (below) unless SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them with the
+# Triton passes that way).
 SM90_FORWARD = True
 SM90_BACKWARD = True
-SM90_HEAD_DIM = 128
+SM90_FORWARD_HEAD_DIMS = (64, 128)
+SM90_BACKWARD_HEAD_DIMS = (128,)
 SM90_DQ_TILE = 64 * 128
 
 
@@ -936,12 +938,12 @@ if _sm90_loaded():
         return None  # it writes the gradients
 
 
-def _sm90_applies(c, switch: bool) -> bool:
-    """Whether the call runs on a Hopper kernel (switch: SM90_FORWARD or SM90_BACKWARD):
-    float16/bfloat16 CUDA inputs at head dim 128 on an sm_90 GPU, without relative positions
-    or key padding."""
+def _sm90_applies(c, switch: bool, head_dims: tuple) -> bool:
+    """Whether the call runs on a Hopper kernel (switch: SM90_FORWARD or SM90_BACKWARD, with
+    its head dims): float16/bfloat16 CUDA inputs on an sm_90 GPU, without relative positions or
+    key padding."""
     return (switch and c.q.is_cuda and c.dtype in (torch.float16, torch.bfloat16)
-            and c.D == SM90_HEAD_DIM and not c.flags["REL_POS"] and not c.flags["HAS_PAD"]
+            and c.D in head_dims and not c.flags["REL_POS"] and not c.flags["HAS_PAD"]
             and _sm90_loaded() and dispatch.on_sm90())
 
 
@@ -953,7 +955,7 @@ def _forward(*inputs):
 def _forward_call(c):
     out = _empty((c.B, c.n, c.H, c.D), c.dtype, c.q.device)
     lse = _empty((c.B, c.H, c.n), torch.float32, c.q.device)
-    if _sm90_applies(c, SM90_FORWARD):
+    if _sm90_applies(c, SM90_FORWARD, SM90_FORWARD_HEAD_DIMS):
         torch.ops.ct_kernels.attention_fwd_sm90(c.q, *c.sources[:2], *c.memories, *c.lengths,
                                                 c.flags["CAUSAL"], c.scale, out, lse)
     else:
@@ -1039,7 +1041,7 @@ def _backward_call(c, grad_out, out, lse):
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
     grads = (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck), grad_ptr(dcv))
     if not c.flags["REL_POS"]:
-        if _sm90_applies(c, SM90_BACKWARD):
+        if _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS):
             _launch_delta(c, out, grad_out, delta)
             dq_accum = torch.empty(B * H * cdiv(n, 64) * SM90_DQ_TILE, dtype=torch.float32,
                                    device=device)
