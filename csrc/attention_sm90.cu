@@ -1,23 +1,23 @@
-// Compressive attention for Hopper (sm_90a), float16 and bfloat16 at head dim 128, without
-// relative positions or key padding: the forward, and the backward (dQ, dK, dV) from the
-// forward's output and log2-domain LSE (the same LSE as the Triton forward's,
+// Compressive attention for Hopper (sm_90a), float16 and bfloat16, without relative positions
+// or key padding: the forward (head dims 64 and 128), and the backward (dQ, dK, dV; head dim
+// 128) from the forward's output and log2-domain LSE (the same LSE as the Triton forward's,
 // ct_kernels/ops/attention.py).
 //
 // Forward: one block per (128 queries, batch, head), two warpgroups of 64 queries each, whose
-// Q and fp32 O stay put while the 128-key tiles of the three sources stream past (oldest
-// first: cmem, mem, segment; the tiles before a memory's first valid slot are skipped, and
-// with causal the segment's tiles after the block's last query). K and V of each tile come
-// through rings of fwd::kStages stages that both warpgroups read; the warpgroup that
-// releases a stage second refills it (K once the scores are done, V once P V is). Per key
-// tile j, in each warpgroup:
+// Q and fp32 O stay put while the key tiles (128 keys; 64 at head dim 64, fwd::Layout) of the
+// three sources stream past (oldest first: cmem, mem, segment; the tiles before a memory's
+// first valid slot are skipped, and with causal the segment's tiles after the block's last
+// query). K and V of each tile come through rings of fwd::kStages stages that both
+// warpgroups read; the warpgroup that releases a stage second refills it (K once the scores
+// are done, V once P V is). Per key tile j, in each warpgroup:
 //   S_j = Q K_j^T and O += P_{j-1} V_{j-1}            (issued together, P from registers)
 //   P_j = exp2(S_j * scale * log2(e) - row max)       (online softmax, log2 domain, while
 //                                                      the second product runs)
 //   O *= exp2(old max - new max)                      (once that product is done, where a
 //                                                      row maximum moved)
 // The two warpgroups take turns issuing their products, so that one's softmax runs while the
-// tensor cores do the other's. At the end O / row sum goes out through the TMA and the LSE
-// (row max + log2(row sum)) per row.
+// tensor cores do the other's (at head dim 128; at 64 two blocks share an SM instead). At the
+// end O / row sum goes out through the TMA and the LSE (row max + log2(row sum)) per row.
 //
 // Backward: one block per (128 keys of one source, batch, head): two warpgroups of 64 keys
 // each, whose K, V and fp32 dK, dV stay put while the 64-query tiles that see them stream
@@ -60,27 +60,30 @@ namespace fwd {
 
 constexpr int kStages = 3;
 constexpr int kThreads = 256;      // two warpgroups
-constexpr int kKeyTile = 128;      // keys per tile
 
-// Shared memory of a block at head dim D (64 or 128; rows of D / 64 boxes of 64 columns)
+// Tiles and shared memory of a block at head dim D (64 or 128; rows of D / 64 boxes of 64
+// columns). At D = 64, tiles of 64 keys keep a thread's registers to 128, so that two blocks
+// share an SM (one's softmax, set-up and epilogue overlapping the other's products).
 template <int D>
 struct Layout {
+  static constexpr int kKeyTile = D == 64 ? 64 : 128;         // keys per tile
+  static constexpr int kBlocksPerSm = D == 64 ? 2 : 1;
   static constexpr int kBoxes = D / 64;
   static constexpr int kQBytes = 64 * D * 2;                  // a warpgroup's [64, D] query tile
-  static constexpr int kKvBytes = kKeyTile * D * 2;           // a [128, D] key or value tile
-  static constexpr int kKvBoxBytes = kKeyTile * 128;          // its boxes: 128 rows x 64 columns
+  static constexpr int kKvBytes = kKeyTile * D * 2;           // a [kKeyTile, D] key or value tile
+  static constexpr int kKvBoxBytes = kKeyTile * 128;          // its boxes: kKeyTile rows x 64 columns
   static constexpr int kQOffset = 0;                          // Q of each warpgroup, then its output
   static constexpr int kKOffset = kQOffset + 2 * kQBytes;     // the ring: K per stage
   static constexpr int kVOffset = kKOffset + kStages * kKvBytes;      // V per stage
   static constexpr int kBarrierOffset = kVOffset + kStages * kKvBytes;  // Q, then K and V full per stage
   static constexpr int kCountOffset = kBarrierOffset + 8 * (1 + 2 * kStages);  // per stage: releases of K, of V
   static constexpr int kSmemBytes = kCountOffset + 4 * 2 * kStages;
-  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+  static_assert(kSmemBytes * kBlocksPerSm <= 227 * 1024, "more shared memory than an sm_90 SM has");
 };
 
 struct AttnFwdParams {
   CUtensorMap q_map, out_map;        // [B, n, H, D], boxes of 64 rows x 64 columns
-  CUtensorMap k_map[3], v_map[3];    // boxes of 128 rows x 64 columns
+  CUtensorMap k_map[3], v_map[3];    // boxes of Layout::kKeyTile rows x 64 columns
   int size[3];                       // keys per source
   const int* lens[2];                // valid (newest) slots of cmem and mem per sample, or null
   int heads, n, tiles_m;             // tiles_m: 128-query tiles
@@ -92,6 +95,7 @@ struct AttnFwdParams {
 // The key tiles a query tile visits, oldest first: tiles first_c.. of cmem (count_c), first_m..
 // of mem (count_m), then 0.. of the segment (count_s); the tiles before a memory's first
 // valid slot are skipped
+template <int kKeyTile>
 struct KeyTiles {
   int first_c, count_c, first_m, count_m, count_s;
   __device__ __forceinline__ int total() const { return count_c + count_m + count_s; }
@@ -108,9 +112,11 @@ struct KeyTiles {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
+__global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
+    attention_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Layout<D>;
+  constexpr int kKeyTile = L::kKeyTile;
   constexpr float kMaxSlack = 8.f;  // see softmax
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem0 = smem_addr(smem_raw);
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
 
   // the memories' valid slots [valid_lo, size) and the key tiles that hold them
   int valid_lo[2];
-  KeyTiles tiles;
+  KeyTiles<kKeyTile> tiles;
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
     const int size = p.size[s];
@@ -134,7 +140,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
     (s == 0 ? tiles.first_c : tiles.first_m) = first;
     (s == 0 ? tiles.count_c : tiles.count_m) = count;
   }
-  tiles.count_s = p.causal ? tile_m + 1 : p.tiles_m;  // segment key tile t holds keys 128 t..
+  // the segment's keys up to the block's last query (causal), or all
+  tiles.count_s = ((p.causal ? min(p.n, 128 * (tile_m + 1)) : p.n) + kKeyTile - 1) / kKeyTile;
   const int num_tiles = tiles.total();
 
   const uint32_t q_bar = smem0 + L::kBarrierOffset;
@@ -176,8 +183,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
   __syncthreads();  // barriers and counters initialised
 
   float o[D / 2];   // output [64 queries, D] fp32, unnormalised
-  float s[64];      // scores [64 queries, 128 keys], then probabilities
-  uint32_t pk[32];  // probabilities as packed pairs (A operand of O += P V)
+  float s[kKeyTile / 2];    // scores [64 queries, kKeyTile keys], then probabilities
+  uint32_t pk[kKeyTile / 4];  // probabilities as packed pairs (A operand of O += P V)
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, of this thread's two rows
   float row_sum[2] = {0.f, 0.f};              // this thread's part of each row's sum
 #pragma unroll
@@ -224,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
     const bool diagonal = p.causal && src == 2 && key0 + kKeyTile - 1 > query0;
     if (key0 < lo || key0 + kKeyTile > size || diagonal) {
 #pragma unroll
-      for (int jj = 0; jj < 16; ++jj) {
+      for (int jj = 0; jj < kKeyTile / 8; ++jj) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + 8 * jj + 2 * (lane % 4) + (e & 1), query = row0 + 8 * (e / 2);
@@ -234,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
     }
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int i = 0; i < 64; ++i) tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], s[i]);
+    for (int i = 0; i < kKeyTile / 2; ++i) tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], s[i]);
     // A row's running maximum moves only where the tile's exceeds it by more than kMaxSlack
     // (as in the reconstruction loss's forward): the probabilities stay below 2^kMaxSlack,
     // and O needs no rescale on most tiles.
@@ -249,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
     }
     float tile_sum[2] = {0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < kKeyTile / 2; ++i) {
       s[i] = exp2f(fmaf(s[i], p.qk_scale, neg_max[(i / 2) % 2]));
       tile_sum[(i / 2) % 2] += s[i];
     }
@@ -264,8 +271,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_sm90_kernel(const _
   auto rescale = [&](const float (&alpha)[2]) {
     if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) scale_rows(alpha);
   };
-  auto my_turn = [&]() { take_turn(wg); };  // the warpgroups take turns issuing (take_turn)
-  auto your_turn = [&]() { pass_turn(wg); };
+  // With one block per SM, the warpgroups take turns issuing (take_turn); two blocks per SM
+  // interleave four warpgroups without them (measured: benchmarks/NOTES.md, Attention 19)
+  auto my_turn = [&]() {
+    if constexpr (L::kBlocksPerSm == 1) take_turn(wg);
+  };
+  auto your_turn = [&]() {
+    if constexpr (L::kBlocksPerSm == 1) pass_turn(wg);
+  };
   // both warpgroups are done with K (V) of tile j: the second to say so refills its stage, K
   // as soon as the scores are done, a tile before V
   auto release_keys = [&](int j) { release_stage(k_releases, j, kStages, num_tiles, x, load_keys); };
@@ -722,14 +735,15 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   sm90_properties(kFwdOp);
 
   fwd::AttnFwdParams p{};
+  const int key_tile = q.size(3) == 64 ? fwd::Layout<64>::kKeyTile : fwd::Layout<kHeadDim>::kKeyTile;
   const at::Tensor q_rows = rows_aligned(q);
   make_map(p.q_map, q_rows, 64);
   make_map(p.out_map, out, 64);
   for (int s = 0; s < 3; ++s) {
     p.size[s] = sources.size[s];
     if (p.size[s] == 0) continue;
-    make_map(p.k_map[s], sources.k[s], fwd::kKeyTile);
-    make_map(p.v_map[s], sources.v[s], fwd::kKeyTile);
+    make_map(p.k_map[s], sources.k[s], key_tile);
+    make_map(p.v_map[s], sources.v[s], key_tile);
   }
   p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m);
