@@ -7,7 +7,7 @@
 // Q and fp32 O stay put while the key tiles (128 keys; 64 at head dim 64, fwd::Layout) of the
 // three sources stream past (oldest first: cmem, mem, segment; the tiles before a memory's
 // first valid slot are skipped, and with causal the segment's tiles after the block's last
-// query). K and V of each tile come through rings of fwd::kStages stages that both
+// query). K and V of each tile come through rings of fwd::Layout::kStages stages that both
 // warpgroups read; the warpgroup that releases a stage second refills it (K once the scores
 // are done, V once P V is). Per key tile j, in each warpgroup:
 //   S_j = Q K_j^T and O += P_{j-1} V_{j-1}            (issued together, P from registers)
@@ -58,7 +58,6 @@ using namespace ct_kernels::sm90;
 // ---- forward -------------------------------------------------------------------------------
 namespace fwd {
 
-constexpr int kStages = 3;
 constexpr int kThreads = 256;      // two warpgroups
 
 // Tiles and shared memory of a block at head dim D (64 or 128; rows of D / 64 boxes of 64
@@ -67,6 +66,7 @@ constexpr int kThreads = 256;      // two warpgroups
 template <int D>
 struct Layout {
   static constexpr int kKeyTile = D == 64 ? 64 : 128;         // keys per tile
+  static constexpr int kStages = 3;                           // of the K and V rings
   static constexpr int kBlocksPerSm = D == 64 ? 2 : 1;
   static constexpr int kBoxes = D / 64;
   static constexpr int kQBytes = 64 * D * 2;                  // a warpgroup's [64, D] query tile
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
     attention_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Layout<D>;
-  constexpr int kKeyTile = L::kKeyTile;
+  constexpr int kKeyTile = L::kKeyTile, kStages = L::kStages;
   constexpr float kMaxSlack = 8.f;  // see softmax
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem0 = smem_addr(smem_raw);
