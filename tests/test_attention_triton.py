@@ -5,6 +5,8 @@ float64 reference may be at most 2x (gradients 3x) the error of the reference ru
 kernel's dtype. Kernel outputs are NaN-poisoned before the kernels write them. Without a
 GPU the kernels run in Triton's CPU interpreter at small shapes; real shapes run on GPU.
 """
+import types
+
 import pytest
 import torch
 
@@ -292,6 +294,27 @@ def sm90_only(monkeypatch):
         raise AssertionError("a Triton attention pass ran")
     for name in ("_launch_fwd", "_launch_dq", "_launch_dkdv"):
         monkeypatch.setattr(attention, name, triton_pass)
+
+
+@pytest.mark.parametrize("D,dtype,rel_pos,padding,forward,backward", [
+    (128, torch.bfloat16, False, False, True, True), (64, torch.float16, False, False, True, False),
+    (32, torch.bfloat16, False, False, False, False), (256, torch.float16, False, False, False, False),
+    (128, torch.float32, False, False, False, False), (128, torch.bfloat16, True, False, False, False),
+    (128, torch.bfloat16, False, True, False, False),
+])
+def test_sm90_dispatch(monkeypatch, D, dtype, rel_pos, padding, forward, backward):
+    # which calls the sm_90 kernels take: 16-bit inputs without relative positions or key
+    # padding, the forward at D = 64 and 128, the backward at 128 (the extension and the
+    # Hopper GPU stubbed present)
+    monkeypatch.setattr(attention, "_sm90_loaded", lambda: True)
+    monkeypatch.setattr(dispatch, "on_sm90", lambda: True)
+    call = types.SimpleNamespace(q=types.SimpleNamespace(is_cuda=True), dtype=dtype, D=D,
+                                 flags=dict(REL_POS=rel_pos, HAS_PAD=padding))
+    assert attention._sm90_applies(call, True, attention.SM90_FORWARD_HEAD_DIMS) == forward
+    assert attention._sm90_applies(call, True, attention.SM90_BACKWARD_HEAD_DIMS) == backward
+    assert not attention._sm90_applies(call, False, attention.SM90_FORWARD_HEAD_DIMS)
+    monkeypatch.setattr(dispatch, "on_sm90", lambda: False)
+    assert not attention._sm90_applies(call, True, attention.SM90_FORWARD_HEAD_DIMS)
 
 
 @SM90
