@@ -149,23 +149,15 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
   auto v_full = [&](int stage) { return q_bar + 8 + 8 * (kStages + stage); };
   int* k_releases = reinterpret_cast<int*>(smem_raw + L::kCountOffset);
   int* v_releases = k_releases + kStages;
-  // K (V) of key tile j into its ring stage
-  auto load_keys = [&](int j) {
+  // key tile j of a ring (K or V: its shared memory, maps and full barrier) into its stage
+  auto load_tile = [&](int j, uint32_t ring, const CUtensorMap* maps, uint32_t full) {
     int src, key0;
     tiles.locate(j, src, key0);
-    const int stage = j % kStages;
-    barrier_expect(k_full(stage), L::kKvBytes);
-    tma_load_boxes<L::kBoxes>(smem0 + L::kKOffset + stage * L::kKvBytes, L::kKvBoxBytes, &p.k_map[src], h, key0, b,
-                              k_full(stage));
+    barrier_expect(full, L::kKvBytes);
+    tma_load_boxes<L::kBoxes>(ring + (j % kStages) * L::kKvBytes, L::kKvBoxBytes, &maps[src], h, key0, b, full);
   };
-  auto load_values = [&](int j) {
-    int src, key0;
-    tiles.locate(j, src, key0);
-    const int stage = j % kStages;
-    barrier_expect(v_full(stage), L::kKvBytes);
-    tma_load_boxes<L::kBoxes>(smem0 + L::kVOffset + stage * L::kKvBytes, L::kKvBoxBytes, &p.v_map[src], h, key0, b,
-                              v_full(stage));
-  };
+  auto load_keys = [&](int j) { load_tile(j, smem0 + L::kKOffset, p.k_map, k_full(j % kStages)); };
+  auto load_values = [&](int j) { load_tile(j, smem0 + L::kVOffset, p.v_map, v_full(j % kStages)); };
   if (threadIdx.x == 0) {
     barrier_init(q_bar, 1);
     for (int stage = 0; stage < kStages; ++stage) {

@@ -379,6 +379,15 @@ def test_sm90_strided_and_unaligned_inputs(sm90_only):
     check(args, scale=0.07)
 
 
+def _expect_messages(op, args, cases):
+    """op(*args.values()) runs, and the same call with each change of cases (a dict of
+    replaced arguments) raises a RuntimeError whose text matches that case's message."""
+    op(*args.values())
+    for change, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*{**args, **change}.values())
+
+
 @SM90
 def test_sm90_forward_op_names_bad_arguments():
     B, n, H, D, cm = 2, 70, 2, 128, 40
@@ -386,16 +395,10 @@ def test_sm90_forward_op_names_bad_arguments():
     q = torch.randn(B, n, H, D, **bf16)
     cmem = torch.randn(B, cm, H, D, **bf16)
 
-    def call(**change):
-        args = dict(q=q, k=q, v=q, mem_k=None, mem_v=None, cmem_k=cmem, cmem_v=cmem,
-                    mem_lens=None, cmem_lens=torch.tensor([0, 40], dtype=torch.int32, device="cuda"),
-                    causal=True, scale=0.1, out=torch.empty_like(q),
-                    lse=torch.empty(B, H, n, device="cuda"))
-        args.update(change)
-        torch.ops.ct_kernels.attention_fwd_sm90(*args.values())
-
-    call()  # the arguments as given work
-    for change, message in (
+    args = dict(q=q, k=q, v=q, mem_k=None, mem_v=None, cmem_k=cmem, cmem_v=cmem, mem_lens=None,
+                cmem_lens=torch.tensor([0, 40], dtype=torch.int32, device="cuda"), causal=True,
+                scale=0.1, out=torch.empty_like(q), lse=torch.empty(B, H, n, device="cuda"))
+    _expect_messages(torch.ops.ct_kernels.attention_fwd_sm90, args, (
             (dict(q=q.half()), "k must be a Half tensor"),
             (dict(v=q[:, :, :, :64]), "v must be \\[B, S, H, 128\\]"),
             (dict(cmem_v=None), "cmem_k and cmem_v must be given together"),
@@ -403,9 +406,7 @@ def test_sm90_forward_op_names_bad_arguments():
             (dict(out=torch.empty(B, n + 1, H, D, **bf16)), "out must be a contiguous"),
             (dict(lse=torch.empty(B, H, n, device="cuda", dtype=torch.float64)), "lse must be a contiguous"),
             (dict(q=q[..., :32]), "q must be \\[B, n, H, 64 or 128\\]"),
-            (dict(q=q.cpu()), "q must be a CUDA tensor")):
-        with pytest.raises(RuntimeError, match=message):
-            call(**change)
+            (dict(q=q.cpu()), "q must be a CUDA tensor")))
 
 
 @SM90
@@ -418,16 +419,11 @@ def test_sm90_backward_op_names_bad_arguments():
     accum = torch.empty(B * H * 1 * attention.SM90_DQ_TILE, device="cuda")
     grad = lambda rows: torch.empty(B, rows, H, D, **bf16)  # noqa: E731
 
-    def call(**change):
-        args = dict(grad_out=q, q=q, k=q, v=q, mem_k=mem, mem_v=mem, cmem_k=None, cmem_v=None,
-                    lse=stats, delta=stats, mem_lens=None, cmem_lens=None, causal=True,
-                    scale=0.1, dq=grad(n), dk=grad(n), dv=grad(n), dmem_k=grad(m),
-                    dmem_v=grad(m), dcmem_k=grad(0), dcmem_v=grad(0), dq_accum=accum)
-        args.update(change)
-        torch.ops.ct_kernels.attention_bwd_sm90(*args.values())
-
-    call()  # the arguments as given work
-    for change, message in (
+    args = dict(grad_out=q, q=q, k=q, v=q, mem_k=mem, mem_v=mem, cmem_k=None, cmem_v=None,
+                lse=stats, delta=stats, mem_lens=None, cmem_lens=None, causal=True, scale=0.1,
+                dq=grad(n), dk=grad(n), dv=grad(n), dmem_k=grad(m), dmem_v=grad(m),
+                dcmem_k=grad(0), dcmem_v=grad(0), dq_accum=accum)
+    _expect_messages(torch.ops.ct_kernels.attention_bwd_sm90, args, (
             (dict(q=q.float()), "q must be bfloat16 or float16"),
             (dict(k=q[:, :10]), "k and v must have q's 64 rows"),
             (dict(mem_v=None), "mem_k and mem_v must be given together"),
@@ -436,9 +432,7 @@ def test_sm90_backward_op_names_bad_arguments():
             (dict(dq=grad(n).float()), "dq must be a contiguous"),
             (dict(dmem_k=grad(m + 1)), "dmem_k must be a contiguous"),
             (dict(dq_accum=accum[1:]), "dq_accum must be a contiguous"),
-            (dict(q=q.cpu()), "q must be a CUDA tensor")):
-        with pytest.raises(RuntimeError, match=message):
-            call(**change)
+            (dict(q=q.cpu()), "q must be a CUDA tensor")))
 
 
 def test_torch_compile_fullgraph():
