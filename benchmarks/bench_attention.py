@@ -9,9 +9,10 @@ Rows (benchmarks/results/attention.csv):
       [B, H, n, L] and added in score_mod), sdpa_bias (a float bias [B, H, n, L]);
       ct_triton_stored is ct_triton with store_score_grads=True (its backward keeps the
       [B, H, n, L] score gradients instead of recomputing the scores).
-  ct_triton runs the Triton kernels only; ct_cuda (attention on Hopper) is what the package
-  runs there by default: the sm_90 forward of csrc/attention_sm90.cu and, at head dim 128, its
-  sm_90 backward (the Triton backward at 64).
+  ct_triton (and ct_triton_stored) run the Triton kernels only; ct_cuda (and ct_cuda_stored)
+  on Hopper is what the package runs there by default: the sm_90 forward of
+  csrc/attention_sm90.cu (with relative positions too) and, without relative positions at head
+  dim 128, its sm_90 backward (the Triton backward otherwise).
 Modes fwd (no grad) and fwd+bwd (gradients for q, k, v, both memories and r, u, v).
 FLOPs = 4 B H D (n (m + cm) + n (n + 1) / 2), x3.5 for fwd+bwd (QK and PV only).
 Peers get the concatenated K/V: the torch.cat is part of their time, as for a user.
@@ -43,7 +44,8 @@ CPU_SHAPES = {"cpu-small": (1, 2, 24, 16, 32, 16)}
 CSV = "attention.csv"
 # also timed as CUDA graph replays (provider "<name>-graph"): GPU time without the Python,
 # autograd and launch work per call, which a training step overlaps with earlier GPU work
-GRAPH_PROVIDERS = ("ct_triton", "ct_cuda", "ct_triton_stored", "sdpa_flash", "flex")
+GRAPH_PROVIDERS = ("ct_triton", "ct_cuda", "ct_triton_stored", "ct_cuda_stored", "sdpa_flash",
+                   "flex")
 
 
 @contextlib.contextmanager
@@ -139,6 +141,9 @@ def providers(args, rel_pos, device):
 
     fns.update(flex=flex_positions, sdpa_bias=sdpa_bias, ct_triton_stored=lambda: (
         ct_kernels.compressive_attention(**args, backend="triton", store_score_grads=True)))
+    if D in attention.SM90_FORWARD_HEAD_DIMS and q.dtype == torch.bfloat16 and sm90_available():
+        # the same calls, outside triton_only()
+        fns.update(ct_cuda=fns["ct_triton"], ct_cuda_stored=fns["ct_triton_stored"])
     return fns
 
 
@@ -155,7 +160,7 @@ def cases(shapes, dtype, device, rel_pos):
         grad = torch.randn_like(args["q"])
         flops = attention_flops(*shape)
         for provider, fwd in providers(args, rel_pos, device).items():
-            context = triton_only if provider == "ct_triton" else contextlib.nullcontext
+            context = triton_only if provider.startswith("ct_triton") else contextlib.nullcontext
 
             def forward(fwd=fwd, context=context):
                 with torch.no_grad(), context():

@@ -1,6 +1,7 @@
-// Compressive attention for Hopper (sm_90a), float16 and bfloat16, without relative positions
-// or key padding: the forward (head dims 64 and 128), and the backward (dQ, dK, dV; head dim
-// 128) from the forward's output and log2-domain LSE (the same LSE as the Triton forward's,
+// Compressive attention for Hopper (sm_90a), float16 and bfloat16, without key padding: the
+// forward (head dims 64 and 128; also with Transformer-XL relative positions, bfloat16 and
+// causal), and the backward (dQ, dK, dV; head dim 128; without relative positions) from the
+// forward's output and log2-domain LSE (the same LSE as the Triton forward's,
 // ct_kernels/ops/attention.py).
 //
 // Forward: one block per (128 queries, batch, head), two warpgroups of 64 queries each, whose
@@ -18,6 +19,12 @@
 // The two warpgroups take turns issuing their products, so that one's softmax runs while the
 // tensor cores do the other's (at head dim 128; at 64 two blocks share an SM instead). At the
 // end O / row sum goes out through the TMA and the LSE (row max + log2(row sum)) per row.
+// With relative positions (as the Triton kernels: Q is q + u, and the score of query i and
+// key j adds (q_i + u).r_d + w_d, d = cm + m + i - j, w = (v - u).r), the key tiles have 64
+// keys and each warpgroup also scores the tile's new 64 distances, Q r_chunk^T, issued with
+// S_j; r comes in chunks of 64 rows through a third TMA ring (ChunkStream). The scored half
+// band goes to the warp's shared memory in bfloat16 (as the Triton kernels round it), and
+// each thread reads its (i, j) entries sheared from the two halves there into S_j.
 //
 // Backward: one block per (128 keys of one source, batch, head): two warpgroups of 64 keys
 // each, whose K, V and fp32 dK, dV stay put while the 64-query tiles that see them stream
@@ -61,23 +68,33 @@ namespace fwd {
 constexpr int kThreads = 256;      // two warpgroups
 
 // Tiles and shared memory of a block at head dim D (64 or 128; rows of D / 64 boxes of 64
-// columns). At D = 64, tiles of 64 keys keep a thread's registers to 128, so that two blocks
-// share an SM (one's softmax, set-up and epilogue overlapping the other's products).
-template <int D>
+// columns), with Transformer-XL relative positions if kRel. At D = 64, tiles of 64 keys keep a
+// thread's registers to 128, so that two blocks share an SM (one's softmax, set-up and epilogue
+// overlapping the other's products). With relative positions the key tiles have 64 keys, a
+// ring of kRSlots chunks of 64 rows of r follows the K and V rings, and each warp has a
+// [16 rows, 128 distances] bfloat16 band of position scores (rows kBandStride apart: the
+// stores conflict-free, the sheared loads at most 2-way).
+template <int D, bool kRel = false>
 struct Layout {
-  static constexpr int kKeyTile = D == 64 ? 64 : 128;         // keys per tile
+  static constexpr int kKeyTile = D == 64 || kRel ? 64 : 128;  // keys per tile
   static constexpr int kStages = 3;                           // of the K and V rings
-  static constexpr int kBlocksPerSm = D == 64 ? 2 : 1;
+  static constexpr int kBlocksPerSm = D == 64 && !kRel ? 2 : 1;
   static constexpr int kBoxes = D / 64;
   static constexpr int kQBytes = 64 * D * 2;                  // a warpgroup's [64, D] query tile
   static constexpr int kKvBytes = kKeyTile * D * 2;           // a [kKeyTile, D] key or value tile
   static constexpr int kKvBoxBytes = kKeyTile * 128;          // its boxes: kKeyTile rows x 64 columns
+  static constexpr int kRSlots = kRel ? 4 : 0;                // chunks of r in the ring
+  static constexpr int kRBytes = 64 * D * 2;                  // a chunk: 64 distances x D
+  static constexpr int kBandStride = 136;                     // elements between a band's rows
+  static constexpr int kBandBytes = kRel ? 16 * kBandStride * 2 : 0;  // a warp's band
   static constexpr int kQOffset = 0;                          // Q of each warpgroup, then its output
   static constexpr int kKOffset = kQOffset + 2 * kQBytes;     // the ring: K per stage
   static constexpr int kVOffset = kKOffset + kStages * kKvBytes;      // V per stage
-  static constexpr int kBarrierOffset = kVOffset + kStages * kKvBytes;  // Q, then K and V full per stage
-  static constexpr int kCountOffset = kBarrierOffset + 8 * (1 + 2 * kStages);  // per stage: releases of K, of V
-  static constexpr int kSmemBytes = kCountOffset + 4 * 2 * kStages;
+  static constexpr int kROffset = kVOffset + kStages * kKvBytes;      // r per slot
+  static constexpr int kBandOffset = kROffset + kRSlots * kRBytes;    // the 8 warps' bands
+  static constexpr int kBarrierOffset = kBandOffset + 8 * kBandBytes;  // Q, K and V full per stage, r full per slot
+  static constexpr int kCountOffset = kBarrierOffset + 8 * (1 + 2 * kStages + kRSlots);  // releases: K, V, r
+  static constexpr int kSmemBytes = kCountOffset + 4 * (2 * kStages + kRSlots);
   static_assert(kSmemBytes * kBlocksPerSm <= 227 * 1024, "more shared memory than an sm_90 SM has");
 };
 
@@ -90,6 +107,11 @@ struct AttnFwdParams {
   int causal;
   float qk_scale;                    // softmax scale * log2(e)
   float* lse;                        // [B, H, n], log2 domain
+  // relative positions: r [H, R, D] as the map (column, head, distance, 0) with boxes of 64
+  // distances, and the per-distance bias w [H, R] (fp32)
+  CUtensorMap r_map;
+  const float* w;
+  int r_rows;
 };
 
 // The key tiles a query tile visits, oldest first: tiles first_c.. of cmem (count_c), first_m..
@@ -109,14 +131,46 @@ struct KeyTiles {
       src = 2, key0 = (j - count_c - count_m) * kKeyTile;
     }
   }
+  // source of tile j and its index among that source's visited tiles
+  __device__ __forceinline__ void source_tile(int j, int& src, int& index) const {
+    src = j < count_c ? 0 : j < count_c + count_m ? 1 : 2;
+    index = j - (src > 0 ? count_c : 0) - (src > 1 ? count_m : 0);
+  }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
+// Relative positions: the chunks of 64 rows of r (64 distances each) that a block's band
+// products read, in the order they are needed. Per key tile each warpgroup scores one new
+// chunk, the lower half of its tile's band; the upper half is the previous tile's lower
+// half. So warpgroup 0 scores chunk c(j) of tile j and warpgroup 1 (64 queries further,
+// distances 64 higher) chunk c(j) - 1, the one warpgroup 0 scored a tile before. A source's
+// first tile has no previous tile: its upper halves are chunks c(j) - 1 (warpgroup 0) and
+// c(j) - 2 (warpgroup 1), two more chunks ahead of its tiles'. A source's chunks thus run down
+// in steps of 64 distances from `top`, two more of them than its tiles.
+struct ChunkStream {
+  int first[3];  // per source: the index of its first chunk
+  int top[3];    // and that chunk's first distance
+  int total;
+  // the first distance of chunk c
+  __device__ __forceinline__ int distance(int c) const {
+    const int src = c >= first[2] ? 2 : c >= first[1] ? 1 : 0;
+    return pick(top, src) - 64 * (c - pick(first, src));
+  }
+  // warpgroup wg's lower-half chunk of the index-th tile of source src
+  __device__ __forceinline__ int lower(int src, int index, int wg) const {
+    return pick(first, src) + 2 + index - wg;
+  }
+  // a[src] by selects (no local-memory array)
+  static __device__ __forceinline__ int pick(const int (&a)[3], int src) {
+    return src == 0 ? a[0] : src == 1 ? a[1] : a[2];
+  }
+};
+
+template <typename T, int D, bool kRel>
+__global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     attention_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = Layout<D>;
-  constexpr int kKeyTile = L::kKeyTile, kStages = L::kStages;
+  using L = Layout<D, kRel>;
+  constexpr int kKeyTile = L::kKeyTile, kStages = L::kStages, kRSlots = L::kRSlots;
   constexpr float kMaxSlack = 8.f;  // see softmax
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem0 = smem_addr(smem_raw);
@@ -144,11 +198,30 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
   tiles.count_s = ((p.causal ? min(p.n, 128 * (tile_m + 1)) : p.n) + kKeyTile - 1) / kKeyTile;
   const int num_tiles = tiles.total();
 
+  // relative positions: the distance of query i to key j (global position over [cmem | mem |
+  // segment]) is cm + m + i - j; a source's first visited tile starts `top` - 64 below its
+  // first chunk's distance (ChunkStream)
+  ChunkStream chunks{};
+  if constexpr (kRel) {
+    const int count[3] = {tiles.count_c, tiles.count_m, tiles.count_s};
+    const int first_key[3] = {tiles.first_c * kKeyTile, p.size[0] + tiles.first_m * kKeyTile, p.size[0] + p.size[1]};
+    int c = 0;
+#pragma unroll
+    for (int s = 0; s < 3; ++s) {
+      chunks.first[s] = c;
+      chunks.top[s] = p.size[0] + p.size[1] + tile_m * 128 - first_key[s] + 64;
+      c += count[s] > 0 ? count[s] + 2 : 0;
+    }
+    chunks.total = c;
+  }
+
   const uint32_t q_bar = smem0 + L::kBarrierOffset;
   auto k_full = [&](int stage) { return q_bar + 8 + 8 * stage; };
   auto v_full = [&](int stage) { return q_bar + 8 + 8 * (kStages + stage); };
+  auto r_full = [&](int slot) { return q_bar + 8 + 8 * (2 * kStages + slot); };
   int* k_releases = reinterpret_cast<int*>(smem_raw + L::kCountOffset);
   int* v_releases = k_releases + kStages;
+  int* r_releases = v_releases + kStages;
   // key tile j of a ring (K or V: its shared memory, maps and full barrier) into its stage
   auto load_tile = [&](int j, uint32_t ring, const CUtensorMap* maps, uint32_t full) {
     int src, key0;
@@ -158,12 +231,22 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
   };
   auto load_keys = [&](int j) { load_tile(j, smem0 + L::kKOffset, p.k_map, k_full(j % kStages)); };
   auto load_values = [&](int j) { load_tile(j, smem0 + L::kVOffset, p.v_map, v_full(j % kStages)); };
+  // chunk c of r into its slot (distances outside [0, R) arrive as zeros)
+  auto load_chunk = [&](int c) {
+    if constexpr (kRel) {
+      const int slot = c % kRSlots;
+      barrier_expect(r_full(slot), L::kRBytes);
+      tma_load_boxes<L::kBoxes>(smem0 + L::kROffset + slot * L::kRBytes, kBoxBytes, &p.r_map, h, chunks.distance(c),
+                                0, r_full(slot));
+    }
+  };
   if (threadIdx.x == 0) {
     barrier_init(q_bar, 1);
     for (int stage = 0; stage < kStages; ++stage) {
       barrier_init(k_full(stage), 1), barrier_init(v_full(stage), 1);
       k_releases[stage] = v_releases[stage] = 0;
     }
+    for (int slot = 0; slot < kRSlots; ++slot) barrier_init(r_full(slot), 1), r_releases[slot] = 0;
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     barrier_expect(q_bar, 2 * L::kQBytes);
     for (int g = 0; g < 2; ++g) {
@@ -171,6 +254,9 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
                                 q_bar);
     }
     for (int j = 0; j < num_tiles && j < kStages; ++j) load_keys(j), load_values(j);
+    if constexpr (kRel) {
+      for (int c = 0; c < chunks.total && c < kRSlots; ++c) load_chunk(c);
+    }
   }
   __syncthreads();  // barriers and counters initialised
 
@@ -184,10 +270,11 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
 
   // descriptors: Q and K as K-major operands of the scores (rows of the head dim), V as the
   // MN-major B operand of O += P V (rows of keys: +2048 bytes per 16 keys, the column halves a
-  // box apart)
+  // box apart); r's chunks K-major like K
   const uint64_t q_desc = descriptor(smem0 + L::kQOffset + wg * L::kQBytes, 0, 1024);
   const uint64_t k_desc = descriptor(smem0 + L::kKOffset, 0, 1024);
   const uint64_t v_desc = descriptor(smem0 + L::kVOffset, L::kKvBoxBytes, 1024);
+  const uint64_t r_desc = descriptor(smem0 + L::kROffset, 0, 1024);
   // S = Q K_j^T, once K of tile j has arrived
   auto issue_scores = [&](int j) {
     const int stage = j % kStages;
@@ -209,6 +296,128 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
       Mma<T>::values(o, step, v_desc + at + (kk * 2048 >> 4));
     }
   };
+
+  // Relative positions (kRel). A tile's position scores (q_i + u).r_d + w_d, d = distance,
+  // span 128 distances per warpgroup, its band: the lower half (the new chunk) scored here,
+  // the upper half a tile earlier. Each warp keeps its 16 rows of the band in shared memory as
+  // two 64-column slots, the newer half in slot `band_slot`, and reads them sheared: (query
+  // i, key j) of the tile is column (64 band_slot + 64 + i - j) mod 128.
+  float band[kRel ? 32 : 1];  // a half band [64 queries, 64 distances]
+  int band_slot = 1;          // slot of the last half written
+  int released_chunks = 0;    // chunks below this one released by this warpgroup
+  const uint32_t band_smem = smem0 + L::kBandOffset + (4 * wg + warp) * L::kBandBytes;
+  // chunk c of r has arrived (waited for before the products are issued: a wait between two
+  // products would make ptxas serialise every product of the kernel)
+  auto wait_chunk = [&](int c) {
+    if constexpr (kRel) barrier_wait(r_full(c % kRSlots), (c / kRSlots) & 1);
+  };
+  // the band product of chunk c
+  auto issue_band = [&](int c) {
+    if constexpr (kRel) {
+      const uint32_t at = (c % kRSlots) * L::kRBytes >> 4;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        Mma<T>::scores(band, q_desc + k_step(kk, kBoxBytes), r_desc + at + k_step(kk, kBoxBytes), kk);
+      }
+    }
+  };
+  // the half band of chunk c plus w, rounded to bfloat16, into the other slot
+  auto store_band = [&](int c) {
+    if constexpr (kRel) {
+      const float* w = p.w + int64_t(h) * p.r_rows;
+      const int dist = chunks.distance(c) + 2 * (lane % 4);
+      __syncwarp();  // the warp's reads of that slot (a tile ago) are done
+      band_slot ^= 1;
+      const uint32_t at = band_smem + 2 * ((lane / 4) * L::kBandStride + 64 * band_slot + 2 * (lane % 4));
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const int d = dist + 8 * jj;
+        const float w0 = d >= 0 && d < p.r_rows ? __ldg(w + d) : 0.f;
+        const float w1 = d + 1 >= 0 && d + 1 < p.r_rows ? __ldg(w + d + 1) : 0.f;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 2 * (8 * r * L::kBandStride + 8 * jj)),
+                       "r"(pack<__nv_bfloat16>(band[4 * jj + 2 * r] + w0, band[4 * jj + 2 * r + 1] + w1))
+                       : "memory");
+        }
+      }
+      __syncwarp();  // the half, visible to the warp
+    }
+  };
+  // S += the tile's position scores, read sheared from the band
+  auto add_positions = [&]() {
+    if constexpr (kRel) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = lane / 4 + 8 * r;  // in the warp's band; 16 warp + row in the warpgroup's
+        const int col0 = 64 * band_slot + 64 + 16 * warp + row - 2 * (lane % 4);
+        const uint32_t at = band_smem + 2 * row * L::kBandStride;
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            uint16_t bits;
+            asm volatile("ld.shared.u16 %0, [%1];\n"
+                         : "=h"(bits)
+                         : "r"(at + 2 * ((col0 - 8 * jj - e) & 127))
+                         : "memory");
+            s[4 * jj + 2 * r + e] += __uint_as_float(uint32_t(bits) << 16);
+          }
+        }
+      }
+    }
+  };
+  // the lowest chunk that this warpgroup reads from tile j on (a source's first tile also
+  // reads the chunk below its lower half's)
+  auto lowest_chunk = [&](int j) {
+    if (j == num_tiles) return chunks.total;
+    int src, index;
+    tiles.source_tile(j, src, index);
+    return chunks.lower(src, index, wg) - (index == 0);
+  };
+  // this warpgroup is done with the chunks below `limit`: the second warpgroup to release a
+  // chunk refills its slot
+  auto release_chunks = [&](int limit) {
+    if constexpr (kRel) {
+      for (; released_chunks < limit; ++released_chunks) {
+        release_stage(r_releases, released_chunks, kRSlots, chunks.total, x, load_chunk);
+      }
+    }
+  };
+  // tile j's band products: at a source's first tile the upper half first (waited for here,
+  // before the tile's turn), then the lower half (issue_lower, with the scores)
+  auto upper_half = [&](int j) {
+    if constexpr (kRel) {
+      int src, index;
+      tiles.source_tile(j, src, index);
+      if (index == 0) {
+        const int c = chunks.lower(src, 0, wg) - 1;
+        wait_chunk(c);
+        wgmma_fence();
+        issue_band(c);
+        wgmma_commit();
+        wgmma_wait<0>();
+        touch(band);
+        store_band(c);
+      }
+    }
+  };
+  auto lower_chunk = [&](int j) {
+    int src, index;
+    tiles.source_tile(j, src, index);
+    return chunks.lower(src, index, wg);
+  };
+  // after tile j's products: release the chunks that the next tiles do not read, the lower half
+  // into the band, the position scores into S
+  auto positions = [&](int j) {
+    if constexpr (kRel) {
+      touch(band);
+      release_chunks(lowest_chunk(j + 1));
+      store_band(lower_chunk(j));
+      add_positions();
+    }
+  };
+
   // this thread's rows (accumulator layout, sm90.cuh): 16 warp + lane / 4 and 8 below
   const int row0 = query0 + 16 * warp + lane / 4;
   // P_j = exp2(S_j * scale * log2(e) - row max) with the running maxima and sums updated;
@@ -276,26 +485,35 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
   auto release_keys = [&](int j) { release_stage(k_releases, j, kStages, num_tiles, x, load_keys); };
   auto release_values = [&](int j) { release_stage(v_releases, j, kStages, num_tiles, x, load_values); };
 
+  if constexpr (kRel) release_chunks(lowest_chunk(0));
   barrier_wait(q_bar, 0);
   if (wg == 1) your_turn();  // the first turn is warpgroup 0's
   float alpha[2];
+  upper_half(0);
+  if constexpr (kRel) wait_chunk(lower_chunk(0));
   my_turn();
   wgmma_fence();
   issue_scores(0);
+  if constexpr (kRel) issue_band(lower_chunk(0));
   wgmma_commit();
   your_turn();
   wgmma_wait<0>();
   touch(s);
   release_keys(0);
+  positions(0);
   softmax(0, alpha);
   pack_operand<T>(s, pk);
   wait_values(0);
-  // Iteration j: S_j and O += P_{j-1} V_{j-1} in flight together; the softmax of S_j runs
-  // while the second product finishes, then O is rescaled and P_j packed.
+  // Iteration j: S_j (and the band's lower half) and O += P_{j-1} V_{j-1} in flight together;
+  // the softmax of S_j runs while the second product finishes, then O is rescaled and P_j
+  // packed.
   for (int j = 1; j < num_tiles; ++j) {
+    upper_half(j);
+    if constexpr (kRel) wait_chunk(lower_chunk(j));
     my_turn();
     wgmma_fence();
     issue_scores(j);
+    if constexpr (kRel) issue_band(lower_chunk(j));
     wgmma_commit();
     issue_values(j - 1);
     wgmma_commit();
@@ -303,6 +521,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D>::kBlocksPerSm)
     wgmma_wait<1>();
     touch(s);
     release_keys(j);
+    positions(j);
     softmax(j, alpha);
     // V of tile j, for the next iteration. Waiting for it here also ends a basic block between
     // the softmax and the wait below, which ptxas would otherwise hoist above the softmax
@@ -711,23 +930,43 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
 }
 
 // Writes out ([B, n, H, D], D = 64 or 128, contiguous, q's dtype) and lse ([B, H, n] fp32, log2 domain).
-// Absent memories: None.
+// Absent memories: None. With Transformer-XL relative positions (bfloat16, causal): q is the
+// biased query q + u, rel_r the projected positions r [H, R, D] (q's dtype) and rel_w the
+// per-distance bias (v - u).r [H, R] (fp32, contiguous); else both None.
 void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
                         const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens,
-                        bool causal, double scale, at::Tensor out, at::Tensor lse) {
+                        const std::optional<at::Tensor>& rel_r, const std::optional<at::Tensor>& rel_w, bool causal,
+                        double scale, at::Tensor out, at::Tensor lse) {
   const KeySources sources = key_sources(kFwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, true);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   check_exact(kFwdOp, out, "out", q.sizes(), q.scalar_type(), q);
   check_exact(kFwdOp, lse, "lse", {batch, heads, n}, at::kFloat, q);
   const int64_t tiles_m = (n + 127) / 128;
   TORCH_CHECK(tiles_m * batch * heads < (int64_t(1) << 31), kFwdOp, ": sizes out of range");
+  const bool rel = rel_r.has_value();
+  TORCH_CHECK(rel == rel_w.has_value(), kFwdOp, ": rel_r and rel_w must be given together");
+  at::Tensor r_rows;  // r as [1, R, H, D], where the TMA can read it
+  if (rel) {
+    const at::Tensor& r = *rel_r;
+    const at::Tensor& w = *rel_w;
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, kFwdOp, ": relative positions need bfloat16 inputs, got ",
+                q.scalar_type());
+    TORCH_CHECK(causal, kFwdOp, ": relative positions need causal=True");
+    TORCH_CHECK(r.dim() == 3 && r.size(0) == heads && r.size(1) >= 1 && r.size(2) == q.size(3), kFwdOp,
+                ": rel_r must be [H, R, D] with q's H and D and R >= 1, got ", ct_kernels::shape(r.sizes()));
+    TORCH_CHECK(r.scalar_type() == q.scalar_type() && r.device() == q.device(), kFwdOp, ": rel_r must be a ",
+                q.scalar_type(), " tensor on ", q.device(), ", got ", r.scalar_type(), " on ", r.device());
+    TORCH_CHECK(r.size(1) < (1 << 30), kFwdOp, ": sizes out of range");
+    check_exact(kFwdOp, w, "rel_w", {heads, r.size(1)}, at::kFloat, q);
+    r_rows = rows_aligned(r.unsqueeze(0).transpose(1, 2));
+  }
   const c10::cuda::CUDAGuard device_guard(q.device());
   sm90_properties(kFwdOp);
 
   fwd::AttnFwdParams p{};
-  const int key_tile = q.size(3) == 64 ? fwd::Layout<64>::kKeyTile : fwd::Layout<kHeadDim>::kKeyTile;
+  const int key_tile = q.size(3) == 64 || rel ? 64 : fwd::Layout<kHeadDim>::kKeyTile;
   const at::Tensor q_rows = rows_aligned(q);
   make_map(p.q_map, q_rows, 64);
   make_map(p.out_map, out, 64);
@@ -737,6 +976,11 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     make_map(p.k_map[s], sources.k[s], key_tile);
     make_map(p.v_map[s], sources.v[s], key_tile);
   }
+  if (rel) {
+    make_map(p.r_map, r_rows, 64);
+    p.w = rel_w->data_ptr<float>();
+    p.r_rows = int(r_rows.size(1));
+  }
   p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m);
   p.causal = causal;
@@ -744,21 +988,27 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.lse = lse.data_ptr<float>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto type, auto head_dim) {
-    constexpr int kSmemBytes = fwd::Layout<decltype(head_dim)::value>::kSmemBytes;
-    auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type), decltype(head_dim)::value>;
+  auto launch = [&](auto type, auto head_dim, auto rel_pos) {
+    constexpr int kD = decltype(head_dim)::value;
+    constexpr bool kRel = decltype(rel_pos)::value;
+    constexpr int kSmemBytes = fwd::Layout<kD, kRel>::kSmemBytes;
+    auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type), kD, kRel>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     kernel<<<int(tiles_m * batch * heads), fwd::kThreads, kSmemBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  auto run = [&](auto type) {
+  auto run = [&](auto type, auto rel_pos) {
     if (q.size(3) == 64) {
-      launch(type, std::integral_constant<int, 64>{});
+      launch(type, std::integral_constant<int, 64>{}, rel_pos);
     } else {
-      launch(type, std::integral_constant<int, kHeadDim>{});
+      launch(type, std::integral_constant<int, kHeadDim>{}, rel_pos);
     }
   };
-  with_element_type(q, run);
+  if (rel) {
+    run(__nv_bfloat16{}, std::true_type{});  // relative positions: bfloat16 only (checked)
+  } else {
+    with_element_type(q, [&](auto type) { run(type, std::false_type{}); });
+  }
 }
 
 // Writes dq, dk, dv and the memories' gradients (contiguous, shaped like their inputs, q's
@@ -845,8 +1095,8 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
 TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
   m.def(
       "attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? cmem_k, "
-      "Tensor? cmem_v, Tensor? mem_lens, Tensor? cmem_lens, bool causal, float scale, Tensor(a!) out, "
-      "Tensor(b!) lse) -> ()");
+      "Tensor? cmem_v, Tensor? mem_lens, Tensor? cmem_lens, Tensor? rel_r, Tensor? rel_w, bool causal, "
+      "float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def(
       "attention_bwd_sm90(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, "
       "Tensor? cmem_k, Tensor? cmem_v, Tensor lse, Tensor delta, Tensor? mem_lens, Tensor? cmem_lens, bool causal, "

@@ -296,25 +296,34 @@ def sm90_only(monkeypatch):
         monkeypatch.setattr(attention, name, triton_pass)
 
 
-@pytest.mark.parametrize("D,dtype,rel_pos,padding,forward,backward", [
-    (128, torch.bfloat16, False, False, True, True), (64, torch.float16, False, False, True, False),
-    (32, torch.bfloat16, False, False, False, False), (256, torch.float16, False, False, False, False),
-    (128, torch.float32, False, False, False, False), (128, torch.bfloat16, True, False, False, False),
-    (128, torch.bfloat16, False, True, False, False),
+@pytest.mark.parametrize("D,dtype,rel_pos,causal,padding,forward,backward", [
+    (128, torch.bfloat16, False, True, False, True, True),
+    (64, torch.float16, False, False, False, True, False),
+    (32, torch.bfloat16, False, True, False, False, False),
+    (256, torch.float16, False, True, False, False, False),
+    (128, torch.float32, False, True, False, False, False),
+    (128, torch.bfloat16, True, True, False, True, False),
+    (64, torch.bfloat16, True, True, False, True, False),
+    (128, torch.float16, True, True, False, False, False),
+    (128, torch.bfloat16, True, False, False, False, False),
+    (128, torch.bfloat16, False, True, True, False, False),
 ])
-def test_sm90_dispatch(monkeypatch, D, dtype, rel_pos, padding, forward, backward):
-    # which calls the sm_90 kernels take: 16-bit inputs without relative positions or key
-    # padding, the forward at D = 64 and 128, the backward at 128 (the extension and the
-    # Hopper GPU stubbed present)
+def test_sm90_dispatch(monkeypatch, D, dtype, rel_pos, causal, padding, forward, backward):
+    # which calls the sm_90 kernels take: 16-bit inputs without key padding, the forward at
+    # D = 64 and 128 (with relative positions: bfloat16, causal), the backward at 128 without
+    # relative positions (the extension and the Hopper GPU stubbed present)
     monkeypatch.setattr(attention, "_sm90_loaded", lambda: True)
     monkeypatch.setattr(dispatch, "on_sm90", lambda: True)
     call = types.SimpleNamespace(q=types.SimpleNamespace(is_cuda=True), dtype=dtype, D=D,
-                                 flags=dict(REL_POS=rel_pos, HAS_PAD=padding))
-    assert attention._sm90_applies(call, True, attention.SM90_FORWARD_HEAD_DIMS) == forward
-    assert attention._sm90_applies(call, True, attention.SM90_BACKWARD_HEAD_DIMS) == backward
-    assert not attention._sm90_applies(call, False, attention.SM90_FORWARD_HEAD_DIMS)
+                                 flags=dict(REL_POS=rel_pos, CAUSAL=causal, HAS_PAD=padding))
+    forward_heads, backward_heads = attention.SM90_FORWARD_HEAD_DIMS, attention.SM90_BACKWARD_HEAD_DIMS
+    assert attention._sm90_applies(call, True, forward_heads, rel_pos=True) == forward
+    assert attention._sm90_applies(call, True, backward_heads) == backward
+    assert not attention._sm90_applies(call, False, forward_heads, rel_pos=True)
+    if rel_pos:  # a kernel without relative positions never takes them
+        assert not attention._sm90_applies(call, True, forward_heads)
     monkeypatch.setattr(dispatch, "on_sm90", lambda: False)
-    assert not attention._sm90_applies(call, True, attention.SM90_FORWARD_HEAD_DIMS)
+    assert not attention._sm90_applies(call, True, forward_heads, rel_pos=True)
 
 
 @SM90
@@ -350,6 +359,26 @@ def test_sm90_forward_head_dim_64(monkeypatch, n, m, cm, dtype, partial, causal)
     args = testing.random_attention_inputs(2, n, 3, 64, m, cm, dtype=dtype, device="cuda",
                                            generator=g, partial=partial)
     check(args, causal=causal)
+
+
+@SM90
+@pytest.mark.parametrize("n,m,cm,D,partial,extra_rows", [
+    (1, 0, 0, 128, False, 3), (1, 64, 96, 64, True, 0), (113, 113, 0, 128, True, 3),
+    (239, 0, 0, 64, False, 3), (239, 256, 384, 128, True, 200), (512, 512, 512, 128, False, 0),
+    (1023, 512, 333, 128, True, 3), (200, 70, 129, 64, True, 65), (64, 1, 0, 128, True, 3),
+])
+def test_sm90_forward_relative_positions(monkeypatch, n, m, cm, D, partial, extra_rows):
+    # the sm_90 forward with relative positions (bfloat16): sources whose first tiles are not
+    # 64 apart in distance (cm, m not multiples of 64, skipped invalid tiles), R > L and
+    # R = L, one query; gradients from the Triton backward and the LSE it saved
+    def triton_forward(*_args, **_kwargs):
+        raise AssertionError("the Triton forward ran")
+    monkeypatch.setattr(attention, "_launch_fwd", triton_forward)
+    g = torch.Generator().manual_seed(n + 7 * m + 3 * cm + D)
+    args = testing.random_attention_inputs(2, n, 3, D, m, cm, dtype=torch.bfloat16,
+                                           device="cuda", generator=g, partial=partial,
+                                           rel_pos=True, extra_rows=extra_rows)
+    check(args)
 
 
 @SM90
@@ -395,9 +424,18 @@ def test_sm90_forward_op_names_bad_arguments():
     q = torch.randn(B, n, H, D, **bf16)
     cmem = torch.randn(B, cm, H, D, **bf16)
 
+    r = torch.randn(H, n + cm, D, **bf16)
+    w = torch.randn(H, n + cm, device="cuda")
     args = dict(q=q, k=q, v=q, mem_k=None, mem_v=None, cmem_k=cmem, cmem_v=cmem, mem_lens=None,
-                cmem_lens=torch.tensor([0, 40], dtype=torch.int32, device="cuda"), causal=True,
-                scale=0.1, out=torch.empty_like(q), lse=torch.empty(B, H, n, device="cuda"))
+                cmem_lens=torch.tensor([0, 40], dtype=torch.int32, device="cuda"), rel_r=None,
+                rel_w=None, causal=True, scale=0.1, out=torch.empty_like(q),
+                lse=torch.empty(B, H, n, device="cuda"))
+    _expect_messages(torch.ops.ct_kernels.attention_fwd_sm90, {**args, "rel_r": r, "rel_w": w}, (
+            (dict(rel_w=None), "rel_r and rel_w must be given together"),
+            (dict(rel_r=r[:, :, :64]), "rel_r must be \\[H, R, D\\] with q's H and D"),
+            (dict(rel_r=r.half()), "rel_r must be a BFloat16 tensor"),
+            (dict(rel_w=w[:, 1:]), "rel_w must be a contiguous Float tensor of shape \\[2, 110\\]"),
+            (dict(causal=False), "relative positions need causal=True")))
     _expect_messages(torch.ops.ct_kernels.attention_fwd_sm90, args, (
             (dict(q=q.half()), "k must be a Half tensor"),
             (dict(v=q[:, :, :, :64]), "v must be \\[B, S, H, 128\\]"),

@@ -21,8 +21,9 @@ Kernels (one program per (tile, batch*head)):
     and by distance, for
   - ``_bwd_dq_stored_kernel``: dQ, dr, dw from those stored gradients (no recompute); it
     replaces the dQ pass, and ``_bwd_delta_kernel`` computes delta before the dK/dV pass.
-On Hopper (sm_90) with float16/bfloat16, without relative positions or key padding, the
-forward (head dims 64 and 128) and the backward (head dim 128) run instead on ct_kernels._C's
+On Hopper (sm_90) with float16/bfloat16 and without key padding, the forward (head dims 64
+and 128; with relative positions for bfloat16 causal calls) and, without relative positions,
+the backward (head dim 128) run instead on ct_kernels._C's
 ``attention_fwd_sm90`` and ``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward is one pass over key blocks
 that also computes dQ, adding it into an fp32 buffer; ``SM90_FORWARD`` and ``SM90_BACKWARD``
 switch them off).
@@ -928,7 +929,7 @@ def _sm90_loaded() -> bool:
 if _sm90_loaded():
     @torch.library.register_fake("ct_kernels::attention_fwd_sm90")
     def _attention_fwd_sm90_fake(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                                 causal, scale, out, lse):
+                                 rel_r, rel_w, causal, scale, out, lse):
         return None  # it writes out and lse
 
     @torch.library.register_fake("ct_kernels::attention_bwd_sm90")
@@ -938,12 +939,15 @@ if _sm90_loaded():
         return None  # it writes the gradients
 
 
-def _sm90_applies(c, switch: bool, head_dims: tuple) -> bool:
+def _sm90_applies(c, switch: bool, head_dims: tuple, rel_pos: bool = False) -> bool:
     """Whether the call runs on a Hopper kernel (switch: SM90_FORWARD or SM90_BACKWARD, with
-    its head dims): float16/bfloat16 CUDA inputs on an sm_90 GPU, without relative positions or
-    key padding."""
+    its head dims): float16/bfloat16 CUDA inputs on an sm_90 GPU, without key padding, and
+    without relative positions unless the kernel takes them (rel_pos: the forward, for
+    bfloat16 causal calls)."""
+    if c.flags["REL_POS"] and not (rel_pos and c.dtype == torch.bfloat16 and c.flags["CAUSAL"]):
+        return False
     return (switch and c.q.is_cuda and c.dtype in (torch.float16, torch.bfloat16)
-            and c.D in head_dims and not c.flags["REL_POS"] and not c.flags["HAS_PAD"]
+            and c.D in head_dims and not c.flags["HAS_PAD"]
             and _sm90_loaded() and dispatch.on_sm90())
 
 
@@ -955,9 +959,10 @@ def _forward(*inputs):
 def _forward_call(c):
     out = _empty((c.B, c.n, c.H, c.D), c.dtype, c.q.device)
     lse = _empty((c.B, c.H, c.n), torch.float32, c.q.device)
-    if _sm90_applies(c, SM90_FORWARD, SM90_FORWARD_HEAD_DIMS):
+    if _sm90_applies(c, SM90_FORWARD, SM90_FORWARD_HEAD_DIMS, rel_pos=True):
+        rel = c.rel if c.flags["REL_POS"] else (None, None)  # (r, w = (v - u).r)
         torch.ops.ct_kernels.attention_fwd_sm90(c.q, *c.sources[:2], *c.memories, *c.lengths,
-                                                c.flags["CAUSAL"], c.scale, out, lse)
+                                                *rel, c.flags["CAUSAL"], c.scale, out, lse)
     else:
         _launch_fwd(c, out, lse)
     return out, lse
