@@ -86,7 +86,8 @@ struct Layout {
   static constexpr int kRSlots = kRel ? 4 : 0;                // chunks of r in the ring
   static constexpr int kRBytes = 64 * D * 2;                  // a chunk: 64 distances x D
   static constexpr int kBandStride = 136;                     // elements between a band's rows
-  static constexpr int kBandBytes = kRel ? 16 * kBandStride * 2 : 0;  // a warp's band
+  static constexpr int kBandFront = 8;                        // elements before row 0 (its column -1)
+  static constexpr int kBandBytes = kRel ? (kBandFront + 16 * kBandStride) * 2 : 0;  // a warp's band
   static constexpr int kQOffset = 0;                          // Q of each warpgroup, then its output
   static constexpr int kKOffset = kQOffset + 2 * kQBytes;     // the ring: K per stage
   static constexpr int kVOffset = kKOffset + kStages * kKvBytes;      // V per stage
@@ -108,11 +109,16 @@ struct AttnFwdParams {
   float qk_scale;                    // softmax scale * log2(e)
   float* lse;                        // [B, H, n], log2 domain
   // relative positions: r [H, R, D] as the map (column, head, distance, 0) with boxes of 64
-  // distances, and the per-distance bias w [H, R] (fp32)
+  // distances, and the per-distance bias w (fp32) of distance d at w[h * w_stride + d]
+  // (zeros where d is outside [0, R); d >= -kWFront)
   CUtensorMap r_map;
   const float* w;
-  int r_rows;
+  int w_stride;
 };
+
+// the zeros ahead of and after each head's w (AttnFwdParams): no distance a block reads lies
+// more than 128 below 0 or 256 above R - 1
+constexpr int kWFront = 128, kWBack = 256;
 
 // The key tiles a query tile visits, oldest first: tiles first_c.. of cmem (count_c), first_m..
 // of mem (count_m), then 0.. of the segment (count_s); the tiles before a memory's first
@@ -303,9 +309,10 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   // two 64-column slots, the newer half in slot `band_slot`, and reads them sheared: (query
   // i, key j) of the tile is column (64 band_slot + 64 + i - j) mod 128.
   float band[kRel ? 32 : 1];  // a half band [64 queries, 64 distances]
+  float bias[kRel ? 16 : 1];  // w of this thread's 16 columns of it
   int band_slot = 1;          // slot of the last half written
   int released_chunks = 0;    // chunks below this one released by this warpgroup
-  const uint32_t band_smem = smem0 + L::kBandOffset + (4 * wg + warp) * L::kBandBytes;
+  const uint32_t band_smem = smem0 + L::kBandOffset + (4 * wg + warp) * L::kBandBytes + 2 * L::kBandFront;
   // chunk c of r has arrived (waited for before the products are issued: a wait between two
   // products would make ptxas serialise every product of the kernel)
   auto wait_chunk = [&](int c) {
@@ -321,24 +328,32 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
       }
     }
   };
-  // the half band of chunk c plus w, rounded to bfloat16, into the other slot
-  auto store_band = [&](int c) {
+  // w of this thread's columns of chunk c (loaded while the products run)
+  auto load_bias = [&](int c) {
     if constexpr (kRel) {
-      const float* w = p.w + int64_t(h) * p.r_rows;
-      const int dist = chunks.distance(c) + 2 * (lane % 4);
+      const float* w = p.w + int64_t(h) * p.w_stride + kWFront + chunks.distance(c) + 2 * (lane % 4);
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) bias[2 * jj] = __ldg(w + 8 * jj), bias[2 * jj + 1] = __ldg(w + 8 * jj + 1);
+    }
+  };
+  // the half band plus w, rounded to bfloat16, into the other slot; column 127 also goes to
+  // column -1 (the row's front), so that a sheared read of columns c and c - 1 needs no wrap
+  auto store_band = [&]() {
+    if constexpr (kRel) {
       __syncwarp();  // the warp's reads of that slot (a tile ago) are done
       band_slot ^= 1;
       const uint32_t at = band_smem + 2 * ((lane / 4) * L::kBandStride + 64 * band_slot + 2 * (lane % 4));
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {
-        const int d = dist + 8 * jj;
-        const float w0 = d >= 0 && d < p.r_rows ? __ldg(w + d) : 0.f;
-        const float w1 = d + 1 >= 0 && d + 1 < p.r_rows ? __ldg(w + d + 1) : 0.f;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 2 * (8 * r * L::kBandStride + 8 * jj)),
-                       "r"(pack<__nv_bfloat16>(band[4 * jj + 2 * r] + w0, band[4 * jj + 2 * r + 1] + w1))
-                       : "memory");
+          const uint32_t pair = pack<__nv_bfloat16>(band[4 * jj + 2 * r] + bias[2 * jj],
+                                                    band[4 * jj + 2 * r + 1] + bias[2 * jj + 1]);
+          const uint32_t to = at + 2 * (8 * r * L::kBandStride + 8 * jj);
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(to), "r"(pair) : "memory");
+          if (jj == 7 && band_slot == 1 && lane % 4 == 3) {
+            asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(to - 2 * 127), "h"(uint16_t(pair >> 16)) : "memory");
+          }
         }
       }
       __syncwarp();  // the half, visible to the warp
@@ -354,15 +369,15 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
         const uint32_t at = band_smem + 2 * row * L::kBandStride;
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
+          // columns c and c - 1 (c = 0: column -1, the copy of column 127)
+          const uint32_t from = at + 2 * ((col0 - 8 * jj) & 127);
+          uint16_t bits[2];
+          asm volatile("ld.shared.u16 %0, [%2];\nld.shared.u16 %1, [%3];\n"
+                       : "=h"(bits[0]), "=h"(bits[1])
+                       : "r"(from), "r"(from - 2)
+                       : "memory");
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            uint16_t bits;
-            asm volatile("ld.shared.u16 %0, [%1];\n"
-                         : "=h"(bits)
-                         : "r"(at + 2 * ((col0 - 8 * jj - e) & 127))
-                         : "memory");
-            s[4 * jj + 2 * r + e] += __uint_as_float(uint32_t(bits) << 16);
-          }
+          for (int e = 0; e < 2; ++e) s[4 * jj + 2 * r + e] += __uint_as_float(uint32_t(bits[e]) << 16);
         }
       }
     }
@@ -396,9 +411,10 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
         wgmma_fence();
         issue_band(c);
         wgmma_commit();
+        load_bias(c);
         wgmma_wait<0>();
         touch(band);
-        store_band(c);
+        store_band();
       }
     }
   };
@@ -407,14 +423,14 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     tiles.source_tile(j, src, index);
     return chunks.lower(src, index, wg);
   };
-  // after tile j's products: release the chunks that the next tiles do not read, the lower half
-  // into the band, the position scores into S
+  // after tile j's products: the lower half into the band, the position scores into S,
+  // and the chunks that the next tiles do not read released
   auto positions = [&](int j) {
     if constexpr (kRel) {
       touch(band);
-      release_chunks(lowest_chunk(j + 1));
-      store_band(lower_chunk(j));
+      store_band();
       add_positions();
+      release_chunks(lowest_chunk(j + 1));
     }
   };
 
@@ -497,6 +513,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   if constexpr (kRel) issue_band(lower_chunk(0));
   wgmma_commit();
   your_turn();
+  load_bias(lower_chunk(0));
   wgmma_wait<0>();
   touch(s);
   release_keys(0);
@@ -518,6 +535,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     issue_values(j - 1);
     wgmma_commit();
     your_turn();
+    load_bias(lower_chunk(j));
     wgmma_wait<1>();
     touch(s);
     release_keys(j);
@@ -947,7 +965,8 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(tiles_m * batch * heads < (int64_t(1) << 31), kFwdOp, ": sizes out of range");
   const bool rel = rel_r.has_value();
   TORCH_CHECK(rel == rel_w.has_value(), kFwdOp, ": rel_r and rel_w must be given together");
-  at::Tensor r_rows;  // r as [1, R, H, D], where the TMA can read it
+  at::Tensor r_rows;    // r as [1, R, H, D], where the TMA can read it
+  at::Tensor w_padded;  // w with kWFront zeros ahead of each head's row, kWBack after
   if (rel) {
     const at::Tensor& r = *rel_r;
     const at::Tensor& w = *rel_w;
@@ -961,6 +980,7 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     TORCH_CHECK(r.size(1) < (1 << 30), kFwdOp, ": sizes out of range");
     check_exact(kFwdOp, w, "rel_w", {heads, r.size(1)}, at::kFloat, q);
     r_rows = rows_aligned(r.unsqueeze(0).transpose(1, 2));
+    w_padded = at::constant_pad_nd(w, {fwd::kWFront, fwd::kWBack});
   }
   const c10::cuda::CUDAGuard device_guard(q.device());
   sm90_properties(kFwdOp);
@@ -978,8 +998,8 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
   if (rel) {
     make_map(p.r_map, r_rows, 64);
-    p.w = rel_w->data_ptr<float>();
-    p.r_rows = int(r_rows.size(1));
+    p.w = w_padded.data_ptr<float>();
+    p.w_stride = int(w_padded.size(1));
   }
   p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m);
