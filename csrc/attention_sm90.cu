@@ -17,7 +17,8 @@
 //   O *= exp2(old max - new max)                      (once that product is done, where a
 //                                                      row maximum moved)
 // The two warpgroups take turns issuing their products, so that one's softmax runs while the
-// tensor cores do the other's (at head dim 128; at 64 two blocks share an SM instead). At the
+// tensor cores do the other's (at head dim 128 without relative positions; at 64 two blocks
+// share an SM instead). At the
 // end O / row sum goes out through the TMA and the LSE (row max + log2(row sum)) per row.
 // With relative positions (as the Triton kernels: Q is q + u, and the score of query i and
 // key j adds (q_i + u).r_d + w_d, d = cm + m + i - j, w = (v - u).r), the key tiles have 64
@@ -489,12 +490,15 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) scale_rows(alpha);
   };
   // With one block per SM, the warpgroups take turns issuing (take_turn); two blocks per SM
-  // interleave four warpgroups without them (measured: benchmarks/NOTES.md, Attention 19)
+  // interleave four warpgroups without them, and with relative positions each warpgroup's
+  // longer elementwise work runs better without them too (measured: benchmarks/NOTES.md,
+  // Attention 19 and 20)
+  constexpr bool kTurns = L::kBlocksPerSm == 1 && !kRel;
   auto my_turn = [&]() {
-    if constexpr (L::kBlocksPerSm == 1) take_turn(wg);
+    if constexpr (kTurns) take_turn(wg);
   };
   auto your_turn = [&]() {
-    if constexpr (L::kBlocksPerSm == 1) pass_turn(wg);
+    if constexpr (kTurns) pass_turn(wg);
   };
   // both warpgroups are done with K (V) of tile j: the second to say so refills its stage, K
   // as soon as the scores are done, a tile before V
