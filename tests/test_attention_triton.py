@@ -316,7 +316,8 @@ def test_sm90_dispatch(monkeypatch, D, dtype, rel_pos, causal, padding, forward,
     monkeypatch.setattr(dispatch, "on_sm90", lambda: True)
     call = types.SimpleNamespace(q=types.SimpleNamespace(is_cuda=True), dtype=dtype, D=D,
                                  flags=dict(REL_POS=rel_pos, CAUSAL=causal, HAS_PAD=padding))
-    forward_heads, backward_heads = attention.SM90_FORWARD_HEAD_DIMS, attention.SM90_BACKWARD_HEAD_DIMS
+    forward_heads = attention.SM90_FORWARD_HEAD_DIMS
+    backward_heads = attention.SM90_BACKWARD_HEAD_DIMS
     assert attention._sm90_applies(call, True, forward_heads, rel_pos=True) == forward
     assert attention._sm90_applies(call, True, backward_heads) == backward
     assert not attention._sm90_applies(call, False, forward_heads, rel_pos=True)

@@ -910,11 +910,12 @@ def _launch_fwd(c, out, lse):
         *c.sizes, c.scale * LOG2E), meta)
 
 
-# The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128), and a backward
-# (head dim 128) that computes dQ, dK and dV in one pass over key blocks, dQ added into an fp32
-# buffer of SM90_DQ_TILE elements per 64-query tile and batch-head. They run where they apply
-# (below) unless SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them with the
-# Triton passes that way).
+# The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128; with relative
+# positions for bfloat16, from c.q = q + u, r and w), and a backward (head dim 128, without
+# relative positions) that computes dQ, dK and dV in one pass over key blocks, dQ added into
+# an fp32 buffer of SM90_DQ_TILE elements per 64-query tile and batch-head. They run where
+# they apply (below) unless SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them
+# with the Triton passes that way).
 SM90_FORWARD = True
 SM90_BACKWARD = True
 SM90_FORWARD_HEAD_DIMS = (64, 128)
