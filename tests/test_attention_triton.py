@@ -345,17 +345,23 @@ def test_sm90_matches_reference(sm90_only, n, m, cm, dtype, partial, causal):
     check(args, causal=causal)
 
 
+@pytest.fixture
+def sm90_forward(monkeypatch):
+    """The Triton forward fails if called: a test's forward runs on the sm_90 kernel (its
+    gradients on whichever backward applies)."""
+    def triton_forward(*_args, **_kwargs):
+        raise AssertionError("the Triton forward ran")
+    monkeypatch.setattr(attention, "_launch_fwd", triton_forward)
+
+
 @SM90
 @pytest.mark.parametrize("n,m,cm,dtype,partial,causal", [
     (1, 0, 0, torch.bfloat16, False, True), (113, 113, 40, torch.float16, True, True),
     (239, 256, 384, torch.bfloat16, True, True), (512, 512, 1024, torch.bfloat16, False, True),
     (200, 70, 0, torch.float16, True, False),
 ])
-def test_sm90_forward_head_dim_64(monkeypatch, n, m, cm, dtype, partial, causal):
+def test_sm90_forward_head_dim_64(sm90_forward, n, m, cm, dtype, partial, causal):
     # the sm_90 forward at D = 64 (its gradients from the Triton backward and the LSE it saved)
-    def triton_forward(*_args, **_kwargs):
-        raise AssertionError("the Triton forward ran")
-    monkeypatch.setattr(attention, "_launch_fwd", triton_forward)
     g = torch.Generator().manual_seed(n + 5 * m + 3 * cm)
     args = testing.random_attention_inputs(2, n, 3, 64, m, cm, dtype=dtype, device="cuda",
                                            generator=g, partial=partial)
@@ -368,13 +374,10 @@ def test_sm90_forward_head_dim_64(monkeypatch, n, m, cm, dtype, partial, causal)
     (239, 0, 0, 64, False, 3), (239, 256, 384, 128, True, 200), (512, 512, 512, 128, False, 0),
     (1023, 512, 333, 128, True, 3), (200, 70, 129, 64, True, 65), (64, 1, 0, 128, True, 3),
 ])
-def test_sm90_forward_relative_positions(monkeypatch, n, m, cm, D, partial, extra_rows):
+def test_sm90_forward_relative_positions(sm90_forward, n, m, cm, D, partial, extra_rows):
     # the sm_90 forward with relative positions (bfloat16): sources whose first tiles are not
     # 64 apart in distance (cm, m not multiples of 64, skipped invalid tiles), R > L and
     # R = L, one query; gradients from the Triton backward and the LSE it saved
-    def triton_forward(*_args, **_kwargs):
-        raise AssertionError("the Triton forward ran")
-    monkeypatch.setattr(attention, "_launch_fwd", triton_forward)
     g = torch.Generator().manual_seed(n + 7 * m + 3 * cm + D)
     args = testing.random_attention_inputs(2, n, 3, D, m, cm, dtype=torch.bfloat16,
                                            device="cuda", generator=g, partial=partial,
