@@ -8,8 +8,9 @@ Rows (benchmarks/results/attention.csv):
       providers ct_triton, naive (reference gather), flex (position scores materialized as
       [B, H, n, L] and added in score_mod), sdpa_bias (a float bias [B, H, n, L]);
       ct_triton_stored is ct_triton with store_score_grads=True (its backward keeps the
-      [B, H, n, L] score gradients instead of recomputing the scores).
-  ct_triton (and ct_triton_stored) run the Triton kernels only; ct_cuda (and ct_cuda_stored)
+      [B, H, n, L] score gradients instead of recomputing the scores), ct_triton_kept also
+      with store_position_scores=True (the forward keeps its position scores for it).
+  ct_triton (and _stored, _kept) run the Triton kernels only; ct_cuda (and _stored, _kept)
   on Hopper is what the package runs there by default: the sm_90 forward of
   csrc/attention_sm90.cu (with relative positions too) and, without relative positions at head
   dim 128, its sm_90 backward (the Triton backward otherwise).
@@ -44,7 +45,8 @@ CPU_SHAPES = {"cpu-small": (1, 2, 24, 16, 32, 16)}
 CSV = "attention.csv"
 # also timed as CUDA graph replays (provider "<name>-graph"): GPU time without the Python,
 # autograd and launch work per call, which a training step overlaps with earlier GPU work
-GRAPH_PROVIDERS = ("ct_triton", "ct_cuda", "ct_triton_stored", "ct_cuda_stored", "sdpa_flash",
+GRAPH_PROVIDERS = ("ct_triton", "ct_cuda", "ct_triton_stored", "ct_cuda_stored", "ct_triton_kept",
+                   "ct_cuda_kept", "sdpa_flash",
                    "flex")
 
 
@@ -140,10 +142,13 @@ def providers(args, rel_pos, device):
         return out.transpose(1, 2)
 
     fns.update(flex=flex_positions, sdpa_bias=sdpa_bias, ct_triton_stored=lambda: (
-        ct_kernels.compressive_attention(**args, backend="triton", store_score_grads=True)))
+        ct_kernels.compressive_attention(**args, backend="triton", store_score_grads=True)),
+        ct_triton_kept=lambda: ct_kernels.compressive_attention(
+            **args, backend="triton", store_score_grads=True, store_position_scores=True))
     if D in attention.SM90_FORWARD_HEAD_DIMS and q.dtype == torch.bfloat16 and sm90_available():
         # the same calls, outside triton_only()
-        fns.update(ct_cuda=fns["ct_triton"], ct_cuda_stored=fns["ct_triton_stored"])
+        fns.update(ct_cuda=fns["ct_triton"], ct_cuda_stored=fns["ct_triton_stored"],
+                   ct_cuda_kept=fns["ct_triton_kept"])
     return fns
 
 
@@ -255,6 +260,12 @@ TUNE_CANDIDATES = {
     ("dkdv_stored_rel", 128): [(32, 64, 4, 1), (64, 64, 4, 1), (32, 64, 4, 2), (64, 64, 8, 1),
                                (32, 128, 4, 1)],
     ("dkdv_stored_rel", 64): [(64, 64, 4, 1), (32, 64, 4, 1), (64, 64, 4, 2), (32, 128, 4, 1)],
+    # (reading the forward's position scores, the pass is the plain dK/dV pass plus loads and
+    # stores: its pipelined tiles are candidates too)
+    ("dkdv_kept_rel", 128): [(32, 64, 4, 1), (64, 64, 4, 1), (32, 64, 4, 2), (64, 64, 8, 1),
+                             (32, 128, 4, 1), (64, 64, 4, 2), (32, 128, 4, 2), (32, 64, 4, 3)],
+    ("dkdv_kept_rel", 64): [(64, 64, 4, 1), (32, 64, 4, 1), (64, 64, 4, 2), (32, 128, 4, 1),
+                            (32, 128, 4, 2), (32, 128, 4, 3)],
 }
 
 
@@ -285,10 +296,19 @@ def pass_launchers(args):
                                                     rel_grads),
                  "dkdv": lambda: attention._launch_dkdv(call, grad_out, lse, delta, grads)}
     if r is not None:  # the backward from stored score gradients (store_score_grads=True)
-        score_grads = q.new_empty(2, call.B * call.H, call.n, call.score_grad_columns[0])
+        score_grads = (q.new_empty(call.B * call.H, call.n, call.score_grad_columns[0]),
+                       q.new_empty(call.B * call.H, call.n, call.score_grad_columns[0]))
         attention._launch_dkdv(call, grad_out, lse, delta, grads, score_grads)
         launchers["dkdv_stored"] = lambda: attention._launch_dkdv(call, grad_out, lse, delta,
                                                                   grads, score_grads)
+        # with the position scores that the forward kept (store_position_scores=True): the
+        # pass reads them and overwrites them with the score gradients (timed again, it reads
+        # those, which costs the same)
+        pos_scores = call.pos_scores()
+        attention._launch_fwd(call, scratch_out, scratch_lse, pos_scores)
+        kept = (pos_scores, score_grads[1])
+        launchers["dkdv_kept"] = lambda: attention._launch_dkdv(call, grad_out, lse, delta,
+                                                                grads, kept, True)
         launchers["dq_stored"] = lambda: attention._launch_dq_stored(call, score_grads, dq,
                                                                      rel_grads)
     return launchers

@@ -1,6 +1,7 @@
 """train_step: one optimizer step over one segment with full memories (bf16 autocast, Adam,
 gradient clipping), ours (``ct``; ``ct_compiled``: the model under torch.compile; ``_graph``:
-the step replayed as a CUDA graph, ``train --cuda-graph``) vs the PyPI
+the step replayed as a CUDA graph, ``train --cuda-graph``; ``_kept``: with
+``store_position_scores``, ``train --store-position-scores``) vs the PyPI
 package compressive-transformer-pytorch 0.4.0 (``ctpytorch_0.4.0``) at the two configurations
 of DESIGN.md §3. Same width, layers, heads, n, m, cm, rate and batch; both without dropout.
 tokens/s = B * n / (ms / 1e3).
@@ -29,12 +30,13 @@ def _optimizer_step(model, optimizer, loss):
     optimizer.step()
 
 
-def ct_step(name, tokens, compiled=False, graph=False):
+def ct_step(name, tokens, compiled=False, graph=False, kept=False):
     """One training step of our model, as ``compressive_transformer.train`` runs it
     (``compiled``: under torch.compile, which removes most of the per-layer host work;
-    ``graph``: captured once as a CUDA graph and replayed); memories carry over from step to
+    ``graph``: captured once as a CUDA graph and replayed; ``kept``: each layer's attention
+    forward keeps its position scores for the backward); memories carry over from step to
     step."""
-    config, _ = preset(name, dropout=0.0)
+    config, _ = preset(name, dropout=0.0, store_position_scores=kept)
     model = CompressiveTransformer(config).cuda()
     if compiled:
         # compiled from scratch, as in a training process: otherwise the code compiled for the
@@ -94,6 +96,8 @@ def run(configs=CONFIGS, providers=None):
                   "ct_compiled": lambda: ct_step(name, tokens, compiled=True),
                   "ct_graph": lambda: ct_step(name, tokens, graph=True),
                   "ct_compiled_graph": lambda: ct_step(name, tokens, compiled=True, graph=True),
+                  "ct_compiled_graph_kept": lambda: ct_step(name, tokens, compiled=True,
+                                                            graph=True, kept=True),
                   SEED_PROVIDER: lambda: seed_step(config, tokens)}
         for provider, make in makers.items():
             if providers and provider not in providers:

@@ -25,7 +25,9 @@
 // keys and each warpgroup also scores the tile's new 64 distances, Q r_chunk^T, issued with
 // S_j; r comes in chunks of 64 rows through a third TMA ring (ChunkStream). The scored half
 // band goes to the warp's shared memory in bfloat16 (as the Triton kernels round it), and
-// each thread reads its (i, j) entries sheared from the two halves there into S_j.
+// each thread reads its (i, j) entries sheared from the two halves there into S_j; if asked
+// (kKeep), it also stores them by key, for a backward that reads them instead of scoring the
+// positions again (ct_kernels/ops/attention.py, store_position_scores).
 //
 // Backward: one block per (128 keys of one source, batch, head): two warpgroups of 64 keys
 // each, whose K, V and fp32 dK, dV stay put while the 64-query tiles that see them stream
@@ -115,7 +117,16 @@ struct AttnFwdParams {
   CUtensorMap r_map;
   const float* w;
   int w_stride;
+  // optionally, the position scores as added (bfloat16), kept by key for the backward:
+  // query i of batch-head bh and key j of source s at pos_scores[(bh * n + i) * pos_stride +
+  // pos_col[s] + j] (each source's columns padded to kScoreColumns), or null
+  __nv_bfloat16* pos_scores;
+  int pos_stride, pos_col[3];
 };
+
+// the column blocks of the kept position scores are padded to this (ct_kernels/ops/attention.py:
+// SCORE_GRAD_COLUMNS), a multiple of the key tile
+constexpr int kScoreColumns = 128;
 
 // the zeros ahead of and after each head's w (AttnFwdParams): no distance a block reads lies
 // more than 128 below 0 or 256 above R - 1
@@ -172,7 +183,8 @@ struct ChunkStream {
   }
 };
 
-template <typename T, int D, bool kRel>
+// kKeep (with kRel): the position scores also go to p.pos_scores
+template <typename T, int D, bool kRel, bool kKeep>
 __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     attention_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -360,17 +372,26 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
       __syncwarp();  // the half, visible to the warp
     }
   };
-  // S += the tile's position scores, read sheared from the band
-  auto add_positions = [&]() {
+  // S += tile j's position scores, read sheared from the band (and kept by key, if asked)
+  auto add_positions = [&](int j) {
     if constexpr (kRel) {
+      // this thread's first entry of the kept scores: its first row, the tile's first key
+      __nv_bfloat16* kept = nullptr;
+      if constexpr (kKeep) {
+        int src, key0;
+        tiles.locate(j, src, key0);
+        kept = p.pos_scores + (int64_t(bh) * p.n + query0 + 16 * warp + lane / 4) * p.pos_stride +
+               ChunkStream::pick(p.pos_col, src) + key0 + 2 * (lane % 4);
+      }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = lane / 4 + 8 * r;  // in the warp's band; 16 warp + row in the warpgroup's
         const int col0 = 64 * band_slot + 64 + 16 * warp + row - 2 * (lane % 4);
         const uint32_t at = band_smem + 2 * row * L::kBandStride;
+        const bool keep = kKeep && query0 + 16 * warp + row < p.n;
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
-          // columns c and c - 1 (c = 0: column -1, the copy of column 127)
+          // columns c and c - 1 (c = 0: column -1, the copy of column 127): keys k and k + 1
           const uint32_t from = at + 2 * ((col0 - 8 * jj) & 127);
           uint16_t bits[2];
           asm volatile("ld.shared.u16 %0, [%2];\nld.shared.u16 %1, [%3];\n"
@@ -379,6 +400,10 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
                        : "memory");
 #pragma unroll
           for (int e = 0; e < 2; ++e) s[4 * jj + 2 * r + e] += __uint_as_float(uint32_t(bits[e]) << 16);
+          if (keep) {
+            *reinterpret_cast<uint32_t*>(kept + 8 * r * int64_t(p.pos_stride) + 8 * jj) =
+                uint32_t(bits[0]) | uint32_t(bits[1]) << 16;
+          }
         }
       }
     }
@@ -430,7 +455,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     if constexpr (kRel) {
       touch(band);
       store_band();
-      add_positions();
+      add_positions(j);
       release_chunks(lowest_chunk(j + 1));
     }
   };
@@ -954,13 +979,17 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
 // Writes out ([B, n, H, D], D = 64 or 128, contiguous, q's dtype) and lse ([B, H, n] fp32, log2 domain).
 // Absent memories: None. With Transformer-XL relative positions (bfloat16, causal): q is the
 // biased query q + u, rel_r the projected positions r [H, R, D] (q's dtype) and rel_w the
-// per-distance bias (v - u).r [H, R] (fp32, contiguous); else both None.
+// per-distance bias (v - u).r [H, R] (fp32, contiguous); else both None. rel_scores, if given
+// (with relative positions): the position scores as added, by key, for the backward
+// (bfloat16 [B * H, n, columns], each source's columns padded to kScoreColumns; entries of keys
+// that a query does not see may stay unwritten).
 void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
                         const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens,
-                        const std::optional<at::Tensor>& rel_r, const std::optional<at::Tensor>& rel_w, bool causal,
-                        double scale, at::Tensor out, at::Tensor lse) {
+                        const std::optional<at::Tensor>& rel_r, const std::optional<at::Tensor>& rel_w,
+                        const std::optional<at::Tensor>& rel_scores, bool causal, double scale, at::Tensor out,
+                        at::Tensor lse) {
   const KeySources sources = key_sources(kFwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, true);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   check_exact(kFwdOp, out, "out", q.sizes(), q.scalar_type(), q);
@@ -986,6 +1015,18 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     r_rows = rows_aligned(r.unsqueeze(0).transpose(1, 2));
     w_padded = at::constant_pad_nd(w, {fwd::kWFront, fwd::kWBack});
   }
+  int pos_col[3] = {0, 0, 0};  // the first column of each source's block of the kept scores
+  for (int s = 1; s < 3; ++s) {
+    const int64_t padded = (sources.size[s - 1] + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns;
+    pos_col[s] = int(pos_col[s - 1] + padded);
+  }
+  const int64_t pos_stride =
+      pos_col[2] + (n + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns;
+  if (rel_scores.has_value()) {
+    TORCH_CHECK(rel, kFwdOp, ": rel_scores needs relative positions (rel_r and rel_w)");
+    TORCH_CHECK(pos_stride < (int64_t(1) << 31), kFwdOp, ": sizes out of range");
+    check_exact(kFwdOp, *rel_scores, "rel_scores", {batch * heads, n, pos_stride}, at::kBFloat16, q);
+  }
   const c10::cuda::CUDAGuard device_guard(q.device());
   sm90_properties(kFwdOp);
 
@@ -1005,6 +1046,11 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     p.w = w_padded.data_ptr<float>();
     p.w_stride = int(w_padded.size(1));
   }
+  if (rel_scores.has_value()) {
+    p.pos_scores = reinterpret_cast<__nv_bfloat16*>(rel_scores->data_ptr());
+    p.pos_stride = int(pos_stride);
+    for (int s = 0; s < 3; ++s) p.pos_col[s] = pos_col[s];
+  }
   p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m);
   p.causal = causal;
@@ -1012,26 +1058,31 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.lse = lse.data_ptr<float>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto type, auto head_dim, auto rel_pos) {
+  auto launch = [&](auto type, auto head_dim, auto rel_pos, auto keep) {
     constexpr int kD = decltype(head_dim)::value;
     constexpr bool kRel = decltype(rel_pos)::value;
     constexpr int kSmemBytes = fwd::Layout<kD, kRel>::kSmemBytes;
-    auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type), kD, kRel>;
+    auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type), kD, kRel, decltype(keep)::value>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     kernel<<<int(tiles_m * batch * heads), fwd::kThreads, kSmemBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  auto run = [&](auto type, auto rel_pos) {
+  auto run = [&](auto type, auto rel_pos, auto keep) {
     if (q.size(3) == 64) {
-      launch(type, std::integral_constant<int, 64>{}, rel_pos);
+      launch(type, std::integral_constant<int, 64>{}, rel_pos, keep);
     } else {
-      launch(type, std::integral_constant<int, kHeadDim>{}, rel_pos);
+      launch(type, std::integral_constant<int, kHeadDim>{}, rel_pos, keep);
     }
   };
   if (rel) {
-    run(__nv_bfloat16{}, std::true_type{});  // relative positions: bfloat16 only (checked)
+    // relative positions: bfloat16 only (checked)
+    if (rel_scores.has_value()) {
+      run(__nv_bfloat16{}, std::true_type{}, std::true_type{});
+    } else {
+      run(__nv_bfloat16{}, std::true_type{}, std::false_type{});
+    }
   } else {
-    with_element_type(q, [&](auto type) { run(type, std::false_type{}); });
+    with_element_type(q, [&](auto type) { run(type, std::false_type{}, std::false_type{}); });
   }
 }
 
@@ -1119,8 +1170,8 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
 TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
   m.def(
       "attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? cmem_k, "
-      "Tensor? cmem_v, Tensor? mem_lens, Tensor? cmem_lens, Tensor? rel_r, Tensor? rel_w, bool causal, "
-      "float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
+      "Tensor? cmem_v, Tensor? mem_lens, Tensor? cmem_lens, Tensor? rel_r, Tensor? rel_w, "
+      "Tensor(c!)? rel_scores, bool causal, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def(
       "attention_bwd_sm90(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, "
       "Tensor? cmem_k, Tensor? cmem_v, Tensor lse, Tensor delta, Tensor? mem_lens, Tensor? cmem_lens, bool causal, "

@@ -24,7 +24,7 @@ def compressive_attention(
     q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=None, *,
     mem_lens=None, cmem_lens=None, key_padding_mask=None, causal=True, scale=None,
     rel_pos: Optional[RelativePosition] = None, return_key_usage=False, backend="auto",
-    store_score_grads=False,
+    store_score_grads=False, store_position_scores=False,
 ):
     """Attention of a segment's queries over ``[cmem | mem | segment]`` keys.
 
@@ -47,6 +47,14 @@ def compressive_attention(
             dtype, alive during the backward) and forms dq and the position gradients from
             them, instead of a second pass that recomputes the scores: faster, for that much
             memory. Ignored otherwise.
+        store_position_scores: with ``store_score_grads`` (and where something needs a
+            gradient), the forward also keeps its position scores by key for the backward
+            ([B, H, n, cm + m + n], bfloat16 for bfloat16 inputs, fp32 otherwise, alive from
+            the forward to the backward), which reads them instead of scoring the positions
+            again and keeps the score gradients by key in their place: a faster backward at
+            the same peak memory for one call, but one such buffer per call alive until its
+            backward (a model: one per layer). That backward runs once (retain_graph=True
+            then fails at the second). Ignored otherwise.
 
     Returns:
         out [B, n, H, D], or (out, usage). A query that sees no key outputs zeros.
@@ -99,7 +107,8 @@ def compressive_attention(
     return impl(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens=mem_lens, cmem_lens=cmem_lens,
                 key_padding_mask=key_padding_mask, causal=causal, scale=scale,
                 rel_pos=rel_pos, return_key_usage=return_key_usage,
-                store_score_grads=bool(store_score_grads))
+                store_score_grads=bool(store_score_grads),
+                store_position_scores=bool(store_position_scores))
 
 
 def compress(x, rate, method, *, weight=None, bias=None, usage=None, backend="auto", **options):

@@ -76,9 +76,11 @@ def compressive_attention(
     q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=None, *,
     mem_lens=None, cmem_lens=None, key_padding_mask=None, causal=True, scale=None,
     rel_pos: Optional[RelativePosition] = None, return_key_usage=False, store_score_grads=False,
+    store_position_scores=False,
 ):
     """Attention of the segment's queries over [cmem | mem | segment]. Layout [B, N, H, D].
-    store_score_grads (a choice of the Triton backward) changes nothing here."""
+    store_score_grads and store_position_scores (choices of the Triton backward) change
+    nothing here."""
     B, n, H, D = q.shape
     empty = q.new_empty(B, 0, H, D)
     cmem_k = empty if cmem_k is None else cmem_k

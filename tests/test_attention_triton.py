@@ -104,15 +104,38 @@ def test_forward_and_gradients(B, n, H, D, m, cm, options, dtype):
     (2, 13, 1, 32, 7, 5, {"partial": True, "padding": True}),
     (1, 21, 2, 16, 0, 11, {"extra_rows": 29}),  # R well beyond L
 ])
-@pytest.mark.parametrize("store_score_grads", [False, True])
-def test_relative_positions(B, n, H, D, m, cm, options, dtype, store_score_grads):
-    """Both backwards: the dQ pass recomputing the scores, and the one reading the score
+@pytest.mark.parametrize("stored,kept", [(False, False), (True, False), (True, True)])
+def test_relative_positions(B, n, H, D, m, cm, options, dtype, stored, kept):
+    """The three backwards: the dQ pass recomputing the scores, the one reading the score
     gradients the dK/dV pass stored (poisoned first: entries it did not write must not be
-    read)."""
+    read), and that one with the position scores the forward kept (poisoned first too)."""
     g = torch.Generator().manual_seed(7 + n)
     args = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=dtype, device=DEVICE,
                                            generator=g, rel_pos=True, **options)
-    check(args, store_score_grads=store_score_grads)
+    check(args, store_score_grads=stored, store_position_scores=kept)
+
+
+def test_stored_position_scores_are_kept_for_a_backward_only(monkeypatch):
+    # the forward keeps its position scores only where a backward will read them, and that
+    # backward overwrites them: a second backward of the same graph fails instead of reading
+    # score gradients as position scores
+    g = torch.Generator().manual_seed(5)
+    a = testing.random_attention_inputs(2, 9, 2, 16, 5, 3, device=DEVICE, generator=g,
+                                        rel_pos=True)
+    kept = []
+    pos_scores = attention._Call.pos_scores
+    monkeypatch.setattr(attention._Call, "pos_scores",
+                        lambda self: kept.append(pos_scores(self)) or kept[-1])
+    run = lambda **kw: ct_kernels.compressive_attention(  # noqa: E731
+        **kw, backend="triton", store_score_grads=True, store_position_scores=True)
+    run(**a)
+    assert not kept  # nothing requires a gradient
+    a["q"].requires_grad_(True)
+    out = run(**a)
+    assert len(kept) == 1
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("rel_pos", [False, True])
@@ -220,13 +243,13 @@ def test_unsupported_inputs_are_named():
     assert torch.allclose(out, reference.compressive_attention(q, q, q))
 
 
-@pytest.mark.parametrize("store_score_grads", [False, True])
-def test_custom_op_registration(store_score_grads):
+@pytest.mark.parametrize("stored,kept", [(False, False), (True, False), (True, True)])
+def test_custom_op_registration(stored, kept):
     g = torch.Generator().manual_seed(9)
     a = testing.random_attention_inputs(1, 5, 1, 16, 3, 2, device=DEVICE, generator=g,
                                         rel_pos=True, requires_grad=True)
     args = (a["q"], a["k"], a["v"], a["mem_k"], a["mem_v"], a["cmem_k"], a["cmem_v"], None, None,
-            None, *a["rel_pos"], True, 0.25, store_score_grads)
+            None, *a["rel_pos"], True, 0.25, stored, kept)
     torch.library.opcheck(attention.attention_fwd, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -255,13 +278,13 @@ def test_gpu_shapes(n, m, cm, D, dtype):
     (239, 113, 256, 96, torch.bfloat16), (113, 64, 40, 256, torch.bfloat16),
     (113, 40, 17, 24, torch.float16), (239, 0, 100, 80, torch.bfloat16),
 ])
-@pytest.mark.parametrize("store_score_grads", [False, True])
-def test_gpu_relative_positions(n, m, cm, D, dtype, store_score_grads):
+@pytest.mark.parametrize("stored,kept", [(False, False), (True, False), (True, True)])
+def test_gpu_relative_positions(n, m, cm, D, dtype, stored, kept):
     g = torch.Generator().manual_seed(n + D)
     args = testing.random_attention_inputs(2, n, 2, D, m, cm, dtype=dtype,
                                            device="cuda", generator=g, partial=True,
                                            rel_pos=True)
-    check(args, store_score_grads=store_score_grads)
+    check(args, store_score_grads=stored, store_position_scores=kept)
 
 
 @GPU
@@ -374,15 +397,53 @@ def test_sm90_forward_head_dim_64(sm90_forward, n, m, cm, dtype, partial, causal
     (239, 0, 0, 64, False, 3), (239, 256, 384, 128, True, 200), (512, 512, 512, 128, False, 0),
     (1023, 512, 333, 128, True, 3), (200, 70, 129, 64, True, 65), (64, 1, 0, 128, True, 3),
 ])
-def test_sm90_forward_relative_positions(sm90_forward, n, m, cm, D, partial, extra_rows):
+@pytest.mark.parametrize("store_score_grads", [False, True])
+def test_sm90_forward_relative_positions(sm90_forward, n, m, cm, D, partial, extra_rows,
+                                         store_score_grads):
     # the sm_90 forward with relative positions (bfloat16): sources whose first tiles are not
     # 64 apart in distance (cm, m not multiples of 64, skipped invalid tiles), R > L and
-    # R = L, one query; gradients from the Triton backward and the LSE it saved
+    # R = L, one query; gradients from the Triton backward and the LSE it saved (and, with
+    # store_score_grads, the position scores it kept)
     g = torch.Generator().manual_seed(n + 7 * m + 3 * cm + D)
     args = testing.random_attention_inputs(2, n, 3, D, m, cm, dtype=torch.bfloat16,
                                            device="cuda", generator=g, partial=partial,
                                            rel_pos=True, extra_rows=extra_rows)
-    check(args)
+    check(args, store_score_grads=store_score_grads, store_position_scores=store_score_grads)
+
+
+@SM90
+@pytest.mark.parametrize("n,m,cm,D", [(1, 0, 40, 128), (239, 113, 256, 128), (200, 70, 129, 64)])
+def test_sm90_forward_keeps_the_position_scores(monkeypatch, n, m, cm, D):
+    # the position scores the sm_90 forward keeps for the backward are the Triton forward's
+    # (both round them to bfloat16; the products' summation orders differ) wherever a query
+    # sees the key
+    monkeypatch.setattr(attention, "_empty", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    g = torch.Generator().manual_seed(n + m + cm)
+    a = testing.random_attention_inputs(2, n, 3, D, m, cm, dtype=torch.bfloat16, device="cuda",
+                                        generator=g, partial=True, rel_pos=True)
+    call = attention._Call(a["q"], a["k"], a["v"], a.get("mem_k"), a.get("mem_v"),
+                           a.get("cmem_k"), a.get("cmem_v"), a.get("mem_lens"),
+                           a.get("cmem_lens"), None, *a["rel_pos"], True, D ** -0.5, True,
+                           True)
+    kept = {}
+    for name, switch in (("sm90", True), ("triton", False)):
+        monkeypatch.setattr(attention, "SM90_FORWARD", switch)
+        kept[name] = attention._forward_call(call)[2].float()
+    # the entries a backward reads: valid memory slots and segment keys up to the query
+    columns, col_m, col_s = call.score_grad_columns
+    key = torch.arange(columns, device="cuda")
+    query = torch.arange(n, device="cuda")[:, None]
+    seen = torch.zeros(2, n, columns, dtype=torch.bool, device="cuda")
+    for b in range(2):
+        cmem_lo = cm - int(a["cmem_lens"][b]) if cm else 0
+        mem_lo = m - int(a["mem_lens"][b]) if m else 0
+        seen[b] = (((key >= cmem_lo) & (key < cm))
+                   | ((key >= col_m + mem_lo) & (key < col_m + m))
+                   | ((key >= col_s) & (key - col_s <= query)))
+    seen = seen.repeat_interleave(3, dim=0)  # [B * H, n, columns]
+    assert not kept["sm90"][seen].isnan().any()
+    torch.testing.assert_close(kept["sm90"][seen], kept["triton"][seen], rtol=2**-7, atol=1e-3)
 
 
 @SM90
@@ -432,18 +493,21 @@ def test_sm90_forward_op_names_bad_arguments():
     w = torch.randn(H, n + cm, device="cuda")
     args = dict(q=q, k=q, v=q, mem_k=None, mem_v=None, cmem_k=cmem, cmem_v=cmem, mem_lens=None,
                 cmem_lens=torch.tensor([0, 40], dtype=torch.int32, device="cuda"), rel_r=None,
-                rel_w=None, causal=True, scale=0.1, out=torch.empty_like(q),
+                rel_w=None, rel_scores=None, causal=True, scale=0.1, out=torch.empty_like(q),
                 lse=torch.empty(B, H, n, device="cuda"))
     _expect_messages(torch.ops.ct_kernels.attention_fwd_sm90, {**args, "rel_r": r, "rel_w": w}, (
             (dict(rel_w=None), "rel_r and rel_w must be given together"),
             (dict(rel_r=r[:, :, :64]), "rel_r must be \\[H, R, D\\] with q's H and D"),
             (dict(rel_r=r.half()), "rel_r must be a BFloat16 tensor"),
             (dict(rel_w=w[:, 1:]), "rel_w must be a contiguous Float tensor of shape \\[2, 110\\]"),
-            (dict(causal=False), "relative positions need causal=True")))
+            (dict(causal=False), "relative positions need causal=True"),
+            (dict(rel_scores=torch.empty(B * H, n, 128 + 127, **bf16)),
+             "rel_scores must be a contiguous BFloat16 tensor of shape \\[4, 70, 256\\]")))
     _expect_messages(torch.ops.ct_kernels.attention_fwd_sm90, args, (
             (dict(q=q.half()), "k must be a Half tensor"),
             (dict(v=q[:, :, :, :64]), "v must be \\[B, S, H, 128\\]"),
             (dict(cmem_v=None), "cmem_k and cmem_v must be given together"),
+            (dict(rel_scores=torch.empty(B * H, n, 256, **bf16)), "rel_scores needs relative positions"),
             (dict(cmem_lens=torch.tensor([3, 4], device="cuda")), "cmem_lens must be a contiguous int32"),
             (dict(out=torch.empty(B, n + 1, H, D, **bf16)), "out must be a contiguous"),
             (dict(lse=torch.empty(B, H, n, device="cuda", dtype=torch.float64)), "lse must be a contiguous"),
@@ -508,8 +572,8 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(grad, a[k].grad, msg=k)
 
 
-@pytest.mark.parametrize("store_score_grads", [False, True])
-def test_compiled_backward_reads_the_lengths_of_the_call(store_score_grads):
+@pytest.mark.parametrize("stored,kept", [(False, False), (True, False), (True, True)])
+def test_compiled_backward_reads_the_lengths_of_the_call(stored, kept):
     # a caller that updates its length buffer in place after the call (as the model's
     # memories do) and clones it for the call: inductor drops that clone, so the backward
     # must not read the caller's buffer (it did, and saw the updated lengths)
@@ -522,7 +586,7 @@ def test_compiled_backward_reads_the_lengths_of_the_call(store_score_grads):
         out = ct_kernels.compressive_attention(
             q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens=mem_lens.clone(),
             rel_pos=ct_kernels.RelativePosition(r, u, v_bias), backend="triton",
-            store_score_grads=store_score_grads)
+            store_score_grads=stored, store_position_scores=kept)
         mem_lens.add_(4).clamp_(max=6)  # the memory fills after the call
         return (out.float() ** 2).sum()
 
@@ -553,16 +617,19 @@ def test_gpu_tile_sizes(monkeypatch, config, rel_pos):
 @pytest.mark.parametrize("dkdv,dq_stored", [((16, 16, 4, 1), (32, 16, 4, 1)),
                                              ((32, 64, 4, 1), (64, 64, 4, 2)),
                                              ((64, 32, 4, 1), (16, 32, 4, 2))])
-def test_stored_score_grads_whatever_the_two_passes_tiles(monkeypatch, dkdv, dq_stored):
+@pytest.mark.parametrize("kept", [False, True])
+def test_stored_score_grads_whatever_the_two_passes_tiles(monkeypatch, dkdv, dq_stored, kept):
     # the dQ pass reads back only what the dK/dV pass wrote (the rest stays poisoned): query
-    # rows the dK/dV pass skips for a segment key tile, slots before a memory's valid ones
-    configs = {"dkdv_stored_rel": dkdv, "dq_stored_rel": dq_stored}
+    # rows the dK/dV pass skips for a segment key tile, slots before a memory's valid ones;
+    # and the dK/dV pass reads only the position scores that the forward (on its own tiles)
+    # kept
+    configs = {"dkdv_stored_rel": dkdv, "dkdv_kept_rel": dkdv, "dq_stored_rel": dq_stored}
     monkeypatch.setattr(attention, "launch_config",
                         lambda pass_name, *_: configs.get(pass_name, (16, 16, 4, 1)))
     g = torch.Generator().manual_seed(13)
     args = testing.random_attention_inputs(2, 150, 1, 16, 70, 45, device=DEVICE, generator=g,
                                            partial=True, padding=True, rel_pos=True)
-    check(args, store_score_grads=True)
+    check(args, store_score_grads=True, store_position_scores=kept)
 
 
 def test_relative_positions_reject_taller_than_wide_query_tiles(monkeypatch):

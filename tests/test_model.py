@@ -249,6 +249,7 @@ def test_generate_and_sample():
     (dict(memory_layers=(2,)), ValueError, "memory_layers"),
     (dict(dropout=1.0), ValueError, "dropout"),
     (dict(store_score_grads="yes"), TypeError, "store_score_grads"),
+    (dict(store_position_scores=1), TypeError, "store_position_scores"),
 ])
 def test_bad_configuration(bad, error, match):
     with pytest.raises(error, match=match):

@@ -17,8 +17,10 @@ Kernels (one program per (tile, batch*head)):
     dK, dV. With ``USAGE`` it instead sums the softmax
     mass each key receives (a pass over K only, recomputing probabilities from the saved
     LSE; heads are reduced on the host, so the usage is deterministic). With ``STORE_DS``
-    (relative positions, ``store_score_grads``) it also keeps the score gradients, by key
-    and by distance, for
+    (relative positions, ``store_score_grads``) it keeps the score gradients, by key and by
+    distance, and with ``POS_KEPT`` (``store_position_scores``) it reads the position scores
+    that the forward kept by key (``STORE_POS``) instead of scoring and re-aligning a band,
+    and stores the gradients by key in their place, for
   - ``_bwd_dq_stored_kernel``: dQ, dr, dw from those stored gradients (no recompute); it
     replaces the dQ pass, and ``_bwd_delta_kernel`` computes delta before the dK/dV pass.
 On Hopper (sm_90) with float16/bfloat16 and without key padding, the forward (head dims 64
@@ -69,7 +71,9 @@ LOG2E = 1.4426950408889634
 # dim padded to a power of two (other head dims run on the padded tiles, masked). Passes: "fwd",
 # "dq", "dkdv" (also the key-usage pass); "_rel" with relative positions (the forward and
 # dQ passes need BLOCK_M <= BLOCK_N there); "dkdv_stored_rel" / "dq_stored_rel", the backward
-# from stored score gradients (benchmarks/NOTES.md, Attention section 17).
+# from stored score gradients (benchmarks/NOTES.md, Attention section 17); "dkdv_kept_rel", its
+# dK/dV pass reading the position scores that the forward kept (section 21; head dims 64 and
+# 128 measured, the others follow 64 and the stored pass).
 GPU_CONFIGS = {
     ("fwd", 16): (128, 64, 4, 3), ("fwd", 32): (128, 64, 4, 3),
     ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (64, 64, 4, 3),
@@ -92,6 +96,9 @@ GPU_CONFIGS = {
     ("dkdv_stored_rel", 16): (64, 64, 4, 1), ("dkdv_stored_rel", 32): (64, 64, 4, 1),
     ("dkdv_stored_rel", 64): (64, 64, 4, 1), ("dkdv_stored_rel", 128): (32, 64, 4, 1),
     ("dkdv_stored_rel", 256): (32, 32, 4, 1),
+    ("dkdv_kept_rel", 16): (32, 64, 4, 1), ("dkdv_kept_rel", 32): (32, 64, 4, 1),
+    ("dkdv_kept_rel", 64): (32, 64, 4, 1), ("dkdv_kept_rel", 128): (32, 64, 4, 2),
+    ("dkdv_kept_rel", 256): (32, 32, 4, 1),
 }
 FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
 INTERPRETER_CONFIG = (16, 16, 1, 1)   # small tiles keep the CPU interpreter fast
@@ -221,16 +228,16 @@ def _band_gradient(ds, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask,
+def _scores(q, k, pos, query_pos0, key_pos0, key_ok, apply_mask,
             KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
             PRECISION: tl.constexpr):
     """Unscaled scores, -inf where masked, of BLOCK_M queries x BLOCK_N keys (the callers
     fold scale * log2(e) into the exponent's fused multiply-add):
     [BLOCK_M, BLOCK_N] from k^T [D, BLOCK_N], or with KEY_MAJOR the transpose
-    [BLOCK_N, BLOCK_M] from k [BLOCK_N, D]. With relative positions q is q + u and band the
-    tile's position scores of its 2T distances ([2T, BLOCK_M] key-major, packed
-    query-major), re-aligned here to (query, key).
+    [BLOCK_N, BLOCK_M] from k [BLOCK_N, D]. With relative positions q is q + u and pos the
+    tile's position scores, aligned to (query, key) like the result (fp32; where masked they
+    may be anything, NaN included).
 
     query_pos0 / key_pos0: global positions of the tile's first query / key.
     """
@@ -240,8 +247,8 @@ def _scores(q, k, band, query_pos0, key_pos0, key_ok, apply_mask,
         s = _dot(k, tl.trans(q), PRECISION)
     else:
         s = _dot(q, k, PRECISION)
-    if REL_POS:  # band packed (_position_band)
-        s += _sheared_position_scores(band, KEY_MAJOR, BLOCK_M, BLOCK_N, BLOCK_T)
+    if REL_POS:
+        s += pos
     if apply_mask:
         if KEY_MAJOR:
             keep = key_ok[:, None]
@@ -317,25 +324,27 @@ def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, 
                         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Scores of the key tile at slot ``start`` of a source for a query tile (forward, dQ):
-    (scores, k^T, lower). With relative positions the tile spans the distances
+    (scores, k^T, lower, pos). With relative positions the tile spans the distances
     query_pos0 - (key_base + start) - T + [0, 2T): ``upper`` is the upper half, carried from
     the previous tile, and the lower half scored here is returned for the next tile (BLOCK_N
-    = T keys on) to take as its upper half; without, ``upper`` passes through."""
+    = T keys on) to take as its upper half; without, ``upper`` passes through. pos: the
+    tile's position scores aligned to (query, key) (a placeholder without)."""
     kt, key_ok, apply_mask = _key_tile(Kp, sk_n, Pad, spad_n, start, size, valid_lo, True,
                                        False, HAS_PAD and IS_SEGMENT, BLOCK_N, BLOCK_D,
                                        HEAD_DIM)
     if IS_SEGMENT and CAUSAL:  # the diagonal band: some key after some query
         apply_mask = apply_mask | (key_base + start + BLOCK_N - 1 > query_pos0)
-    band = 0.0
+    pos = 0.0
     lower = upper
     if REL_POS:
         lower = _position_scores(q, R_h, W_h, sr_n, R_rows,
                                  query_pos0 - key_base - start - BLOCK_T, False, BLOCK_T,
                                  BLOCK_D, HEAD_DIM, PRECISION)
-        band = _position_band(lower, upper, q)
-    s = _scores(q, kt, band, query_pos0, key_base + start, key_ok, apply_mask,
+        pos = _sheared_position_scores(_position_band(lower, upper, q), False, BLOCK_M,
+                                       BLOCK_N, BLOCK_T)
+    s = _scores(q, kt, pos, query_pos0, key_base + start, key_ok, apply_mask,
                 False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
-    return s, kt, lower
+    return s, kt, lower, pos
 
 
 @triton.jit
@@ -354,21 +363,26 @@ def _first_upper_half(q, R_h, W_h, sr_n, R_rows, first, key_base, query_pos0,
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_lo, hi,
-                key_base, query_pos0, R_h, W_h, sr_n, R_rows, scale_log2,
+                key_base, query_pos0, R_h, W_h, sr_n, R_rows, PS_src, row_ok, scale_log2,
                 IS_SEGMENT: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                REL_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """Online softmax over slots [first tile with valid slots, hi) of one key source."""
+                REL_POS: tl.constexpr, STORE_POS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over slots [first tile with valid slots, hi) of one key source; with
+    STORE_POS each tile's position scores also go to the query rows' pointers PS_src (the
+    source's first column, _fwd_kernel)."""
     offs_d = tl.arange(0, BLOCK_D)
     first = valid_lo // BLOCK_N * BLOCK_N
     upper = _first_upper_half(q, R_h, W_h, sr_n, R_rows, first, key_base, query_pos0, REL_POS,
                               BLOCK_T, BLOCK_D, HEAD_DIM, PRECISION)
     for start in range(first, hi, BLOCK_N):
-        s, _, upper = _query_major_scores(
+        s, _, upper, pos = _query_major_scores(
             q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base, query_pos0, R_h,
             W_h, sr_n, R_rows, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
             BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
+        if STORE_POS:  # whole tiles (keys past the source land in its padding)
+            tl.store(PS_src + start + tl.arange(0, BLOCK_N)[None, :],
+                     pos.to(PS_src.dtype.element_ty), mask=row_ok[:, None])
         # rescale the running state (log2 domain: the maximum of the raw scores is scaled
         # per row, each score in the exponent's FMA); a row with no key yet keeps m = -inf,
         # l = 0, acc = 0
@@ -388,13 +402,13 @@ def _fwd_source(acc, m_i, l_i, q, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, valid_l
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, MK, MV, CK, CV, Out, Lse, MemLens, CmemLens, Pad, R, W,
+    Q, K, V, MK, MV, CK, CV, Out, Lse, MemLens, CmemLens, Pad, R, W, PS,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     smk_b, smk_n, smk_h, smv_b, smv_n, smv_h, sck_b, sck_n, sck_h, scv_b, scv_n, scv_h,
-    so_b, so_n, so_h, spad_b, spad_n, sr_h, sr_n,
+    so_b, so_n, so_h, spad_b, spad_n, sr_h, sr_n, sps_n, ps_col_m, ps_col_s,
     H, n, m, cm, R_rows, scale_log2,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
+    CAUSAL: tl.constexpr, REL_POS: tl.constexpr, STORE_POS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -403,6 +417,9 @@ def _fwd_kernel(
      W_h, Pad_b) = _query_program(
         Q, MemLens, CmemLens, R, W, Pad, sq_b, sq_n, sq_h, spad_b, sr_h, H, n, m, cm, R_rows,
         HAS_MEM_LENS, HAS_CMEM_LENS, CAUSAL, BLOCK_M, BLOCK_D, HEAD_DIM)
+    # with STORE_POS: this tile's rows of the position scores by key (the layout of the
+    # stored score gradients, _Call.score_grad_columns)
+    PS_rows = PS + pid_bh.to(tl.int64) * n * sps_n + offs_m[:, None].to(tl.int64) * sps_n
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -411,18 +428,18 @@ def _fwd_kernel(
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, CK + b * sck_b + h * sck_h, CV + b * scv_b + h * scv_h,
         sck_n, scv_n, Pad_b, spad_n, cm, valid_lo_c, cm, 0, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
-        BLOCK_T, PRECISION)
+        PS_rows, row_ok, scale_log2, False, HAS_PAD, CAUSAL, REL_POS, STORE_POS, BLOCK_M,
+        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, MK + b * smk_b + h * smk_h, MV + b * smv_b + h * smv_h,
         smk_n, smv_n, Pad_b, spad_n, m, valid_lo_m, m, cm, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, False, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
-        BLOCK_T, PRECISION)
+        PS_rows + ps_col_m, row_ok, scale_log2, False, HAS_PAD, CAUSAL, REL_POS, STORE_POS,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
     acc, m_i, l_i = _fwd_source(
         acc, m_i, l_i, q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
         sk_n, sv_n, Pad_b, spad_n, n, 0, seg_hi, cm + m, query_pos0, R_h, W_h, sr_n, R_rows,
-        scale_log2, True, HAS_PAD, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
-        BLOCK_T, PRECISION)
+        PS_rows + ps_col_s, row_ok, scale_log2, True, HAS_PAD, CAUSAL, REL_POS, STORE_POS,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
 
     # epilogue: normalise; rows that saw no key output zeros and store LSE = +inf
     no_key = l_i == 0.0
@@ -498,7 +515,7 @@ def _dq_source(dq, q, do, lse, delta, Kp, Vp, sk_n, sv_n, Pad, spad_n, size, val
     if REL_POS:
         grad_upper = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
     for start in range(first, hi, BLOCK_N):
-        s, kt, upper = _query_major_scores(
+        s, kt, upper, _ = _query_major_scores(
             q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, key_base, query_pos0, R_h,
             W_h, sr_n, R_rows, IS_SEGMENT, HAS_PAD, CAUSAL, REL_POS, BLOCK_M,
             BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T, PRECISION)
@@ -614,7 +631,7 @@ def _stored_dq_source(dq, DS_src, Kp, sk_n, size, valid_lo, hi, key_base, query_
         k = tl.load(Kp + offs_n[:, None] * sk_n + offs_d[None, :],
                     mask=_in_head_dim(key_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D),
                     other=0.0)
-        dq += _dot(ds, k, PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION)  # (stored in fp32 for float16 inputs)
     return dq
 
 
@@ -672,14 +689,18 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, 
                DKp, DVp, row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n,
                query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
-               USAGE: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+               USAGE: tl.constexpr, STORE_DS: tl.constexpr, POS_KEPT: tl.constexpr,
+               BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile (slots start.. of a source) against every query tile that sees it:
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
     USAGE the per-key softmax mass into Usage (this head's row of [B, H, L]). With
-    STORE_DS it also stores the scaled score gradients into this head's rows (stride sds_n)
-    of DS, by key (DS_src: the source's first column), and of DG, by distance."""
+    STORE_DS (relative positions) it also stores the scaled score gradients into this head's
+    rows (stride sds_n) of DS, by key (DS_src: the source's first column), and of DG, by
+    distance; with POS_KEPT it first reads the position scores that the forward kept in DS
+    (the entries it overwrites are this program's keys: each is read before it is
+    overwritten)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_src = offs_n < size
@@ -708,15 +729,20 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, 
         apply_mask = partial
         if CAUSAL:  # the diagonal band: some segment key after some query
             apply_mask = apply_mask | (is_segment & (start + BLOCK_N - 1 > qs))
-        band = 0.0
-        if REL_POS:  # the query tile changes every step: the whole band is new
+        pos = 0.0
+        if POS_KEPT:  # the forward's (masked entries may be unwritten: dropped by _scores)
+            rows = offs_m[None, :].to(tl.int64) * sds_n
+            pos = tl.load(DS_src + rows + offs_n[:, None], mask=row_ok[None, :], other=0.0)
+            pos = pos.to(tl.float32)
+        elif REL_POS:  # the query tile changes every step: the whole band is new
             first = query_base + qs - key_base - start - BLOCK_T
             band = _position_band(
                 _position_scores(q, R_h, W_h, sr_n, R_rows, first, True, BLOCK_T, BLOCK_D,
                                  HEAD_DIM, PRECISION),
                 _position_scores(q, R_h, W_h, sr_n, R_rows, first + BLOCK_T, True, BLOCK_T,
                                  BLOCK_D, HEAD_DIM, PRECISION), q)
-        s_t = _scores(q, k, band, query_base + qs, key_base + start, key_ok, apply_mask,
+            pos = _sheared_position_scores(band, True, BLOCK_M, BLOCK_N, BLOCK_T)
+        s_t = _scores(q, k, pos, query_base + qs, key_base + start, key_ok, apply_mask,
                       True, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if USAGE:
@@ -729,10 +755,11 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, 
             ds_t = p_t * (dp_t - delta[None, :])  # the softmax scale is applied to dk at the end
             dk += _dot(ds_t.to(q.dtype), q, PRECISION)
             if STORE_DS:  # as the dQ pass uses them: scaled, in the inputs' dtype
-                ds_kept = (ds_t * scale).to(DS_src.dtype.element_ty)
+                ds_kept = (ds_t * scale).to(q.dtype)
                 rows = offs_m[None, :].to(tl.int64) * sds_n
                 # by key: whole columns (keys past the source land in its padding, never read)
-                tl.store(DS_src + rows + offs_n[:, None], ds_kept, mask=row_ok[None, :])
+                tl.store(DS_src + rows + offs_n[:, None], ds_kept.to(DS_src.dtype.element_ty),
+                         mask=row_ok[None, :])
                 dist = query_base + offs_m[None, :] - key_base - offs_n[:, None]
                 tl.store(DG_bh + rows + dist, ds_kept,
                          mask=in_src[:, None] & row_ok[None, :] & (dist >= 0))
@@ -756,7 +783,7 @@ def _bwd_dkdv_kernel(
     H, n, m, cm, R_rows, tiles_c, tiles_m, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr, STORE_DS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    POS_KEPT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -799,8 +826,8 @@ def _bwd_dkdv_kernel(
     _dkdv_tile(Qb, DOb, stats, delta, usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk, sv,
                DKp, DVp, H * HEAD_DIM, Pad_b, spad_n, size, valid_lo, key_base, start,
                is_segment, n, cm + m, R_h, W_h, sr_n, R_rows, scale_log2, scale, HAS_PAD,
-               CAUSAL, REL_POS, USAGE, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_T,
-               PRECISION)
+               CAUSAL, REL_POS, USAGE, STORE_DS, POS_KEPT, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
+               BLOCK_T, PRECISION)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -831,7 +858,8 @@ class _Call:
     With relative positions the kernels' query is q + u and w = (v - u).r is formed here."""
 
     def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                 key_padding_mask, r, u, v_bias, causal, scale, store_score_grads=False):
+                 key_padding_mask, r, u, v_bias, causal, scale, store_score_grads=False,
+                 store_position_scores=False):
         self.q = _last_dim_contiguous(q)
         self.B, self.n, self.H, self.D = q.shape
         self.m = 0 if mem_k is None else mem_k.shape[1]
@@ -865,6 +893,7 @@ class _Call:
             self.rel, self.r_strides, self.R_rows = (self.q, self.q), (0, 0), 0
         self.dtype, self.scale = q.dtype, scale
         self.store_score_grads = rel_pos and store_score_grads
+        self.keep_pos_scores = self.store_score_grads and store_position_scores
         self.flags = dict(
             HAS_MEM_LENS=mem_lens is not None, HAS_CMEM_LENS=cmem_lens is not None,
             HAS_PAD=key_padding_mask is not None, CAUSAL=causal, REL_POS=rel_pos,
@@ -886,28 +915,46 @@ class _Call:
 
     @functools.cached_property
     def score_grad_columns(self):
-        """(row length, first column of the memory's keys, of the segment's) of the stored
-        score gradients by key: each source's columns padded to a multiple of
-        SCORE_GRAD_COLUMNS, so that a key tile's gradients are stored and read as aligned
-        vectors, unmasked along the keys (a tile's keys past its source land in the
-        padding)."""
-        col_m = cdiv(self.cm, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
-        col_s = col_m + cdiv(self.m, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
-        return col_s + cdiv(self.n, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS, col_m, col_s
+        return score_grad_columns(self.n, self.m, self.cm)
+
+    @property
+    def pos_score_dtype(self):
+        """The dtype of the stored position scores: the forward's own rounding of them
+        (bfloat16 for bfloat16 inputs, fp32 otherwise: _position_band)."""
+        return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
+
+    def pos_scores(self):
+        """A buffer for the position scores by key [B * H, n, row length]
+        (``score_grad_columns``), which the backward overwrites with the score gradients."""
+        return _empty((self.B * self.H, self.n, self.score_grad_columns[0]),
+                      self.pos_score_dtype, self.q.device)
 
     @property
     def sizes(self):
         return (self.H, self.n, self.m, self.cm, self.R_rows)
 
 
-def _launch_fwd(c, out, lse):
-    """The forward pass: writes out and lse."""
+def score_grad_columns(n: int, m: int, cm: int):
+    """(row length, first column of the memory's keys, of the segment's) of the position
+    scores and score gradients stored by key: each source's columns padded to a multiple of
+    SCORE_GRAD_COLUMNS, so that a key tile's entries are stored and read as aligned vectors,
+    unmasked along the keys (a tile's keys past its source land in the padding)."""
+    col_m = cdiv(cm, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
+    col_s = col_m + cdiv(m, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
+    return col_s + cdiv(n, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS, col_m, col_s
+
+
+def _launch_fwd(c, out, lse, pos_scores=None):
+    """The forward pass: writes out and lse, and with relative positions the position scores
+    by key into pos_scores if given (``_Call.pos_scores``)."""
     meta = c.meta("fwd")
     grid = (cdiv(c.n, meta["BLOCK_M"]), c.B * c.H)
+    stored, columns = (lse, (0, 0, 0)) if pos_scores is None else (pos_scores,
+                                                                   c.score_grad_columns)
     launch(_fwd_kernel, grid, (
-        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel,
+        c.q, *c.sources, out, lse, *c.lens, c.pad, *c.rel, stored,
         *_strides(c.q), *c.source_strides, *_strides(out), *c.pad_strides, *c.r_strides,
-        *c.sizes, c.scale * LOG2E), meta)
+        *columns, *c.sizes, c.scale * LOG2E), dict(meta, STORE_POS=pos_scores is not None))
 
 
 # The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128; with relative
@@ -930,8 +977,8 @@ def _sm90_loaded() -> bool:
 if _sm90_loaded():
     @torch.library.register_fake("ct_kernels::attention_fwd_sm90")
     def _attention_fwd_sm90_fake(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                                 rel_r, rel_w, causal, scale, out, lse):
-        return None  # it writes out and lse
+                                 rel_r, rel_w, rel_scores, causal, scale, out, lse):
+        return None  # it writes out and lse (and rel_scores, if given)
 
     @torch.library.register_fake("ct_kernels::attention_bwd_sm90")
     def _attention_bwd_sm90_fake(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, lse, delta,
@@ -953,20 +1000,26 @@ def _sm90_applies(c, switch: bool, head_dims: tuple, rel_pos: bool = False) -> b
 
 
 def _forward(*inputs):
-    """(out, lse) of the inputs of ``attention_fwd``."""
+    """(out, lse, position scores or None) of the inputs of ``attention_fwd``."""
     return _forward_call(_Call(*inputs))
 
 
 def _forward_call(c):
+    """(out, lse, pos_scores): with relative positions, ``store_score_grads`` and
+    ``store_position_scores`` the forward also keeps its position scores by key
+    (``_Call.pos_scores``), which the backward reads instead of recomputing them; None
+    otherwise."""
     out = _empty((c.B, c.n, c.H, c.D), c.dtype, c.q.device)
     lse = _empty((c.B, c.H, c.n), torch.float32, c.q.device)
+    pos_scores = c.pos_scores() if c.keep_pos_scores else None
     if _sm90_applies(c, SM90_FORWARD, SM90_FORWARD_HEAD_DIMS, rel_pos=True):
         rel = c.rel if c.flags["REL_POS"] else (None, None)  # (r, w = (v - u).r)
         torch.ops.ct_kernels.attention_fwd_sm90(c.q, *c.sources[:2], *c.memories, *c.lengths,
-                                                *rel, c.flags["CAUSAL"], c.scale, out, lse)
+                                                *rel, pos_scores, c.flags["CAUSAL"], c.scale,
+                                                out, lse)
     else:
-        _launch_fwd(c, out, lse)
-    return out, lse
+        _launch_fwd(c, out, lse, pos_scores)
+    return out, lse, pos_scores
 
 
 def _key_tiles(c, block_n):
@@ -985,11 +1038,12 @@ def _launch_dq(c, out, grad_out, lse, delta, dq, rel_grads=None):
         *c.pad_strides, *c.r_strides, *c.sizes, c.scale * LOG2E, c.scale), meta)
 
 
-def _launch_dkdv(c, grad_out, lse, delta, grads, score_grads=None):
-    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v). Given
-    score_grads [2, B * H, n, >= L], it also stores the scaled score gradients there, by key
-    and by distance."""
-    meta = c.meta("dkdv" if score_grads is None else "dkdv_stored")
+def _launch_dkdv(c, grad_out, lse, delta, grads, score_grads=None, pos_kept=False):
+    """The dK/dV pass; grads = (dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v). Given score_grads
+    = (by key, by distance), two [B * H, n, >= L] buffers, it stores the scaled score
+    gradients into both; with pos_kept the first holds the forward's position scores
+    (``_Call.pos_scores``), which it reads first."""
+    meta = c.meta("dkdv" if score_grads is None else "dkdv_kept" if pos_kept else "dkdv_stored")
     if score_grads is not None and meta["BLOCK_N"] > SCORE_GRAD_COLUMNS:
         raise ValueError(f"the storing dK/dV pass takes key tiles of at most "
                          f"{SCORE_GRAD_COLUMNS}, got {meta['BLOCK_N']}")
@@ -1002,7 +1056,7 @@ def _launch_dkdv(c, grad_out, lse, delta, grads, score_grads=None):
         c.q, *c.sources, grad_out, lse, delta, *grads, lse, *stored, *c.lens, c.pad, *c.rel,
         *_strides(c.q), *c.source_strides, *_strides(grad_out), *c.pad_strides, *c.r_strides,
         *columns, *c.sizes, tiles_c, tiles_m, c.scale * LOG2E, c.scale),
-        dict(meta, USAGE=False, STORE_DS=score_grads is not None))
+        dict(meta, USAGE=False, STORE_DS=score_grads is not None, POS_KEPT=pos_kept))
 
 
 def _launch_delta(c, out, grad_out, delta):
@@ -1028,16 +1082,18 @@ def _launch_dq_stored(c, score_grads, dq, rel_grads):
         *c.source_strides[12:15], *c.r_strides, *c.score_grad_columns, *c.sizes), flags)
 
 
-def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
-              key_padding_mask, r, u, v_bias, causal, scale, store_score_grads):
+def _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, pos_scores, mem_lens,
+              cmem_lens, key_padding_mask, r, u, v_bias, causal, scale, store_score_grads,
+              store_position_scores):
     c = _Call(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask,
-              r, u, v_bias, causal, scale, store_score_grads)
-    return _backward_call(c, grad_out, out, lse)
+              r, u, v_bias, causal, scale, store_score_grads, store_position_scores)
+    return _backward_call(c, grad_out, out, lse, pos_scores if pos_scores.numel() else None)
 
 
-def _backward_call(c, grad_out, out, lse):
+def _backward_call(c, grad_out, out, lse, pos_scores=None):
     """The gradients of ``attention_bwd`` for the forward's call c (None for r, u and v
-    without relative positions)."""
+    without relative positions). pos_scores: the forward's position scores (with
+    ``store_position_scores``), overwritten here by the score gradients."""
     B, n, H, D, m, cm = c.B, c.n, c.H, c.D, c.m, c.cm
     dtype, device = c.dtype, c.q.device
     grad_out, out = _last_dim_contiguous(grad_out), _last_dim_contiguous(out)
@@ -1065,10 +1121,17 @@ def _backward_call(c, grad_out, out, lse):
     dr, dw, dq_sum = rel_grads.split([H * R * D, H * R, H * D])
     dr, dw, dq_sum = dr.view(H, R, D), dw.view(H, R), dq_sum.view(H, D)
     if c.store_score_grads:
+        if c.keep_pos_scores and (pos_scores is None or
+                                  pos_scores.shape != (B * H, n, c.score_grad_columns[0])):
+            raise ValueError("store_position_scores=True: the backward needs the position "
+                             "scores of its forward")
         _launch_delta(c, out, grad_out, delta)
-        # by key and by distance (read where written)
-        score_grads = _empty((2, B * H, n, c.score_grad_columns[0]), dtype, device)
-        _launch_dkdv(c, grad_out, lse, delta, grads, score_grads)
+        # by key (in the position scores' place, if kept) and by distance (read where written)
+        buffer = lambda: _empty((B * H, n, c.score_grad_columns[0]), dtype, device)  # noqa: E731
+        score_grads = (pos_scores if c.keep_pos_scores else buffer(), buffer())
+        _launch_dkdv(c, grad_out, lse, delta, grads, score_grads, c.keep_pos_scores)
+        if c.keep_pos_scores:  # a second backward must not read them
+            torch.autograd.graph.increment_version(pos_scores)
         _launch_dq_stored(c, score_grads, dq, (dr, dw, dq_sum))
     else:
         _launch_dq(c, out, grad_out, lse, delta, dq, (dr, dw, dq_sum))
@@ -1090,7 +1153,8 @@ def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, 
         c.q, *c.sources, c.q, lse, lse, *([c.q] * 6), usage, usage, usage, *c.lens, c.pad,
         *c.rel, *_strides(c.q), *c.source_strides, 0, 0, 0, *c.pad_strides, *c.r_strides,
         0, 0, 0,
-        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale), dict(meta, USAGE=True, STORE_DS=False))
+        *c.sizes, tiles_c, tiles_m, scale * LOG2E, scale),
+        dict(meta, USAGE=True, STORE_DS=False, POS_KEPT=False))
     return usage.sum(dim=1).to(q.dtype)  # heads reduced here: deterministic
 
 
@@ -1109,44 +1173,59 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mem_k: OptTensor, mem_v: OptT
                   cmem_k: OptTensor, cmem_v: OptTensor, mem_lens: OptTensor,
                   cmem_lens: OptTensor, key_padding_mask: OptTensor, r: OptTensor,
                   u: OptTensor, v_bias: OptTensor, causal: bool, scale: float,
-                  store_score_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out [B, n, H, D], lse [B, H, n] in log2 units, +inf for rows that see no key, and
+                  store_score_grads: bool, store_position_scores: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out [B, n, H, D], lse [B, H, n] in log2 units, +inf for rows that see no key, the
+    position scores by key for the backward (``_forward_call``; empty unless kept), and
     int32 copies of mem_lens and cmem_lens (empty when absent)). The backward reads the
     copies: a caller may update its length buffers in place after the call (the model's
     memories do), and inductor can drop the caller's own defensive clone of them.
-    store_score_grads: how the backward runs (``compressive_attention``)."""
-    out, lse = _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                        key_padding_mask, r, u, v_bias, causal, scale)
-    return out, lse, _lengths_copy(mem_lens, q), _lengths_copy(cmem_lens, q)
+    store_score_grads, store_position_scores: how the backward runs
+    (``compressive_attention``)."""
+    out, lse, pos_scores = _forward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
+                                    key_padding_mask, r, u, v_bias, causal, scale,
+                                    store_score_grads, store_position_scores)
+    return (out, lse, q.new_empty(0) if pos_scores is None else pos_scores,
+            _lengths_copy(mem_lens, q), _lengths_copy(cmem_lens, q))
 
 
 @attention_fwd.register_fake
 def _(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, r, u,
-      v_bias, causal, scale, store_score_grads):
+      v_bias, causal, scale, store_score_grads, store_position_scores):
     B, n, H, D = q.shape
     lengths = lambda t: q.new_empty(0 if t is None else t.shape[0], dtype=torch.int32)  # noqa: E731
-    return (q.new_empty(B, n, H, D), q.new_empty(B, H, n, dtype=torch.float32),
+    pos_scores = q.new_empty(0)
+    if r is not None and store_score_grads and store_position_scores:
+        columns = score_grad_columns(n, 0 if mem_k is None else mem_k.shape[1],
+                                     0 if cmem_k is None else cmem_k.shape[1])[0]
+        pos_scores = q.new_empty(B * H, n, columns, dtype=torch.bfloat16
+                                 if q.dtype == torch.bfloat16 else torch.float32)
+    return (q.new_empty(B, n, H, D), q.new_empty(B, H, n, dtype=torch.float32), pos_scores,
             lengths(mem_lens), lengths(cmem_lens))
 
 
-@torch.library.custom_op("ct_kernels::attention_bwd", mutates_args=())
+@torch.library.custom_op("ct_kernels::attention_bwd", mutates_args=("pos_scores",))
 def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mem_k: OptTensor,
                   mem_v: OptTensor, cmem_k: OptTensor, cmem_v: OptTensor, out: Tensor,
-                  lse: Tensor, mem_lens: OptTensor, cmem_lens: OptTensor,
+                  lse: Tensor, pos_scores: Tensor, mem_lens: OptTensor, cmem_lens: OptTensor,
                   key_padding_mask: OptTensor, r: OptTensor, u: OptTensor, v_bias: OptTensor,
-                  causal: bool, scale: float, store_score_grads: bool
+                  causal: bool, scale: float, store_score_grads: bool,
+                  store_position_scores: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                              Tensor, Tensor]:
     """(dq, dk, dv, dmem_k, dmem_v, dcmem_k, dcmem_v, dr, du, dv_bias); absent inputs get
-    empty gradients."""
-    grads = _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
-                      cmem_lens, key_padding_mask, r, u, v_bias, causal, scale, store_score_grads)
+    empty gradients. pos_scores: the forward's (empty unless it kept them), overwritten by
+    the score gradients."""
+    grads = _backward(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, pos_scores,
+                      mem_lens, cmem_lens, key_padding_mask, r, u, v_bias, causal, scale,
+                      store_score_grads, store_position_scores)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @attention_bwd.register_fake
-def _(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_lens,
-      key_padding_mask, r, u, v_bias, causal, scale, store_score_grads):
+def _(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, pos_scores, mem_lens,
+      cmem_lens, key_padding_mask, r, u, v_bias, causal, scale, store_score_grads,
+      store_position_scores):
     B, n, H, D = q.shape
     like = lambda t, *empty: q.new_empty(t.shape) if t is not None else q.new_empty(*empty)  # noqa: E731
     return (q.new_empty(B, n, H, D), q.new_empty(B, n, H, D), q.new_empty(B, n, H, D),
@@ -1156,13 +1235,16 @@ def _(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens, cmem_
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_mask, r, u,
-     v_bias, causal, scale, store_score_grads) = inputs
-    out, lse, *lengths = output
+     v_bias, causal, scale, store_score_grads, store_position_scores) = inputs
+    out, lse, pos_scores, *lengths = output
     if lengths:  # the custom op's copies
         mem_lens, cmem_lens = (None if t.numel() == 0 else t for t in lengths)
-    ctx.save_for_backward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, mem_lens,
-                          cmem_lens, key_padding_mask, r, u, v_bias)
-    ctx.causal, ctx.scale, ctx.store_score_grads = causal, scale, store_score_grads
+    if pos_scores is None:
+        pos_scores = q.new_empty(0)
+    ctx.save_for_backward(q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse, pos_scores,
+                          mem_lens, cmem_lens, key_padding_mask, r, u, v_bias)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.store = (store_score_grads, store_position_scores)
 
 
 def _gradients(ctx, grad_out, backward):
@@ -1170,15 +1252,15 @@ def _gradients(ctx, grad_out, backward):
     tensors, by ``backward`` (the custom op, or ``_backward`` itself on the eager path)."""
     saved = ctx.saved_tensors
     dq, dk, dv, dmk, dmv, dck, dcv, dr, du, dvb = backward(grad_out, *saved, ctx.causal, ctx.scale,
-                                                           ctx.store_score_grads)
-    (_, _, _, mem_k, mem_v, cmem_k, cmem_v, _, _, _, _, _, r, u, v_bias) = saved
+                                                           *ctx.store)
+    (_, _, _, mem_k, mem_v, cmem_k, cmem_v, _, _, _, _, _, _, r, u, v_bias) = saved
     given = lambda t, g: g if t is not None else None  # noqa: E731
     return (dq, dk, dv, given(mem_k, dmk), given(mem_v, dmv), given(cmem_k, dck),
             given(cmem_v, dcv), None, None, None, given(r, dr), given(u, du),
-            given(v_bias, dvb), None, None, None)
+            given(v_bias, dvb), None, None, None, None)
 
 
-def _attention_backward(ctx, grad_out, grad_lse, grad_mem_lens, grad_cmem_lens):
+def _attention_backward(ctx, grad_out, *_):  # lse, the position scores, the lengths: none
     return _gradients(ctx, grad_out, attention_bwd)
 
 
@@ -1194,8 +1276,8 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         c = _Call(*inputs)
-        out, lse = _forward_call(c)
-        _setup_context(ctx, inputs, (out, lse))
+        out, lse, pos_scores = _forward_call(c)
+        _setup_context(ctx, inputs, (out, lse, pos_scores))
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         # the backward reuses the forward's view of the call (host time), except with
@@ -1244,9 +1326,10 @@ def _unsupported(dtype=None, head_dim=None, **_):
 def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=None, *,
                           mem_lens=None, cmem_lens=None, key_padding_mask=None, causal=True,
                           scale=None, rel_pos=None, return_key_usage=False,
-                          store_score_grads=False):
+                          store_score_grads=False, store_position_scores=False):
     """Same arguments and results as ``reference.compressive_attention``; with relative
-    positions, store_score_grads selects the backward (``functional.compressive_attention``)."""
+    positions, store_score_grads and store_position_scores select the backward
+    (``functional.compressive_attention``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     r, u, v_bias = rel_pos if rel_pos is not None else (None, None, None)
     if torch.compiler.is_compiling():
@@ -1254,10 +1337,11 @@ def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=N
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
                                          (q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias)):
         attention = _EagerAttention.apply
-    else:  # nothing to differentiate: no autograd node
-        attention = _forward
+    else:  # nothing to differentiate: no autograd node, nothing kept for a backward
+        attention = lambda *inputs: _forward(*inputs[:-2], False, False)[:2]  # noqa: E731
     out, lse = attention(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                         key_padding_mask, r, u, v_bias, causal, scale, bool(store_score_grads))
+                         key_padding_mask, r, u, v_bias, causal, scale,
+                         bool(store_score_grads), bool(store_position_scores))[:2]
     if not return_key_usage:
         return out
     detach = lambda t: None if t is None else t.detach()  # noqa: E731

@@ -51,12 +51,13 @@ def _source(k, v, lens):
 def decode_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=None, *,
                      mem_lens=None, cmem_lens=None, key_padding_mask=None, causal=True,
                      scale=None, rel_pos=None, return_key_usage=False, num_splits=0, out=None,
-                     store_score_grads=False):
+                     store_score_grads=False, store_position_scores=False):
     """Same contract as ``reference.compressive_attention`` (forward, no key usage).
 
     num_splits: key splits per (batch, head); 0 picks them from the GPU's occupancy.
     out: optional contiguous [B, n, H, D] output buffer to write into.
-    store_score_grads: a choice of the Triton backward; ignored (forward only).
+    store_score_grads, store_position_scores: choices of the Triton backward; ignored
+    (forward only).
     """
     if return_key_usage:
         raise ValueError("decode_attention does not return key usage")

@@ -52,6 +52,9 @@ def _add_train(sub):
     g.add_argument("--recompute-scores", dest="store_score_grads", action="store_false",
                    default=None, help="attention backward recomputing the scores instead of "
                    "keeping their gradients (slower on the GPU, less memory)")
+    g.add_argument("--store-position-scores", action="store_true", default=None,
+                   help="each layer's attention forward keeps its position scores for the "
+                   "backward (faster on the GPU; one [B, H, n, L] buffer per layer)")
 
 
 def _run_train(args):

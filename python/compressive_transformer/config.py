@@ -25,6 +25,10 @@ class ModelConfig:
     store_score_grads: the attention backward keeps each layer's score gradients
         (twice [B, H, n, cm + m + n], one layer at a time) instead of recomputing the scores
         (``ct_kernels.compressive_attention``): faster on the GPU, that much more memory.
+    store_position_scores: with store_score_grads, each layer's attention forward also keeps
+        its position scores ([B, H, n, cm + m + n]) until its backward, which then reads them
+        instead of scoring the positions again: faster still, one such buffer per layer alive
+        from the forward to the backward.
     """
 
     vocab_size: int = 256
@@ -44,6 +48,7 @@ class ModelConfig:
     dropout: float = 0.1
     backend: str = "auto"
     store_score_grads: bool = True
+    store_position_scores: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "layers", "heads", "ff_mult", "seg_len", "rate", "dilation"):
@@ -71,8 +76,9 @@ class ModelConfig:
                              "use compress_loss 'none'")
         if self.cmem_len and self.seg_len % self.rate:
             raise ValueError(f"rate ({self.rate}) must divide seg_len ({self.seg_len})")
-        if not isinstance(self.store_score_grads, bool):
-            raise TypeError(f"store_score_grads must be a bool, got {self.store_score_grads!r}")
+        for name in ("store_score_grads", "store_position_scores"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.memory_layers is not None:

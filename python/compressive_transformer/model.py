@@ -167,7 +167,8 @@ class CompressiveLayer(nn.Module):
         result = ct_kernels.compressive_attention(
             q, k, v, *mem_kv, *cmem_kv, mem_lens=mem_lens, cmem_lens=cmem_lens,
             rel_pos=rel_pos, return_key_usage=want_usage, backend=self.config.backend,
-            store_score_grads=self.config.store_score_grads)
+            store_score_grads=self.config.store_score_grads,
+            store_position_scores=self.config.store_position_scores)
         out, usage = result if want_usage else (result, None)
         return self.dropout(self.out_proj(out.flatten(2))), usage
 
