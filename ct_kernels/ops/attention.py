@@ -96,8 +96,8 @@ GPU_CONFIGS = {
     ("dkdv_stored_rel", 16): (64, 64, 4, 1), ("dkdv_stored_rel", 32): (64, 64, 4, 1),
     ("dkdv_stored_rel", 64): (64, 64, 4, 1), ("dkdv_stored_rel", 128): (32, 64, 4, 1),
     ("dkdv_stored_rel", 256): (32, 32, 4, 1),
-    ("dkdv_kept_rel", 16): (32, 64, 4, 1), ("dkdv_kept_rel", 32): (32, 64, 4, 1),
-    ("dkdv_kept_rel", 64): (32, 64, 4, 1), ("dkdv_kept_rel", 128): (32, 64, 4, 2),
+    ("dkdv_kept_rel", 16): (32, 128, 4, 3), ("dkdv_kept_rel", 32): (32, 128, 4, 3),
+    ("dkdv_kept_rel", 64): (32, 128, 4, 3), ("dkdv_kept_rel", 128): (32, 64, 4, 3),
     ("dkdv_kept_rel", 256): (32, 32, 4, 1),
 }
 FP32_CONFIG = (32, 32, 4, 1)          # fp32 tiles take twice the registers / shared memory
@@ -685,6 +685,15 @@ def _bwd_dq_stored_kernel(
 
 # ----------------------------------------------------------------------------- backward: dK/dV
 @triton.jit
+def _kept_position_scores(DS_src, qs, offs_n, n, sds_n, BLOCK_M: tl.constexpr):
+    """The position scores that the forward kept by key ([keys, BLOCK_M] of the query tile
+    at qs; zeros past n)."""
+    offs_m = qs + tl.arange(0, BLOCK_M)
+    return tl.load(DS_src + offs_m[None, :].to(tl.int64) * sds_n + offs_n[:, None],
+                   mask=(offs_m < n)[None, :], other=0.0)
+
+
+@triton.jit
 def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, Vp, sk_n, sv_n,
                DKp, DVp, row_stride, Pad, spad_n, size, valid_lo, key_base, start, is_segment, n,
                query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
@@ -720,6 +729,9 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, 
     if CAUSAL:
         q_lo = tl.where(is_segment, start // BLOCK_M * BLOCK_M, q_lo)
     q_lo = tl.where(start + BLOCK_N <= valid_lo, n, q_lo)
+    if POS_KEPT:  # the first query tile's kept position scores; each next one's is loaded a
+        # tile ahead (Triton's pipelining leaves a load that feeds no product in place)
+        pos_next = _kept_position_scores(DS_src, q_lo, offs_n, n, sds_n, BLOCK_M)
     for qs in range(q_lo, n, BLOCK_M):
         offs_m = qs + tl.arange(0, BLOCK_M)
         row_ok = offs_m < n
@@ -731,9 +743,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, 
             apply_mask = apply_mask | (is_segment & (start + BLOCK_N - 1 > qs))
         pos = 0.0
         if POS_KEPT:  # the forward's (masked entries may be unwritten: dropped by _scores)
-            rows = offs_m[None, :].to(tl.int64) * sds_n
-            pos = tl.load(DS_src + rows + offs_n[:, None], mask=row_ok[None, :], other=0.0)
-            pos = pos.to(tl.float32)
+            pos = pos_next.to(tl.float32)
+            pos_next = _kept_position_scores(DS_src, qs + BLOCK_M, offs_n, n, sds_n, BLOCK_M)
         elif REL_POS:  # the query tile changes every step: the whole band is new
             first = query_base + qs - key_base - start - BLOCK_T
             band = _position_band(
