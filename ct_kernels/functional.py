@@ -54,13 +54,17 @@ def compressive_attention(
             again and keeps the score gradients by key in their place: a faster backward at
             the same peak memory for one call, but one such buffer per call alive until its
             backward (a model: one per layer). That backward runs once (retain_graph=True
-            then fails at the second). Ignored otherwise.
+            then fails at the second). Ignored without ``rel_pos`` or on other backends;
+            without ``store_score_grads`` a ValueError.
 
     Returns:
         out [B, n, H, D], or (out, usage). A query that sees no key outputs zeros.
     """
     _checks.tensor("q", q, 4)
     B, n, H, D = q.shape
+    if store_position_scores and not store_score_grads:
+        raise ValueError("store_position_scores=True needs store_score_grads=True (the "
+                         "backward from stored score gradients is what reads them)")
     if n == 0:
         raise ValueError("q must hold at least one query (n >= 1)")
     dtype, device = q.dtype, q.device

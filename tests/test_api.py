@@ -61,6 +61,7 @@ def test_strided_inputs_with_contiguous_last_dim():
     (dict(rel_pos=RelativePosition(torch.randn(2, 12, 8), torch.randn(2, 4), torch.randn(2, 8))),
      ValueError, "rel_pos.u must have shape"),
     (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
+    (dict(store_position_scores=True), ValueError, "store_position_scores=True needs store_score_grads"),
 ])
 def test_attention_bad_inputs(overrides, error, words):
     with pytest.raises(error, match=re.escape(words)):

@@ -118,6 +118,17 @@ def test_presets_and_overrides():
         preset("tiny", colour="red")
 
 
+def test_attention_backward_flags_reach_the_model_configuration(monkeypatch):
+    from compressive_transformer import train as train_module
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda model_config, *_, **__: seen.update(
+        stored=model_config.store_score_grads, kept=model_config.store_position_scores))
+    for flags, expected in (([], (True, False)), (["--store-position-scores"], (True, True)),
+                            (["--recompute-scores"], (False, False))):
+        main(["train", *flags])
+        assert (seen["stored"], seen["kept"]) == expected, flags
+
+
 def test_train_resume_eval_generate(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_bytes(english_like(12_000))

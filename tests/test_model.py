@@ -250,6 +250,7 @@ def test_generate_and_sample():
     (dict(dropout=1.0), ValueError, "dropout"),
     (dict(store_score_grads="yes"), TypeError, "store_score_grads"),
     (dict(store_position_scores=1), TypeError, "store_position_scores"),
+    (dict(store_score_grads=False, store_position_scores=True), ValueError, "store_position_scores"),
 ])
 def test_bad_configuration(bad, error, match):
     with pytest.raises(error, match=match):

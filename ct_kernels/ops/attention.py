@@ -230,8 +230,7 @@ def _band_gradient(ds, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
 @triton.jit
 def _scores(q, k, pos, query_pos0, key_pos0, key_ok, apply_mask,
             KEY_MAJOR: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-            PRECISION: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Unscaled scores, -inf where masked, of BLOCK_M queries x BLOCK_N keys (the callers
     fold scale * log2(e) into the exponent's fused multiply-add):
     [BLOCK_M, BLOCK_N] from k^T [D, BLOCK_N], or with KEY_MAJOR the transpose
@@ -343,7 +342,7 @@ def _query_major_scores(q, upper, Kp, sk_n, Pad, spad_n, start, size, valid_lo, 
         pos = _sheared_position_scores(_position_band(lower, upper, q), False, BLOCK_M,
                                        BLOCK_N, BLOCK_T)
     s = _scores(q, kt, pos, query_pos0, key_base + start, key_ok, apply_mask,
-                False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
+                False, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, PRECISION)
     return s, kt, lower, pos
 
 
@@ -754,7 +753,7 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, 
                                  BLOCK_D, HEAD_DIM, PRECISION), q)
             pos = _sheared_position_scores(band, True, BLOCK_M, BLOCK_N, BLOCK_T)
         s_t = _scores(q, k, pos, query_base + qs, key_base + start, key_ok, apply_mask,
-                      True, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, BLOCK_T, PRECISION)
+                      True, CAUSAL, REL_POS, BLOCK_M, BLOCK_N, PRECISION)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if USAGE:
             usage += tl.sum(p_t, 1)

@@ -79,6 +79,9 @@ class ModelConfig:
         for name in ("store_score_grads", "store_position_scores"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.store_position_scores and not self.store_score_grads:
+            raise ValueError("store_position_scores needs store_score_grads (the backward from "
+                             "stored score gradients is what reads the kept position scores)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.memory_layers is not None:
