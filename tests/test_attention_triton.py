@@ -131,6 +131,9 @@ def test_stored_position_scores_are_kept_for_a_backward_only(monkeypatch):
     run(**a)
     assert not kept  # nothing requires a gradient
     a["q"].requires_grad_(True)
+    with torch.no_grad():  # nor here, traced
+        torch.compile(lambda: run(**a), fullgraph=True)()
+    assert not kept
     out = run(**a)
     assert len(kept) == 1
     out.sum().backward(retain_graph=True)

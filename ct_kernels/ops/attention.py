@@ -1342,16 +1342,18 @@ def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=N
     (``functional.compressive_attention``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     r, u, v_bias = rel_pos if rel_pos is not None else (None, None, None)
-    if torch.compiler.is_compiling():
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias))
+    if torch.compiler.is_compiling():  # (traced: the grad mode and requires_grad are known)
         attention = lambda *inputs: attention_fwd(*inputs)[:2]  # noqa: E731
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
-                                         (q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias)):
+    elif needs_grad:
         attention = _EagerAttention.apply
-    else:  # nothing to differentiate: no autograd node, nothing kept for a backward
-        attention = lambda *inputs: _forward(*inputs[:-2], False, False)[:2]  # noqa: E731
+    else:  # nothing to differentiate: no autograd node
+        attention = _forward
+    # nothing kept for a backward that will not run
     out, lse = attention(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
                          key_padding_mask, r, u, v_bias, causal, scale,
-                         bool(store_score_grads), bool(store_position_scores))[:2]
+                         bool(store_score_grads), bool(store_position_scores) and needs_grad)[:2]
     if not return_key_usage:
         return out
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
