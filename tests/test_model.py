@@ -331,6 +331,24 @@ def test_compiled_training_matches_eager(dynamic):
     _check_compiled_training(make_model(**D1024_LIKE), "aot_eager", dynamic)
 
 
+def test_kept_position_scores_train_as_the_band_does():
+    """Training steps on the Triton kernels (the interpreter on the CPU) with each layer's
+    forward keeping its position scores for its backward give the losses and gradients of
+    the steps whose backward scores the positions again (several layers' kept buffers alive
+    at once; the compiled custom-op path: tests/test_attention_triton.py)."""
+    config = dict(backend="triton", mem_len=6, seg_len=6, cmem_len=3, rate=2, dim=16, heads=2)
+    band = make_model(**config)
+    expected, _ = _train_steps(band, band, 3)
+    kept = make_model(**config, store_position_scores=True)
+    got, _ = _train_steps(kept, kept, 3)
+    for step, ((loss, aux, grads), (loss_k, aux_k, grads_k)) in enumerate(zip(expected, got)):
+        torch.testing.assert_close(loss_k, loss, rtol=1e-5, atol=1e-6, msg=f"loss, step {step}")
+        torch.testing.assert_close(aux_k, aux, rtol=1e-4, atol=1e-9, msg=f"aux, step {step}")
+        for key in grads:
+            torch.testing.assert_close(grads_k[key], grads[key], rtol=1e-4, atol=1e-6,
+                                       msg=f"grad of {key}, step {step}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_with_the_kernels_matches_the_reference_on_gpu(monkeypatch):
     """Eager training steps with the GPU kernels (auto backend) against the same model on the
