@@ -156,6 +156,12 @@ struct KeyTiles {
   }
 };
 
+// a[src] of a per-source array (cmem, mem, segment) by selects: a run-time index would put
+// the array in local memory
+__device__ __forceinline__ int by_source(const int (&a)[3], int src) {
+  return src == 0 ? a[0] : src == 1 ? a[1] : a[2];
+}
+
 // Relative positions: the chunks of 64 rows of r (64 distances each) that a block's band
 // products read, in the order they are needed. Per key tile each warpgroup scores one new
 // chunk, the lower half of its tile's band; the upper half is the previous tile's lower
@@ -171,15 +177,11 @@ struct ChunkStream {
   // the first distance of chunk c
   __device__ __forceinline__ int distance(int c) const {
     const int src = c >= first[2] ? 2 : c >= first[1] ? 1 : 0;
-    return pick(top, src) - 64 * (c - pick(first, src));
+    return by_source(top, src) - 64 * (c - by_source(first, src));
   }
   // warpgroup wg's lower-half chunk of the index-th tile of source src
   __device__ __forceinline__ int lower(int src, int index, int wg) const {
-    return pick(first, src) + 2 + index - wg;
-  }
-  // a[src] by selects (no local-memory array)
-  static __device__ __forceinline__ int pick(const int (&a)[3], int src) {
-    return src == 0 ? a[0] : src == 1 ? a[1] : a[2];
+    return by_source(first, src) + 2 + index - wg;
   }
 };
 
@@ -381,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
         int src, key0;
         tiles.locate(j, src, key0);
         kept = p.pos_scores + (int64_t(bh) * p.n + query0 + 16 * warp + lane / 4) * p.pos_stride +
-               ChunkStream::pick(p.pos_col, src) + key0 + 2 * (lane % 4);
+               by_source(p.pos_col, src) + key0 + 2 * (lane % 4);
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {

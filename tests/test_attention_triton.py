@@ -430,8 +430,13 @@ def test_sm90_forward_keeps_the_position_scores(monkeypatch, n, m, cm, D):
                            a.get("cmem_lens"), None, *a["rel_pos"], True, D ** -0.5, True,
                            True)
     kept = {}
-    for name, switch in (("sm90", True), ("triton", False)):
-        monkeypatch.setattr(attention, "SM90_FORWARD", switch)
+    triton_forward = attention._launch_fwd
+
+    def no_triton_forward(*_args, **_kwargs):
+        raise AssertionError("the Triton forward ran")
+    for name, launch in (("sm90", no_triton_forward), ("triton", triton_forward)):
+        monkeypatch.setattr(attention, "_launch_fwd", launch)
+        monkeypatch.setattr(attention, "SM90_FORWARD", name == "sm90")
         kept[name] = attention._forward_call(call)[2].float()
     # the entries a backward reads: valid memory slots and segment keys up to the query
     columns, col_m, col_s = call.score_grad_columns

@@ -25,10 +25,10 @@ Kernels (one program per (tile, batch*head)):
     replaces the dQ pass, and ``_bwd_delta_kernel`` computes delta before the dK/dV pass.
 On Hopper (sm_90) with float16/bfloat16 and without key padding, the forward (head dims 64
 and 128; with relative positions for bfloat16 causal calls) and, without relative positions,
-the backward (head dim 128) run instead on ct_kernels._C's
-``attention_fwd_sm90`` and ``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward is one pass over key blocks
-that also computes dQ, adding it into an fp32 buffer; ``SM90_FORWARD`` and ``SM90_BACKWARD``
-switch them off).
+the backward (head dim 128) run instead on ct_kernels._C's ``attention_fwd_sm90`` and
+``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward is one pass over key blocks that
+also computes dQ, adding it into an fp32 buffer; ``SM90_FORWARD`` and ``SM90_BACKWARD`` switch
+them off).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Any head dim up to 256 runs: the
 tiles' head-dim width BLOCK_D is HEAD_DIM padded to a power of two, and only where it pads do
@@ -698,9 +698,8 @@ def _dkdv_tile(Q, DO, Lse, Delta, Usage, DS_src, DG_bh, sds_n, sq_n, sdo_n, Kp, 
                query_base, R_h, W_h, sr_n, R_rows, scale_log2, scale,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, REL_POS: tl.constexpr,
                USAGE: tl.constexpr, STORE_DS: tl.constexpr, POS_KEPT: tl.constexpr,
-               BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile (slots start.. of a source) against every query tile that sees it:
     writes dK, dV into the source's gradient tensors (contiguous [B, S, H, D]), or with
     USAGE the per-key softmax mass into Usage (this head's row of [B, H, L]). With
@@ -793,8 +792,8 @@ def _bwd_dkdv_kernel(
     H, n, m, cm, R_rows, tiles_c, tiles_m, scale_log2, scale,
     HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, HAS_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, REL_POS: tl.constexpr, USAGE: tl.constexpr, STORE_DS: tl.constexpr,
-    POS_KEPT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+    POS_KEPT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -927,17 +926,11 @@ class _Call:
     def score_grad_columns(self):
         return score_grad_columns(self.n, self.m, self.cm)
 
-    @property
-    def pos_score_dtype(self):
-        """The dtype of the stored position scores: the forward's own rounding of them
-        (bfloat16 for bfloat16 inputs, fp32 otherwise: _position_band)."""
-        return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
-
     def pos_scores(self):
-        """A buffer for the position scores by key [B * H, n, row length]
-        (``score_grad_columns``), which the backward overwrites with the score gradients."""
-        return _empty((self.B * self.H, self.n, self.score_grad_columns[0]),
-                      self.pos_score_dtype, self.q.device)
+        """A buffer for the position scores by key (``pos_scores_layout``), which the
+        backward overwrites with the score gradients."""
+        return _empty(*pos_scores_layout(self.B, self.H, self.n, self.m, self.cm, self.dtype),
+                      self.q.device)
 
     @property
     def sizes(self):
@@ -952,6 +945,14 @@ def score_grad_columns(n: int, m: int, cm: int):
     col_m = cdiv(cm, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
     col_s = col_m + cdiv(m, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS
     return col_s + cdiv(n, SCORE_GRAD_COLUMNS) * SCORE_GRAD_COLUMNS, col_m, col_s
+
+
+def pos_scores_layout(B: int, H: int, n: int, m: int, cm: int, dtype: torch.dtype):
+    """(shape, dtype) of the position scores that the forward keeps by key: [B * H, n, row
+    length of ``score_grad_columns``], rounded as the forward adds them (bfloat16 for
+    bfloat16 inputs, fp32 otherwise: _position_band)."""
+    return ((B * H, n, score_grad_columns(n, m, cm)[0]),
+            torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
 
 
 def _launch_fwd(c, out, lse, pos_scores=None):
@@ -1206,10 +1207,9 @@ def _(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, key_padding_ma
     lengths = lambda t: q.new_empty(0 if t is None else t.shape[0], dtype=torch.int32)  # noqa: E731
     pos_scores = q.new_empty(0)
     if r is not None and store_score_grads and store_position_scores:
-        columns = score_grad_columns(n, 0 if mem_k is None else mem_k.shape[1],
-                                     0 if cmem_k is None else cmem_k.shape[1])[0]
-        pos_scores = q.new_empty(B * H, n, columns, dtype=torch.bfloat16
-                                 if q.dtype == torch.bfloat16 else torch.float32)
+        shape, dtype = pos_scores_layout(B, H, n, 0 if mem_k is None else mem_k.shape[1],
+                                         0 if cmem_k is None else cmem_k.shape[1], q.dtype)
+        pos_scores = q.new_empty(shape, dtype=dtype)
     return (q.new_empty(B, n, H, D), q.new_empty(B, H, n, dtype=torch.float32), pos_scores,
             lengths(mem_lens), lengths(cmem_lens))
 
@@ -1343,7 +1343,8 @@ def compressive_attention(q, k, v, mem_k=None, mem_v=None, cmem_k=None, cmem_v=N
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     r, u, v_bias = rel_pos if rel_pos is not None else (None, None, None)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias))
+        t is not None and t.requires_grad
+        for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v, r, u, v_bias))
     if torch.compiler.is_compiling():  # (traced: the grad mode and requires_grad are known)
         attention = lambda *inputs: attention_fwd(*inputs)[:2]  # noqa: E731
     elif needs_grad:
