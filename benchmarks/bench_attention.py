@@ -397,16 +397,64 @@ def tune(passes=None, workers: int = 8):
               + ", ".join(f"{n} {min(per_config, key=lambda c: per_config[c][n])}" for n in names), flush=True)
 
 
+def sweep_block_windows(windows=(1, 4, 8, 16, 32, 64, 0), repeats: int = 3):
+    """The sm_90 kernels alone (CUDA-graph replays) at each block-order window (batch-heads
+    per window, csrc/sm90.cuh block_work; 0: the kernels' own choice), the windows interleaved
+    ``repeats`` times; prints the median ms per window: the forward on every shape (and with
+    relative positions on theirs), the backward at head dim 128."""
+    import statistics
+    ops = torch.ops.ct_kernels
+    for name, (B, H, n, m, cm, D) in SHAPES.items():
+        for rel_pos in (False, True):
+            if rel_pos and name not in RELPOS_SHAPES:
+                continue
+            bf16 = dict(device="cuda", dtype=torch.bfloat16)
+            q, k, v, grad_out = (torch.randn(B, n, H, D, **bf16) for _ in range(4))
+            mem_k, mem_v = (torch.randn(B, m, H, D, **bf16) for _ in range(2))
+            cmem_k, cmem_v = (torch.randn(B, cm, H, D, **bf16) for _ in range(2))
+            L = n + m + cm
+            rel = (dict(rel_r=torch.randn(H, L, D, **bf16), rel_w=torch.randn(H, L, device="cuda"))
+                   if rel_pos else dict(rel_r=None, rel_w=None))
+            sources = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, cmem_k=cmem_k, cmem_v=cmem_v,
+                           mem_lens=None, cmem_lens=None)
+            out, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda")
+            passes = {"fwd": lambda w: ops.attention_fwd_sm90(
+                **sources, **rel, rel_scores=None, causal=True, scale=D ** -0.5, out=out, lse=lse,
+                block_window=w)}
+            if D in attention.SM90_BACKWARD_HEAD_DIMS and not rel_pos:
+                passes["fwd"](0)
+                delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+                grads = [torch.empty_like(t) for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
+                accum = torch.empty(B * H * -(-n // 64) * attention.SM90_DQ_TILE, device="cuda")
+                passes["bwd"] = lambda w: ops.attention_bwd_sm90(
+                    grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
+                    dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],
+                    dcmem_k=grads[5], dcmem_v=grads[6], dq_accum=accum, block_window=w)
+            for pass_name, launch in passes.items():
+                replays = {w: harness.graphed(lambda w=w: launch(w)) for w in windows}
+                samples = {w: [] for w in windows}
+                for _ in range(repeats):
+                    for w in windows:
+                        samples[w].append(harness.time_ms(replays[w], rep_ms=150))
+                label = f"{name}{' rel' if rel_pos else ''} {pass_name}"
+                print(f"block windows {label:22s} " + " | ".join(
+                    f"{w or 'auto'}: {statistics.median(samples[w]):.4f}" for w in windows), flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tune", action="store_true",
                         help="first re-measure the launch configurations (GPU)")
     parser.add_argument("--tune-only", action="store_true", help="re-measure them, nothing else")
     parser.add_argument("--passes", nargs="*", help="tune only these passes (e.g. fwd dq_rel)")
+    parser.add_argument("--block-windows", action="store_true",
+                        help="time the sm_90 kernels' block-order windows, nothing else (GPU)")
     parser.add_argument("--ops", nargs="*", choices=("attention", "relpos_attention"),
                         default=("attention", "relpos_attention"), help="benchmark only these ops")
     options = parser.parse_args()
+    if options.block_windows:
+        sweep_block_windows()
     if options.tune or options.tune_only:
         tune(options.passes)
-    if not options.tune_only:
+    if not (options.tune_only or options.block_windows):
         run(options.ops)

@@ -108,6 +108,7 @@ struct AttnFwdParams {
   int size[3];                       // keys per source
   const int* lens[2];                // valid (newest) slots of cmem and mem per sample, or null
   int heads, n, tiles_m;             // tiles_m: 128-query tiles
+  int batch_heads, window;           // the block order (block_work)
   int causal;
   float qk_scale;                    // softmax scale * log2(e)
   float* lse;                        // [B, H, n], log2 domain
@@ -197,10 +198,11 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   const uint32_t smem0 = smem_addr(smem_raw);
   if (smem0 % 1024 != 0) __trap();
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
-  // the query tiles of a batch-head are neighbours (they share its keys in L2), the longest
-  // (the last, causal) first
-  const int bh = blockIdx.x / p.tiles_m, b = bh / p.heads, h = bh % p.heads;
-  const int tile_m = p.tiles_m - 1 - blockIdx.x % p.tiles_m;
+  // the query tiles of a batch-head, the longest (the last, causal) first, in windows of
+  // batch-heads (block_work)
+  const BlockWork work = block_work(blockIdx.x, p.tiles_m, p.window, p.batch_heads);
+  const int bh = work.bh, b = bh / p.heads, h = bh % p.heads;
+  const int tile_m = p.tiles_m - 1 - work.item;
   const int query0 = tile_m * 128 + 64 * wg;  // this warpgroup's first query
 
   // the memories' valid slots [valid_lo, size) and the key tiles that hold them
@@ -623,6 +625,9 @@ namespace bwd {
 
 constexpr int kStages = 3;
 constexpr int kThreads = 256;                           // two warpgroups
+// batch-heads per window of the block order (block_work), measured: 8 of 1-64 (windows of 64
+// 3-4% slower than of 8; benchmarks/NOTES.md, Attention section 22)
+constexpr int kWindow = 8;
 constexpr int kDsBytes = 64 * 64 * 2;                   // a warpgroup's dS^T [64 keys, 64 queries]
 constexpr int kDqBytes = 64 * 64 * 4;                   // a warpgroup's fp32 half of dQ [64, 64]
 constexpr int kDqFloats = kDqBytes / 4;
@@ -647,6 +652,7 @@ struct AttnBwdParams {
   const int* lens[2];         // valid (newest) slots of cmem and mem per sample, or null
   int heads, n, tiles_m;      // tiles_m: 64-query tiles
   int key_blocks;             // blocks[0] + blocks[1] + blocks[2]
+  int batch_heads, window;    // the block order (block_work)
   int causal;
   float qk_scale;             // softmax scale * log2(e)
   float sm_scale;
@@ -662,10 +668,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   const uint32_t smem0 = smem_addr(smem_raw);
   if (smem0 % 1024 != 0) __trap();
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
-  const int bh = blockIdx.x / p.key_blocks, b = bh / p.heads, h = bh % p.heads;
-  // the block's source (the three oldest first: cmem, mem, segment) and its first key there
+  // the key blocks of a batch-head, in windows of batch-heads (block_work)
+  const BlockWork work = block_work(blockIdx.x, p.key_blocks, p.window, p.batch_heads);
+  const int bh = work.bh, b = bh / p.heads, h = bh % p.heads;
+  // the block's source (the three oldest first: cmem, mem, segment; the segment's causal
+  // blocks, which see ever fewer queries, last) and its first key there
   constexpr int kCmem = 0, kSegment = 2;
-  int src = kCmem, block = blockIdx.x % p.key_blocks;
+  int src = kCmem, block = work.item;
   while (src < kSegment && block >= p.blocks[src]) block -= p.blocks[src++];
   const int start = block * 128, size = p.size[src];
   const int* lens = src == kSegment ? nullptr : p.lens[src];
@@ -984,14 +993,15 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
 // per-distance bias (v - u).r [H, R] (fp32, contiguous); else both None. rel_scores, if given
 // (with relative positions): the position scores as added, by key, for the backward
 // (bfloat16 [B * H, n, columns], each source's columns padded to kScoreColumns; entries of keys
-// that a query does not see may stay unwritten).
+// that a query does not see may stay unwritten). window: the batch-heads per window of the
+// block order (block_work; the results do not depend on it), 0 for the L2's choice.
 void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
                         const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens,
                         const std::optional<at::Tensor>& rel_r, const std::optional<at::Tensor>& rel_w,
                         const std::optional<at::Tensor>& rel_scores, bool causal, double scale, at::Tensor out,
-                        at::Tensor lse) {
+                        at::Tensor lse, int64_t window) {
   const KeySources sources = key_sources(kFwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, true);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   check_exact(kFwdOp, out, "out", q.sizes(), q.scalar_type(), q);
@@ -1030,7 +1040,7 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     check_exact(kFwdOp, *rel_scores, "rel_scores", {batch * heads, n, pos_stride}, at::kBFloat16, q);
   }
   const c10::cuda::CUDAGuard device_guard(q.device());
-  sm90_properties(kFwdOp);
+  const cudaDeviceProp* props = sm90_properties(kFwdOp);
 
   fwd::AttnFwdParams p{};
   const int key_tile = q.size(3) == 64 || rel ? 64 : fwd::Layout<kHeadDim>::kKeyTile;
@@ -1055,6 +1065,11 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
   p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m);
+  // a window's blocks share the keys and values of its batch-heads (benchmarks/NOTES.md,
+  // Attention section 22)
+  const int64_t keys = int64_t(sources.size[0]) + sources.size[1] + sources.size[2];
+  p.batch_heads = int(batch * heads);
+  p.window = block_window(props, keys * q.size(3) * 2 * q.element_size(), batch * heads, window);
   p.causal = causal;
   p.qk_scale = float(scale * 1.4426950408889634);
   p.lse = lse.data_ptr<float>();
@@ -1091,14 +1106,15 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // Writes dq, dk, dv and the memories' gradients (contiguous, shaped like their inputs, q's
 // dtype) from the forward's lse ([B, H, n], log2 domain) and delta = rowsum(grad_out * out)
 // ([B, H, n] fp32). dq_accum: an fp32 workspace of B * H * ceil(n / 64) * 8192 elements.
-// Absent memories: None, with empty gradients.
+// Absent memories: None, with empty gradients. window: as in attention_fwd_sm90 (0: bwd::kWindow;
+// only dQ's fp32 sums depend on it, by their order).
 void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
                         const at::Tensor& lse, const at::Tensor& delta, const std::optional<at::Tensor>& mem_lens,
                         const std::optional<at::Tensor>& cmem_lens, bool causal, double scale, at::Tensor dq,
                         at::Tensor dk, at::Tensor dv, at::Tensor dmem_k, at::Tensor dmem_v, at::Tensor dcmem_k,
-                        at::Tensor dcmem_v, at::Tensor dq_accum) {
+                        at::Tensor dcmem_v, at::Tensor dq_accum, int64_t window) {
   const KeySources sources = key_sources(kBwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, false);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   check_input(kBwdOp, grad_out, "grad_out", q);
@@ -1145,6 +1161,8 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
     make_map(p.dv_map[s], grad_v[s], 64);
   }
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m), p.key_blocks = int(key_blocks);
+  p.batch_heads = int(batch * heads);
+  p.window = int(std::clamp<int64_t>(window > 0 ? window : bwd::kWindow, 1, batch * heads));
   p.causal = causal;
   p.qk_scale = float(scale * 1.4426950408889634);
   p.sm_scale = float(scale);
@@ -1173,12 +1191,12 @@ TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
   m.def(
       "attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? cmem_k, "
       "Tensor? cmem_v, Tensor? mem_lens, Tensor? cmem_lens, Tensor? rel_r, Tensor? rel_w, "
-      "Tensor(c!)? rel_scores, bool causal, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
+      "Tensor(c!)? rel_scores, bool causal, float scale, Tensor(a!) out, Tensor(b!) lse, int block_window=0) -> ()");
   m.def(
       "attention_bwd_sm90(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, "
       "Tensor? cmem_k, Tensor? cmem_v, Tensor lse, Tensor delta, Tensor? mem_lens, Tensor? cmem_lens, bool causal, "
       "float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dmem_k, Tensor(e!) dmem_v, "
-      "Tensor(f!) dcmem_k, Tensor(g!) dcmem_v, Tensor(h!) dq_accum) -> ()");
+      "Tensor(f!) dcmem_k, Tensor(g!) dcmem_v, Tensor(h!) dq_accum, int block_window=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) {

@@ -13,6 +13,7 @@
 #include <cudaTypedefs.h>
 #include "check_message.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -274,6 +275,24 @@ __device__ __forceinline__ void pack_operand(const float (&acc)[N], uint32_t (&a
   for (int j = 0; j < N / 4; ++j) pack_chunk<T>(acc, a, j);
 }
 
+// ---- block order ---------------------------------------------------------------------------
+
+// The work of a grid whose blocks do per_bh items of one batch-head each, numbered longest
+// first within the batch-head, in windows of `window` batch-heads: inside a window the i-th
+// items of all its batch-heads come before the (i + 1)-th. In batch-head order the last
+// blocks launched include each batch-head's longest, which leave SMs idle while they finish;
+// so the longest items go first, and the window (chosen on the host to fit in L2, block_window)
+// keeps the keys its blocks share in L2.
+struct BlockWork {
+  int bh, item;
+};
+__device__ __forceinline__ BlockWork block_work(int block, int per_bh, int window, int batch_heads) {
+  const int per_window = window * per_bh;
+  const int first_bh = block / per_window * window, r = block % per_window;
+  const int width = min(window, batch_heads - first_bh);
+  return {first_bh + r % width, r / width};
+}
+
 // ---- key-major backward pieces (dK and dV of 64 keys per warpgroup) ----------------------
 
 // Shared memory of a block of two warpgroups of 64 keys each: its K and V tiles (key_offset,
@@ -473,6 +492,19 @@ inline void make_map(CUtensorMap& map, const at::Tensor& t, int box_rows) {
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(result == CUDA_SUCCESS, "ct_kernels: cuTensorMapEncodeTiled failed with error ",
               ct_kernels::num(int64_t(result)), " for a tensor of shape ", ct_kernels::shape(t.sizes()));
+}
+
+// The batch-heads of a block_work window: `requested` if positive, else the largest power of
+// two of them whose common data (bytes_per_bh each: what all of a batch-head's blocks read)
+// fits in the L2; at least one, at most all
+inline int block_window(const cudaDeviceProp* props, int64_t bytes_per_bh, int64_t batch_heads,
+                        int64_t requested) {
+  int64_t window = requested;
+  if (window <= 0) {
+    const int64_t fit = int64_t(props->l2CacheSize) / std::max<int64_t>(bytes_per_bh, 1);
+    for (window = 1; 2 * window <= fit;) window *= 2;
+  }
+  return int(std::clamp<int64_t>(window, 1, batch_heads));
 }
 
 // run(T{}) with T the CUDA type of q's dtype (float16 or bfloat16, as check_q requires)

@@ -524,6 +524,54 @@ def test_sm90_forward_op_names_bad_arguments():
 
 
 @SM90
+@pytest.mark.parametrize("D,rel_pos", [(128, False), (64, False), (128, True)])
+def test_sm90_block_order_leaves_results_unchanged(D, rel_pos):
+    # the kernels run their blocks in windows of batch-heads (sm90.cuh, block_work); 15
+    # batch-heads in windows of 1 (batch-head-major), 4 and 7 (a last window of 3, of 1) and
+    # of the kernels' own choice: each block's outputs are the same, only dQ's fp32 sums
+    # over key blocks may add up in another order
+    B, n, H, m, cm = 3, 239, 5, 113, 256
+    g = torch.Generator().manual_seed(21)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    q, k, v, grad_out = (torch.randn(B, n, H, D, generator=g).to(**bf16) for _ in range(4))
+    mem_k, mem_v = (torch.randn(B, m, H, D, generator=g).to(**bf16) for _ in range(2))
+    cmem_k, cmem_v = (torch.randn(B, cm, H, D, generator=g).to(**bf16) for _ in range(2))
+    lens = dict(mem_lens=torch.tensor([113, 0, 50], dtype=torch.int32, device="cuda"),
+                cmem_lens=torch.tensor([256, 200, 1], dtype=torch.int32, device="cuda"))
+    rel = dict(rel_r=None, rel_w=None)
+    if rel_pos:
+        R = n + m + cm
+        rel = dict(rel_r=torch.randn(H, R, D, generator=g).to(**bf16),
+                   rel_w=torch.randn(H, R, generator=g).cuda())
+    sources = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, cmem_k=cmem_k, cmem_v=cmem_v, **lens)
+    results = {}
+    for window in (0, 1, 4, 7):
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((B, H, n), float("nan"), device="cuda")
+        torch.ops.ct_kernels.attention_fwd_sm90(**sources, **rel, rel_scores=None, causal=True,
+                                                scale=D ** -0.5, out=out, lse=lse,
+                                                block_window=window)
+        results[window] = [out, lse]
+        if D == 128 and not rel_pos:
+            delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+            grads = [torch.full_like(t, float("nan"))
+                     for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
+            accum = torch.empty(B * H * ((n + 63) // 64) * attention.SM90_DQ_TILE, device="cuda")
+            torch.ops.ct_kernels.attention_bwd_sm90(
+                grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
+                dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],
+                dcmem_k=grads[5], dcmem_v=grads[6], dq_accum=accum, block_window=window)
+            results[window] += grads
+    for window in (1, 4, 7):
+        for i, (got, want) in enumerate(zip(results[window], results[0])):
+            assert not got.isnan().any(), (window, i)
+            if i == 2:  # dq
+                torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3)
+            else:
+                assert torch.equal(got, want), (window, i)
+
+
+@SM90
 def test_sm90_backward_op_names_bad_arguments():
     B, n, H, D, m = 1, 64, 2, 128, 32
     bf16 = dict(device="cuda", dtype=torch.bfloat16)

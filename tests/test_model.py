@@ -332,14 +332,15 @@ def test_compiled_training_matches_eager(dynamic):
 
 
 def test_kept_position_scores_train_as_the_band_does():
-    """Training steps on the Triton kernels (the interpreter on the CPU) with each layer's
-    forward keeping its position scores for its backward give the losses and gradients of
-    the steps whose backward scores the positions again (several layers' kept buffers alive
-    at once; the compiled custom-op path: tests/test_attention_triton.py)."""
+    """Training steps on the Triton kernels (on the GPU, or the interpreter on the CPU) with
+    each layer's forward keeping its position scores for its backward give the losses and
+    gradients of the steps whose backward scores the positions again (several layers' kept
+    buffers alive at once; the compiled custom-op path: tests/test_attention_triton.py)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     config = dict(backend="triton", mem_len=6, seg_len=6, cmem_len=3, rate=2, dim=16, heads=2)
-    band = make_model(**config)
+    band = make_model(**config).to(device)
     expected, _ = _train_steps(band, band, 3)
-    kept = make_model(**config, store_position_scores=True)
+    kept = make_model(**config, store_position_scores=True).to(device)
     got, _ = _train_steps(kept, kept, 3)
     for step, ((loss, aux, grads), (loss_k, aux_k, grads_k)) in enumerate(zip(expected, got)):
         torch.testing.assert_close(loss_k, loss, rtol=1e-5, atol=1e-6, msg=f"loss, step {step}")

@@ -988,13 +988,14 @@ def _sm90_loaded() -> bool:
 if _sm90_loaded():
     @torch.library.register_fake("ct_kernels::attention_fwd_sm90")
     def _attention_fwd_sm90_fake(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                                 rel_r, rel_w, rel_scores, causal, scale, out, lse):
+                                 rel_r, rel_w, rel_scores, causal, scale, out, lse,
+                                 block_window=0):
         return None  # it writes out and lse (and rel_scores, if given)
 
     @torch.library.register_fake("ct_kernels::attention_bwd_sm90")
     def _attention_bwd_sm90_fake(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, lse, delta,
                                  mem_lens, cmem_lens, causal, scale, dq, dk, dv, dmem_k, dmem_v,
-                                 dcmem_k, dcmem_v, dq_accum):
+                                 dcmem_k, dcmem_v, dq_accum, block_window=0):
         return None  # it writes the gradients
 
 
