@@ -44,6 +44,9 @@
 //     by bulk reductions of the TMA (cp.reduce.async.bulk)
 //   P_j^T = exp2(S_j^T * scale * log2(e) - lse_j), dS_j^T = P_j^T (dP_j^T - delta_j)
 // So dQ costs one product per tile instead of a second pass that recomputes S and dP.
+// Block order, in both: windows of batch-heads, the longest blocks of all a window's
+// batch-heads first (sm90.cuh, block_work), so that fewer SMs idle at the end while long
+// blocks finish.
 // Masks, in both: keys outside the valid part of their memory (mem_lens, cmem_lens) or past the
 // source's end, and, with causal, segment keys after the query (the diagonal tiles only).
 // Query rows past n and keys past the source's end arrive as zeros from the TMA (lse and
