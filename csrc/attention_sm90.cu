@@ -1072,7 +1072,8 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   // Attention section 22)
   const int64_t keys = int64_t(sources.size[0]) + sources.size[1] + sources.size[2];
   p.batch_heads = int(batch * heads);
-  p.window = block_window(props, keys * q.size(3) * 2 * q.element_size(), batch * heads, window);
+  p.window = block_window(window > 0 ? window : l2_window(props, keys * q.size(3) * 2 * q.element_size()),
+                          batch * heads);
   p.causal = causal;
   p.qk_scale = float(scale * 1.4426950408889634);
   p.lse = lse.data_ptr<float>();
@@ -1165,7 +1166,7 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
   }
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m), p.key_blocks = int(key_blocks);
   p.batch_heads = int(batch * heads);
-  p.window = int(std::clamp<int64_t>(window > 0 ? window : bwd::kWindow, 1, batch * heads));
+  p.window = block_window(window > 0 ? window : bwd::kWindow, batch * heads);
   p.causal = causal;
   p.qk_scale = float(scale * 1.4426950408889634);
   p.sm_scale = float(scale);

@@ -494,16 +494,16 @@ inline void make_map(CUtensorMap& map, const at::Tensor& t, int box_rows) {
               ct_kernels::num(int64_t(result)), " for a tensor of shape ", ct_kernels::shape(t.sizes()));
 }
 
-// The batch-heads of a block_work window: `requested` if positive, else the largest power of
-// two of them whose common data (bytes_per_bh each: what all of a batch-head's blocks read)
-// fits in the L2; at least one, at most all
-inline int block_window(const cudaDeviceProp* props, int64_t bytes_per_bh, int64_t batch_heads,
-                        int64_t requested) {
-  int64_t window = requested;
-  if (window <= 0) {
-    const int64_t fit = int64_t(props->l2CacheSize) / std::max<int64_t>(bytes_per_bh, 1);
-    for (window = 1; 2 * window <= fit;) window *= 2;
-  }
+// The batch-heads of a block_work window whose blocks share bytes_per_bh of data each (what
+// all of a batch-head's blocks read): the largest power of two of them that fits in the L2
+inline int64_t l2_window(const cudaDeviceProp* props, int64_t bytes_per_bh) {
+  const int64_t fit = int64_t(props->l2CacheSize) / std::max<int64_t>(bytes_per_bh, 1);
+  int64_t window = 1;
+  while (2 * window <= fit) window *= 2;
+  return window;
+}
+// a block_work window of `window` batch-heads, at least one, at most all
+inline int block_window(int64_t window, int64_t batch_heads) {
   return int(std::clamp<int64_t>(window, 1, batch_heads));
 }
 
