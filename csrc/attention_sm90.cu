@@ -892,7 +892,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   wg_sync();
   if (x == 0) {
     store_key_gradients(&p.dk_map[src], &p.dv_map[src], dk_tile, dv_tile, h, start + wg * 64, b);
-    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // every store and reduction done
+    // the stores and reductions have read shared memory (the kernel's end completes their
+    // writes to global memory before any later kernel reads them)
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
   }
 #else
   __trap();  // built without sm_90a: the host never launches this
