@@ -902,23 +902,41 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
 }
 
 // dQ [B, n, H, 128] (contiguous) = scale * the fp32 buffer: one block of 128 threads per
-// (batch-head, query tile, column half), thread x reading the elements that thread x of the
-// warpgroup staged (see reduce_dq)
+// (batch-head, query tile, column half). Thread x reads the elements that thread x of the
+// warpgroup staged (see reduce_dq: rows 16 warp + lane / 4 and 8 below, column pairs
+// 8 i + 2 (lane % 4)), converted into a [64 rows, 64 columns] tile in shared memory (rows
+// kRowBytes apart: the pair stores conflict-free), then written out in 16-byte pieces, each
+// row's 128 bytes by 8 consecutive threads.
 template <typename T>
 __global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, T* dq, int heads, int n, int tiles_m,
                                                             float scale) {
-  const int chunk = blockIdx.x, half = chunk % 2, tile = (chunk / 2) % tiles_m, bh = chunk / (2 * tiles_m);
+  constexpr int kRowBytes = 144;
+  __shared__ __align__(16) uint8_t tile[64 * kRowBytes];
+  const int chunk = blockIdx.x, half = chunk % 2, tile_m = (chunk / 2) % tiles_m, bh = chunk / (2 * tiles_m);
   const int b = bh / heads, h = bh % heads;
   const int x = threadIdx.x, warp = x / 32, lane = x % 32;
   const float4* src = reinterpret_cast<const float4*>(accum + int64_t(chunk) * kDqFloats);
-  const int row = 64 * tile + 16 * warp + lane / 4;
+  float4 v[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = src[128 * i + x];
+  // the accumulator's pairs into the tile
+  const int row = 16 * warp + lane / 4;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const float4 v = src[128 * i + x];
-    const int col = 64 * half + 8 * i + 2 * (lane % 4);
-    T* at = dq + ((int64_t(b) * n + row) * heads + h) * kHeadDim + col;
-    if (row < n) *reinterpret_cast<uint32_t*>(at) = pack<T>(v.x * scale, v.y * scale);
-    if (row + 8 < n) *reinterpret_cast<uint32_t*>(at + 8 * int64_t(heads) * kHeadDim) = pack<T>(v.z * scale, v.w * scale);
+    uint8_t* at = tile + row * kRowBytes + (8 * i + 2 * (lane % 4)) * 2;
+    *reinterpret_cast<uint32_t*>(at) = pack<T>(v[i].x * scale, v[i].y * scale);
+    *reinterpret_cast<uint32_t*>(at + 8 * kRowBytes) = pack<T>(v[i].z * scale, v[i].w * scale);
+  }
+  __syncthreads();
+  // the tile's rows out: piece c = 128 k + x is row c / 8, columns 8 (c % 8)..
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int piece = 128 * k + x, r = piece / 8, col = 64 * half + 8 * (piece % 8);
+    const int query = 64 * tile_m + r;
+    if (query < n) {
+      *reinterpret_cast<uint4*>(dq + ((int64_t(b) * n + query) * heads + h) * kHeadDim + col) =
+          *reinterpret_cast<const uint4*>(tile + r * kRowBytes + 16 * (piece % 8));
+    }
   }
 }
 
