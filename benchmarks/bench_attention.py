@@ -425,7 +425,7 @@ def sweep_block_windows(windows=(1, 4, 8, 16, 32, 64, 0), repeats: int = 3):
                 passes["fwd"](0)
                 delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
                 grads = [torch.empty_like(t) for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
-                accum = torch.empty(B * H * -(-n // 64) * attention.SM90_DQ_TILE, device="cuda")
+                accum = attention.sm90_dq_workspace(B, H, n, "cuda")
                 passes["bwd"] = lambda w: ops.attention_bwd_sm90(
                     grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
                     dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],

@@ -1050,13 +1050,11 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     r_rows = rows_aligned(r.unsqueeze(0).transpose(1, 2));
     w_padded = at::constant_pad_nd(w, {fwd::kWFront, fwd::kWBack});
   }
-  int pos_col[3] = {0, 0, 0};  // the first column of each source's block of the kept scores
-  for (int s = 1; s < 3; ++s) {
-    const int64_t padded = (sources.size[s - 1] + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns;
-    pos_col[s] = int(pos_col[s - 1] + padded);
-  }
-  const int64_t pos_stride =
-      pos_col[2] + (n + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns;
+  // the kept scores' columns: each source's block padded to kScoreColumns
+  auto padded = [](int64_t size) { return (size + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns; };
+  int pos_col[3] = {0, 0, 0};  // the first column of each source's block
+  for (int s = 1; s < 3; ++s) pos_col[s] = int(pos_col[s - 1] + padded(sources.size[s - 1]));
+  const int64_t pos_stride = pos_col[2] + padded(n);
   if (rel_scores.has_value()) {
     TORCH_CHECK(rel, kFwdOp, ": rel_scores needs relative positions (rel_r and rel_w)");
     TORCH_CHECK(pos_stride < (int64_t(1) << 31), kFwdOp, ": sizes out of range");

@@ -556,7 +556,7 @@ def test_sm90_block_order_leaves_results_unchanged(D, rel_pos):
             delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
             grads = [torch.full_like(t, float("nan"))
                      for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
-            accum = torch.empty(B * H * ((n + 63) // 64) * attention.SM90_DQ_TILE, device="cuda")
+            accum = attention.sm90_dq_workspace(B, H, n, "cuda")
             torch.ops.ct_kernels.attention_bwd_sm90(
                 grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
                 dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],
@@ -578,7 +578,7 @@ def test_sm90_backward_op_names_bad_arguments():
     q = torch.randn(B, n, H, D, **bf16)
     mem = torch.randn(B, m, H, D, **bf16)
     stats = torch.zeros(B, H, n, device="cuda")
-    accum = torch.empty(B * H * 1 * attention.SM90_DQ_TILE, device="cuda")
+    accum = attention.sm90_dq_workspace(B, H, n, "cuda")
     grad = lambda rows: torch.empty(B, rows, H, D, **bf16)  # noqa: E731
 
     args = dict(grad_out=q, q=q, k=q, v=q, mem_k=mem, mem_v=mem, cmem_k=None, cmem_v=None,

@@ -971,14 +971,19 @@ def _launch_fwd(c, out, lse, pos_scores=None):
 # The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128; with relative
 # positions for bfloat16, from c.q = q + u, r and w), and a backward (head dim 128, without
 # relative positions) that computes dQ, dK and dV in one pass over key blocks, dQ added into
-# an fp32 buffer of SM90_DQ_TILE elements per 64-query tile and batch-head. They run where
-# they apply (below) unless SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them
-# with the Triton passes that way).
+# an fp32 workspace (sm90_dq_workspace). They run where they apply (below) unless
+# SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them with the Triton passes
+# that way).
 SM90_FORWARD = True
 SM90_BACKWARD = True
 SM90_FORWARD_HEAD_DIMS = (64, 128)
 SM90_BACKWARD_HEAD_DIMS = (128,)
-SM90_DQ_TILE = 64 * 128
+
+
+def sm90_dq_workspace(B: int, H: int, n: int, device) -> torch.Tensor:
+    """The fp32 workspace of ``attention_bwd_sm90`` (uninitialised: the op zeroes it), 64 x 128
+    elements per 64-query tile and batch-head."""
+    return torch.empty(B * H * cdiv(n, 64) * 64 * 128, dtype=torch.float32, device=device)
 
 
 def _sm90_loaded() -> bool:
@@ -1117,8 +1122,7 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
     if not c.flags["REL_POS"]:
         if _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS):
             _launch_delta(c, out, grad_out, delta)
-            dq_accum = torch.empty(B * H * cdiv(n, 64) * SM90_DQ_TILE, dtype=torch.float32,
-                                   device=device)
+            dq_accum = sm90_dq_workspace(B, H, n, device)
             torch.ops.ct_kernels.attention_bwd_sm90(
                 grad_out, c.q, *c.sources[:2], *c.memories, lse, delta, *c.lengths,
                 c.flags["CAUSAL"], c.scale, dq, dk, dv, dmk, dmv, dck, dcv, dq_accum)
