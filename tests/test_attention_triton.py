@@ -572,6 +572,41 @@ def test_sm90_block_order_leaves_results_unchanged(D, rel_pos):
 
 
 @SM90
+def test_sm90_backward_repeats_agree():
+    # the backward's warpgroups hand dS^T tiles to each other through shared memory slots
+    # without a barrier of both per tile: a handoff out of order shows as a dQ that differs
+    # between repeats (or from the reference, test_sm90_matches_reference); 16 query tiles,
+    # so every slot is reused several times, and enough blocks for every SM
+    B, n, H, D, m, cm = 2, 1023, 16, 128, 512, 384
+    g = torch.Generator().manual_seed(5)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    q, k, v, grad_out = (torch.randn(B, n, H, D, generator=g).to(**bf16) for _ in range(4))
+    mem_k, mem_v = (torch.randn(B, m, H, D, generator=g).to(**bf16) for _ in range(2))
+    cmem_k, cmem_v = (torch.randn(B, cm, H, D, generator=g).to(**bf16) for _ in range(2))
+    sources = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, cmem_k=cmem_k, cmem_v=cmem_v,
+                   mem_lens=None, cmem_lens=None)
+    out, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda")
+    torch.ops.ct_kernels.attention_fwd_sm90(**sources, rel_r=None, rel_w=None, rel_scores=None,
+                                            causal=True, scale=D ** -0.5, out=out, lse=lse)
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    first = None
+    for _ in range(12):
+        grads = [torch.full_like(t, float("nan")) for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
+        torch.ops.ct_kernels.attention_bwd_sm90(
+            grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
+            dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],
+            dcmem_k=grads[5], dcmem_v=grads[6], dq_accum=attention.sm90_dq_workspace(B, H, n, "cuda"))
+        assert not any(t.isnan().any() for t in grads)
+        if first is None:
+            first = grads
+            continue
+        # dQ's fp32 sums over key blocks may add up in another order: one bfloat16 ulp
+        torch.testing.assert_close(grads[0], first[0], rtol=2**-7, atol=1e-3)
+        for got, want in zip(grads[1:], first[1:]):
+            assert torch.equal(got, want)
+
+
+@SM90
 def test_sm90_backward_op_names_bad_arguments():
     B, n, H, D, m = 1, 64, 2, 128, 32
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
