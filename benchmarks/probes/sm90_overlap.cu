@@ -5,6 +5,7 @@
 //      (exp2, dS), packs, 16 4-byte shared stores, 8 16-byte shared loads, a proxy fence
 //   4  warpgroup 1 issues the same SS wgmma stream (instead of the step)
 //   8  warpgroup 0's stream is RS wgmma (A from registers) instead of SS
+//   16, 32, 64  the step without its proxy fence, its shared stores, its shared loads
 // Self-contained (nvcc only, no torch): on an sm_90 GPU
 //   nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a \
 //        benchmarks/probes/sm90_overlap.cu -o sm90_overlap && ./sm90_overlap
@@ -70,7 +71,8 @@ __global__ void __launch_bounds__(256, 1) probe(float* out, int mma_iters, int s
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {
         const int col = 8 * jj + 2 * (lane % 4);
-        const float4 ld = *reinterpret_cast<const float4*>(stats + col * 2);
+        const float4 ld = (mode & 64) ? make_float4(0.5f, 0.25f, 0.125f, 0.0625f)
+                                      : *reinterpret_cast<const float4*>(stats + col * 2);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float& prob = a[4 * jj + e];
@@ -78,14 +80,14 @@ __global__ void __launch_bounds__(256, 1) probe(float* out, int mma_iters, int s
           b[4 * jj + e] = prob * (b[4 * jj + e] - ((e & 1) ? ld.w : ld.z));
         }
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
+        for (int r = 0; r < 2 && !(mode & 32); ++r) {
           const int row = warp * 16 + lane / 4 + 8 * r;
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(tile + row * 128 + ((jj ^ (row % 8)) * 16) + 4 * (lane % 4)),
                        "r"(pack(b[4 * jj + 2 * r], b[4 * jj + 2 * r + 1]))
                        : "memory");
         }
       }
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      if constexpr (!(mode & 16)) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     }
   }
   float sum = 0.f;
@@ -99,7 +101,8 @@ int main() {
   float* out;
   cudaMalloc(&out, sms * 256 * sizeof(float));
   auto kernels = {std::pair{1, probe<1>}, {2, probe<2>}, {3, probe<3>}, {5, probe<5>}, {8, probe<8>},
-                  {10, probe<10>}, {7, probe<7>}};
+                  {10, probe<10>}, {7, probe<7>}, {18, probe<18>}, {19, probe<19>}, {34, probe<34>},
+                  {35, probe<35>}, {66, probe<66>}, {67, probe<67>}, {114, probe<114>}, {115, probe<115>}};
   for (auto [mode, k] : kernels) cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 65536);
   const int mma_iters = 20000, step_iters = 20000;
   cudaEvent_t e0, e1;
