@@ -573,10 +573,11 @@ def test_sm90_block_order_leaves_results_unchanged(D, rel_pos):
 
 @SM90
 def test_sm90_backward_repeats_agree():
-    # the backward's warpgroups hand dS^T tiles to each other through shared memory slots
-    # without a barrier of both per tile: a handoff out of order shows as a dQ that differs
-    # between repeats (or from the reference, test_sm90_matches_reference); 16 query tiles,
-    # so every slot is reused several times, and enough blocks for every SM
+    # the backward's two warpgroups hand each other their dS^T tiles (for dQ) and their
+    # ring stages through shared memory, ordered by named barriers and release counters: a
+    # handoff out of order shows as gradients that differ between repeats (or from the
+    # reference, test_sm90_matches_reference); 16 query tiles, so every buffer is reused
+    # several times, and enough blocks for every SM
     B, n, H, D, m, cm = 2, 1023, 16, 128, 512, 384
     g = torch.Generator().manual_seed(5)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
@@ -591,11 +592,13 @@ def test_sm90_backward_repeats_agree():
     delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     first = None
     for _ in range(12):
-        grads = [torch.full_like(t, float("nan")) for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
+        grads = [torch.full_like(t, float("nan"))
+                 for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
         torch.ops.ct_kernels.attention_bwd_sm90(
             grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
             dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],
-            dcmem_k=grads[5], dcmem_v=grads[6], dq_accum=attention.sm90_dq_workspace(B, H, n, "cuda"))
+            dcmem_k=grads[5], dcmem_v=grads[6],
+            dq_accum=attention.sm90_dq_workspace(B, H, n, "cuda"))
         assert not any(t.isnan().any() for t in grads)
         if first is None:
             first = grads
