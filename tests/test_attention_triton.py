@@ -523,6 +523,21 @@ def test_sm90_forward_op_names_bad_arguments():
             (dict(q=q.cpu()), "q must be a CUDA tensor")))
 
 
+def _sm90_backward(grad_out, sources, out, lse, block_window=0):
+    """The sm_90 backward op's gradients (q, k, v, mem_k, mem_v, cmem_k, cmem_v; causal,
+    delta in torch) written into NaN-poisoned buffers."""
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    names = ("q", "k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v")
+    grads = [testing.poison_(torch.empty_like(sources[name])) for name in names]
+    B, n, H, D = sources["q"].shape
+    torch.ops.ct_kernels.attention_bwd_sm90(
+        grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5, dq=grads[0],
+        dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4], dcmem_k=grads[5],
+        dcmem_v=grads[6], dq_accum=attention.sm90_dq_workspace(B, H, n, "cuda"),
+        block_window=block_window)
+    return grads
+
+
 @SM90
 @pytest.mark.parametrize("D,rel_pos", [(128, False), (64, False), (128, True)])
 def test_sm90_block_order_leaves_results_unchanged(D, rel_pos):
@@ -553,15 +568,7 @@ def test_sm90_block_order_leaves_results_unchanged(D, rel_pos):
                                                 block_window=window)
         results[window] = [out, lse]
         if D == 128 and not rel_pos:
-            delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-            grads = [torch.full_like(t, float("nan"))
-                     for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
-            accum = attention.sm90_dq_workspace(B, H, n, "cuda")
-            torch.ops.ct_kernels.attention_bwd_sm90(
-                grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
-                dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],
-                dcmem_k=grads[5], dcmem_v=grads[6], dq_accum=accum, block_window=window)
-            results[window] += grads
+            results[window] += _sm90_backward(grad_out, sources, out, lse, window)
     for window in (1, 4, 7):
         for i, (got, want) in enumerate(zip(results[window], results[0])):
             assert not got.isnan().any(), (window, i)
@@ -589,16 +596,9 @@ def test_sm90_backward_repeats_agree():
     out, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda")
     torch.ops.ct_kernels.attention_fwd_sm90(**sources, rel_r=None, rel_w=None, rel_scores=None,
                                             causal=True, scale=D ** -0.5, out=out, lse=lse)
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     first = None
     for _ in range(12):
-        grads = [torch.full_like(t, float("nan"))
-                 for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
-        torch.ops.ct_kernels.attention_bwd_sm90(
-            grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
-            dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],
-            dcmem_k=grads[5], dcmem_v=grads[6],
-            dq_accum=attention.sm90_dq_workspace(B, H, n, "cuda"))
+        grads = _sm90_backward(grad_out, sources, out, lse)
         assert not any(t.isnan().any() for t in grads)
         if first is None:
             first = grads
