@@ -41,7 +41,7 @@
 //   dQ_{j-1} = dS_{j-1} K: both warpgroups' dS^T wait in shared memory; each warpgroup
 //     multiplies all 128 keys into half the head dim, 32 columns at a time (one quarter
 //     with the next tile's products above), and adds the fp32 result into a global buffer
-//     by bulk reductions of the TMA (cp.reduce.async.bulk)
+//     straight from its registers (vector reductions in L2, red.global.add.v4.f32)
 //   P_j^T = exp2(S_j^T * scale * log2(e) - lse_j), dS_j^T = P_j^T (dP_j^T - delta_j)
 // So dQ costs one product per tile instead of a second pass that recomputes S and dP.
 // Block order, in both: windows of batch-heads, the longest blocks of all a window's
@@ -639,8 +639,7 @@ constexpr int kVOffset = kKOffset + 2 * kQTileBytes;    // V of each warpgroup
 constexpr int kQOffset = kVOffset + 2 * kQTileBytes;    // the ring: Q per stage
 constexpr int kDoOffset = kQOffset + kStages * kQTileBytes;  // dO per stage
 constexpr int kDsOffset = kDoOffset + kStages * kQTileBytes;  // dS^T: 2 tiles x 2 warpgroups
-constexpr int kDqOffset = kDsOffset + 4 * kDsBytes;     // dQ staging per warpgroup
-constexpr int kStatsOffset = kDqOffset + 2 * kDqBytes;  // per warpgroup [2][128] fp32
+constexpr int kStatsOffset = kDsOffset + 4 * kDsBytes;  // per warpgroup [2][128] fp32
 constexpr int kBarrierOffset = kStatsOffset + 2 * 2 * 128 * 4;  // K/V full, then per stage full
 constexpr int kCountOffset = kBarrierOffset + 8 * (1 + kStages);  // per stage: releases so far
 constexpr int kSmemBytes = kCountOffset + 4 * kStages;
@@ -778,6 +777,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     const bool diagonal = p.causal && segment && start + 64 * wg + 63 > query0;
     const bool masked = mask_keys || diagonal;
     const uint32_t ds_tile = smem0 + kDsOffset + ((j % 2) * 2 + wg) * kDsBytes;
+    // masked keys score -inf, so that their P and dS come out zero: a branch that only the
+    // tiles holding such keys take (a mask inside the loop below would compile into selects
+    // that every tile runs)
+    if (masked) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int key = key0 + 8 * ((i % 4) / 2), query = query0 + 8 * (i / 4) + 2 * (lane % 4) + (i & 1);
+        if (key < valid_lo || key >= size || (diagonal && key > query)) s[i] = -INFINITY;
+      }
+    }
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
       const int col = 8 * jj + 2 * (lane % 4);  // the query columns of this thread
@@ -787,10 +796,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
       for (int e = 0; e < 4; ++e) {
         float& prob = s[4 * jj + e];
         prob = exp2f(fmaf(prob, p.qk_scale, -((e & 1) ? l2.y : l2.x)));
-        if (masked) {
-          const int key = key0 + 8 * (e / 2), query = query0 + col + (e & 1);
-          if (key < valid_lo || key >= size || (diagonal && key > query)) prob = 0.f;
-        }
         dp[4 * jj + e] = prob * (dp[4 * jj + e] - ((e & 1) ? d2.y : d2.x));
       }
       pack_chunk<T>(s, pk, jj);
@@ -803,29 +808,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the products
   };
-  // A quarter of dQ of tile j into its half of this warpgroup's staging buffer in the
-  // accumulator's order (thread x's elements 4i..4i+3 at float4 128 (4 part + i) + x: one
-  // store instruction of a warp fills 512 consecutive bytes), then added into the global
-  // buffer by the TMA. The caller has made sure that the previous reduction from that half
-  // has read it (cp.async.bulk.wait_group.read 1 by thread 0, then a barrier).
-  float4* dq_staging = reinterpret_cast<float4*>(smem_raw + kDqOffset + wg * kDqBytes);
-  auto reduce_dq = [&](int j, int part) {
+  // A quarter of dQ of tile j added into the global buffer straight from the accumulator by
+  // vector reductions (red.global.add.v4.f32, in L2), in the accumulator's order: thread x's
+  // elements 4i..4i+3 at float4 128 (4 part + i) + x of the warpgroup's chunk, so that one
+  // instruction of a warp adds 512 consecutive bytes. No shared memory, no barrier.
+  auto add_dq = [&](int j, int part) {
+    const int64_t chunk = (int64_t(bh) * p.tiles_m + q_lo + j) * 2 + wg;
+    float* to = p.dq_accum + chunk * kDqFloats + 4 * (128 * 4 * part + x);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      dq_staging[128 * (4 * part + i) + x] = make_float4(dq[4 * i], dq[4 * i + 1], dq[4 * i + 2], dq[4 * i + 3]);
+      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(to + 4 * 128 * i), "f"(dq[4 * i]),
+                   "f"(dq[4 * i + 1]), "f"(dq[4 * i + 2]), "f"(dq[4 * i + 3])
+                   : "memory");
     }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes, visible to the TMA
-    wg_sync();
-    if (x == 0) {
-      const int64_t chunk = (int64_t(bh) * p.tiles_m + q_lo + j) * 2 + wg;
-      bulk_reduce_add(p.dq_accum + chunk * kDqFloats + part * (kDqFloats / 2),
-                      smem0 + kDqOffset + wg * kDqBytes + part * (kDqBytes / 2), kDqBytes / 2);
-      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-    }
-  };
-  // the reduction issued two before has read its staging half
-  auto staging_read = [&]() {
-    if (x == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
   };
   // both warpgroups are done with tile j's stage: the second to say so refills it
   auto release = [&](int j) { release_stage(releases, j, kStages, tiles, x, load_query_tile); };
@@ -862,11 +857,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
       wgmma_wait<0>();
       touch(dk), touch(dv), touch(s), touch(dp), touch(dq);
       if (j < tiles) stats[(j % 2) * 128 + x] = stat;
-      staging_read();
+      if (j >= 2) add_dq(j - 2, 1);
       // both warpgroups are past tile j - 1's products (its stage may go) and tile j - 2's
       // dQ, their dS^T of tile j - 1 is in shared memory, and tile j's statistics are in place
       both_sync();
-      if (j >= 2) reduce_dq(j - 2, 1);
       if (j <= tiles) {  // (the product and its wait in one branch: see NOTES, C7515)
         release(j - 1);
         wgmma_fence();
@@ -874,9 +868,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
         wgmma_commit();
         wgmma_wait<0>();
         touch(dq);
-        staging_read();
-        wg_sync();
-        reduce_dq(j - 1, 0);
+        add_dq(j - 1, 0);
         if (j < tiles) score_gradients(j);
       }
     }
@@ -892,8 +884,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   wg_sync();
   if (x == 0) {
     store_key_gradients(&p.dk_map[src], &p.dv_map[src], dk_tile, dv_tile, h, start + wg * 64, b);
-    // the stores and reductions have read shared memory (the kernel's end completes their
-    // writes to global memory before any later kernel reads them)
+    // the stores have read shared memory (the kernel's end completes their writes to global
+    // memory before any later kernel reads them)
     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
   }
 #else
@@ -903,7 +895,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
 
 // dQ [B, n, H, 128] (contiguous) = scale * the fp32 buffer: one block of 128 threads per
 // (batch-head, query tile, column half). Thread x reads the elements that thread x of the
-// warpgroup staged (see reduce_dq: rows 16 warp + lane / 4 and 8 below, column pairs
+// warpgroup added (see add_dq: rows 16 warp + lane / 4 and 8 below, column pairs
 // 8 i + 2 (lane % 4)), converted into a [64 rows, 64 columns] tile in shared memory (rows
 // kRowBytes apart: the pair stores conflict-free), then written out in 16-byte pieces, each
 // row's 128 bytes by 8 consecutive threads.

@@ -108,14 +108,6 @@ __device__ __forceinline__ void tma_store(const CUtensorMap* map, uint32_t src, 
                : "memory");
 }
 
-// bytes fp32 elements of shared memory added into global memory by the TMA (src and dst
-// 16-byte aligned, bytes a multiple of 16), in the issuing thread's bulk group
-__device__ __forceinline__ void bulk_reduce_add(float* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
-               "r"(bytes)
-               : "memory");
-}
-
 // ---- warpgroup MMA -------------------------------------------------------------------------
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
