@@ -9,7 +9,8 @@
 // Self-contained (nvcc only, no torch): on an sm_90 GPU
 //   nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a \
 //        benchmarks/probes/sm90_overlap.cu -o sm90_overlap && ./sm90_overlap
-// prints the ms of each mode, twice (event-timed, after a warm-up launch).
+// prints the ms of each mode, twice (event-timed, after a warm-up launch), and the mean time
+// each active warpgroup spent in its own loop (%globaltimer), which tells which one was slowed.
 #include <cuda_bf16.h>
 #include <cstdint>
 #include <cstdio>
@@ -41,8 +42,14 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&x);
 }
 
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t)::"memory");
+  return t;
+}
+
 template <int mode>
-__global__ void __launch_bounds__(256, 1) probe(float* out, int mma_iters, int step_iters) {
+__global__ void __launch_bounds__(256, 1) probe(float* out, uint64_t* loop_ns, int mma_iters, int step_iters) {
   extern __shared__ __align__(1024) uint8_t smem[];
   const uint32_t s0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   for (int i = threadIdx.x; i < 65536 / 4; i += 256) reinterpret_cast<float*>(smem)[i] = 1e-3f * (i % 97);
@@ -51,6 +58,7 @@ __global__ void __launch_bounds__(256, 1) probe(float* out, int mma_iters, int s
   float a[32], b[32];
   for (int i = 0; i < 32; ++i) a[i] = b[i] = 1e-3f * (i + x);
   const bool mma = (wg == 0 && (mode & (1 | 8))) || (wg == 1 && (mode & 4));
+  const uint64_t t0 = now_ns();
   if (mma) {
     const uint64_t ad = desc(s0, 0, 1024), bd = desc(s0 + 16384, 0, 1024);
     uint32_t p[4] = {pack(a[0], a[1]), pack(a[2], a[3]), pack(a[4], a[5]), pack(a[6], a[7])};
@@ -90,6 +98,7 @@ __global__ void __launch_bounds__(256, 1) probe(float* out, int mma_iters, int s
       if constexpr (!(mode & 16)) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     }
   }
+  if (x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(loop_ns + wg), now_ns() - t0);
   float sum = 0.f;
   for (int i = 0; i < 32; ++i) sum += a[i] + b[i];
   out[blockIdx.x * 256 + threadIdx.x] = sum;
@@ -99,7 +108,9 @@ int main() {
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   float* out;
+  uint64_t* loop_ns;  // per warpgroup: the sum over blocks of its loop's time
   cudaMalloc(&out, sms * 256 * sizeof(float));
+  cudaMalloc(&loop_ns, 2 * sizeof(uint64_t));
   auto kernels = {std::pair{1, probe<1>}, {2, probe<2>}, {3, probe<3>}, {5, probe<5>}, {8, probe<8>},
                   {10, probe<10>}, {7, probe<7>}, {18, probe<18>}, {19, probe<19>}, {34, probe<34>},
                   {35, probe<35>}, {66, probe<66>}, {67, probe<67>}, {114, probe<114>}, {115, probe<115>}};
@@ -109,14 +120,18 @@ int main() {
   cudaEventCreate(&e0), cudaEventCreate(&e1);
   for (int rep = 0; rep < 2; ++rep) {
     for (auto [mode, k] : kernels) {
-      k<<<sms, 256, 65536>>>(out, mma_iters, step_iters);  // warm-up
+      k<<<sms, 256, 65536>>>(out, loop_ns, mma_iters, step_iters);  // warm-up
+      cudaMemset(loop_ns, 0, 2 * sizeof(uint64_t));
       cudaEventRecord(e0);
-      k<<<sms, 256, 65536>>>(out, mma_iters, step_iters);
+      k<<<sms, 256, 65536>>>(out, loop_ns, mma_iters, step_iters);
       cudaEventRecord(e1);
       cudaEventSynchronize(e1);
       float ms = 0.f;
       cudaEventElapsedTime(&ms, e0, e1);
-      printf("mode %2d: %.3f ms (%s)\n", mode, ms, cudaGetErrorString(cudaGetLastError()));
+      uint64_t ns[2];
+      cudaMemcpy(ns, loop_ns, sizeof(ns), cudaMemcpyDeviceToHost);
+      printf("mode %3d: %.3f ms; loops: warpgroup 0 %.3f ms, warpgroup 1 %.3f ms (%s)\n", mode, ms,
+             ns[0] * 1e-6 / sms, ns[1] * 1e-6 / sms, cudaGetErrorString(cudaGetLastError()));
     }
   }
   return 0;
