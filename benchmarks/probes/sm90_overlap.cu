@@ -6,6 +6,8 @@
 //   4  warpgroup 1 issues the same SS wgmma stream (instead of the step)
 //   8  warpgroup 0's stream is RS wgmma (A from registers) instead of SS
 //   16, 32, 64  the step without its proxy fence, its shared stores, its shared loads
+//   128  warpgroup 1 streams shared memory instead: per iteration 16 conflict-free 16-byte
+//        loads per thread (32 KiB, half the bytes that warpgroup 0's 16 SS products read)
 // Self-contained (nvcc only, no torch): on an sm_90 GPU
 //   nvcc -std=c++17 -O3 --use_fast_math -gencode=arch=compute_90a,code=sm_90a \
 //        benchmarks/probes/sm90_overlap.cu -o sm90_overlap && ./sm90_overlap
@@ -72,6 +74,17 @@ __global__ void __launch_bounds__(256, 1) probe(float* out, uint64_t* loop_ns, i
       asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
+  } else if (wg == 1 && (mode & 128)) {
+    for (int it = 0; it < step_iters; ++it) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        float4 v;
+        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                     : "r"(s0 + 32768 + uint32_t((128 * i + x) * 16)));
+        a[i % 8] += v.x, a[8 + i % 8] += v.y, a[16 + i % 8] += v.z, a[24 + i % 8] += v.w;
+      }
+    }
   } else if (wg == 1 && (mode & 2)) {
     const float* stats = reinterpret_cast<const float*>(smem + 49152);
     const uint32_t tile = s0 + 32768 + 0;  // an 8 KiB dS^T tile
@@ -113,7 +126,8 @@ int main() {
   cudaMalloc(&loop_ns, 2 * sizeof(uint64_t));
   auto kernels = {std::pair{1, probe<1>}, {2, probe<2>}, {3, probe<3>}, {5, probe<5>}, {8, probe<8>},
                   {10, probe<10>}, {7, probe<7>}, {18, probe<18>}, {19, probe<19>}, {34, probe<34>},
-                  {35, probe<35>}, {66, probe<66>}, {67, probe<67>}, {114, probe<114>}, {115, probe<115>}};
+                  {35, probe<35>}, {66, probe<66>}, {67, probe<67>}, {114, probe<114>}, {115, probe<115>},
+                  {128, probe<128>}, {129, probe<129>}, {136, probe<136>}};
   for (auto [mode, k] : kernels) cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 65536);
   const int mma_iters = 20000, step_iters = 20000;
   cudaEvent_t e0, e1;
