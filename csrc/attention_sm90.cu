@@ -842,9 +842,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     // Iteration j: the gradient products of tile j - 1, the second quarter of dQ of tile
     // j - 2 and the score products of tile j in flight together (the statistics of tile j
     // load meanwhile); then the first quarter of dQ of tile j - 1, and the scores of tile j
-    // become P and dS. (With that quarter in flight during the last step, or two quarters'
-    // accumulators alive at once, ptxas runs out of registers: it serialises the products,
-    // C7515, or spills, and either costs more than the product's latency.)
+    // become P and dS. (Two quarters' accumulators alive at once spill. The step rewrites
+    // S^T and dP^T, accumulators, in place, which under a product in flight makes ptxas
+    // serialise every product (C7515); a step that only reads them can run under the first
+    // quarter, and measured the same: benchmarks/NOTES.md, Attention section 27.)
     for (int j = 1; j <= tiles + 1; ++j) {
       my_turn();
       wgmma_fence();
