@@ -423,13 +423,12 @@ def sweep_block_windows(windows=(1, 4, 8, 16, 32, 64, 0), repeats: int = 3):
                 block_window=w)}
             if D in attention.SM90_BACKWARD_HEAD_DIMS and not rel_pos:
                 passes["fwd"](0)
-                delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
                 grads = [torch.empty_like(t) for t in (q, k, v, mem_k, mem_v, cmem_k, cmem_v)]
-                accum = attention.sm90_dq_workspace(B, H, n, "cuda")
+                workspace = attention.sm90_backward_workspace(B, H, n, "cuda")
                 passes["bwd"] = lambda w: ops.attention_bwd_sm90(
-                    grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5,
+                    grad_out, **sources, out=out, lse=lse, causal=True, scale=D ** -0.5,
                     dq=grads[0], dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4],
-                    dcmem_k=grads[5], dcmem_v=grads[6], dq_accum=accum, block_window=w)
+                    dcmem_k=grads[5], dcmem_v=grads[6], workspace=workspace, block_window=w)
             for pass_name, launch in passes.items():
                 replays = {w: harness.graphed(lambda w=w: launch(w)) for w in windows}
                 samples = {w: [] for w in windows}

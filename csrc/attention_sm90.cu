@@ -51,7 +51,9 @@
 // source's end, and, with causal, segment keys after the query (the diagonal tiles only).
 // Query rows past n and keys past the source's end arrive as zeros from the TMA (lse and
 // delta of rows past n as zeros too), and the TMA does not store the rows past the ends.
-// A second kernel turns the fp32 buffer into dQ times the softmax scale.
+// Around the key blocks: a kernel before them computes delta = rowsum(dO * O) and zeroes the
+// fp32 buffer, and one after them turns the buffer into dQ times the softmax scale; each of the
+// three starts while the one before it finishes (programmatic dependent launch).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -659,9 +661,49 @@ struct AttnBwdParams {
   float qk_scale;             // softmax scale * log2(e)
   float sm_scale;
   const float* lse;           // [B, H, n], log2 domain
-  const float* delta;         // [B, H, n], rowsum(dO * O)
-  float* dq_accum;            // [B * H, tiles_m, 2, kDqFloats], zeroed
+  const float* delta;         // [B, H, n], rowsum(dO * O), written by prepare_kernel
+  float* dq_accum;            // [B * H, tiles_m, 2, kDqFloats], zeroed by prepare_kernel
 };
+
+// Before the key blocks: delta = rowsum(dO * O) of one 64-query tile of a batch-head (fp32
+// sums of the inputs' products), and the tile's two dQ chunks of the fp32 buffer zeroed. One
+// block of 128 threads per (batch-head, query tile); thread x sums half of row x / 2 (eight
+// 16-byte pieces of O and of dO), its neighbour the other half. Rows are 16-byte aligned
+// (rows_aligned); strides in elements.
+template <typename T>
+__global__ void __launch_bounds__(128) prepare_kernel(const T* out, const T* grad_out, int64_t out_b, int64_t out_n,
+                                                      int64_t out_h, int64_t do_b, int64_t do_n, int64_t do_h,
+                                                      int heads, int n, int tiles_m, float* delta, float* dq_accum) {
+  // the key-block kernel may launch now: it waits for this grid (griddepcontrol.wait) before
+  // it reads delta or adds into the buffer
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  const int chunk = blockIdx.x, tile_m = chunk % tiles_m, bh = chunk / tiles_m;
+  const int b = bh / heads, h = bh % heads, x = threadIdx.x;
+  const int row = 64 * tile_m + x / 2, column = 64 * (x % 2);
+  float sum = 0.f;
+  if (row < n) {
+    const uint4* o = reinterpret_cast<const uint4*>(out + b * out_b + row * out_n + h * out_h + column);
+    const uint4* d = reinterpret_cast<const uint4*>(grad_out + b * do_b + row * do_n + h * do_h + column);
+    uint4 o8[8], d8[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o8[i] = o[i], d8[i] = d[i];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t ow[4] = {o8[i].x, o8[i].y, o8[i].z, o8[i].w}, dw[4] = {d8[i].x, d8[i].y, d8[i].z, d8[i].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 of = unpack<T>(ow[e]), df = unpack<T>(dw[e]);
+        sum = fmaf(of.x, df.x, fmaf(of.y, df.y, sum));
+      }
+    }
+  }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  if (x % 2 == 0 && row < n) delta[int64_t(bh) * n + row] = sum;
+  // the tile's 2 x kDqFloats sums start at zero
+  float4* zero = reinterpret_cast<float4*>(dq_accum + int64_t(chunk) * 2 * kDqFloats);
+#pragma unroll
+  for (int i = 0; i < 2 * kDqFloats / 4 / 128; ++i) zero[128 * i + x] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ AttnBwdParams p) {
@@ -670,6 +712,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   const uint32_t smem0 = smem_addr(smem_raw);
   if (smem0 % 1024 != 0) __trap();
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
+  // dq_from_accum_kernel may launch now: it waits for this grid before it reads the buffer
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   // the key blocks of a batch-head, in windows of batch-heads (block_work)
   const BlockWork work = block_work(blockIdx.x, p.key_blocks, p.window, p.batch_heads);
   const int bh = work.bh, b = bh / p.heads, h = bh % p.heads;
@@ -826,7 +870,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   auto release = [&](int j) { release_stage(releases, j, kStages, tiles, x, load_query_tile); };
 
   if (tiles > 0) {
-    // tile 0's statistics load while K, V and Q arrive
+    // prepare_kernel is done (delta written, the dQ buffer zeroed; this grid may have started
+    // before it ended), then tile 0's statistics load while K, V and Q arrive
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
     stats[x] = fetch_stat(0);
     barrier_wait(kv_bar, 0);
     if (wg == 1) your_turn();  // the first turn is warpgroup 0's
@@ -908,6 +954,8 @@ __global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, 
   const int chunk = blockIdx.x, half = chunk % 2, tile_m = (chunk / 2) % tiles_m, bh = chunk / (2 * tiles_m);
   const int b = bh / heads, h = bh % heads;
   const int x = threadIdx.x, warp = x / 32, lane = x % 32;
+  // the key-block kernel is done (this grid may have started during its last blocks)
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const float4* src = reinterpret_cast<const float4*>(accum + int64_t(chunk) * kDqFloats);
   float4 v[8];
 #pragma unroll
@@ -1119,29 +1167,34 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
 }
 
 // Writes dq, dk, dv and the memories' gradients (contiguous, shaped like their inputs, q's
-// dtype) from the forward's lse ([B, H, n], log2 domain) and delta = rowsum(grad_out * out)
-// ([B, H, n] fp32). dq_accum: an fp32 workspace of B * H * ceil(n / 64) * 8192 elements.
-// Absent memories: None, with empty gradients. window: as in attention_fwd_sm90 (0: bwd::kWindow;
-// only dQ's fp32 sums depend on it, by their order).
+// dtype) from the forward's output and lse ([B, H, n], log2 domain). workspace: fp32, dQ's
+// sums (B * H * ceil(n / 64) * 8192 elements) and delta = rowsum(grad_out * out) (B * H * n),
+// both written here. Three kernels: prepare_kernel (delta, the sums zeroed), the key blocks
+// and dq_from_accum_kernel, the last two launched as programmatic dependents of the one
+// before (each starts while the one before finishes and waits for it where it needs its
+// results). Absent memories: None, with empty gradients. window: as in attention_fwd_sm90
+// (0: bwd::kWindow; only dQ's fp32 sums depend on it, by their order).
 void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
-                        const at::Tensor& lse, const at::Tensor& delta, const std::optional<at::Tensor>& mem_lens,
+                        const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mem_lens,
                         const std::optional<at::Tensor>& cmem_lens, bool causal, double scale, at::Tensor dq,
                         at::Tensor dk, at::Tensor dv, at::Tensor dmem_k, at::Tensor dmem_v, at::Tensor dcmem_k,
-                        at::Tensor dcmem_v, at::Tensor dq_accum, int64_t window) {
+                        at::Tensor dcmem_v, at::Tensor workspace, int64_t window) {
   const KeySources sources = key_sources(kBwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, false);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   check_input(kBwdOp, grad_out, "grad_out", q);
-  TORCH_CHECK(grad_out.size(1) == n, kBwdOp, ": grad_out must have q's shape ", ct_kernels::shape(q.sizes()),
-              ", got ", ct_kernels::shape(grad_out.sizes()));
+  check_input(kBwdOp, out, "out", q);
+  TORCH_CHECK(grad_out.size(1) == n && out.size(1) == n, kBwdOp, ": grad_out and out must have q's shape ",
+              ct_kernels::shape(q.sizes()), ", got ", ct_kernels::shape(grad_out.sizes()), " / ",
+              ct_kernels::shape(out.sizes()));
   check_exact(kBwdOp, lse, "lse", {batch, heads, n}, at::kFloat, q);
-  check_exact(kBwdOp, delta, "delta", {batch, heads, n}, at::kFloat, q);
   check_exact(kBwdOp, dq, "dq", q.sizes(), q.scalar_type(), q);
   check_exact(kBwdOp, dk, "dk", q.sizes(), q.scalar_type(), q);
   check_exact(kBwdOp, dv, "dv", q.sizes(), q.scalar_type(), q);
   const int64_t tiles_m = (n + 63) / 64;
-  check_exact(kBwdOp, dq_accum, "dq_accum", {batch * heads * tiles_m * 2 * bwd::kDqFloats}, at::kFloat, q);
+  const int64_t accum_floats = batch * heads * tiles_m * 2 * bwd::kDqFloats;
+  check_exact(kBwdOp, workspace, "workspace", {accum_floats + batch * heads * n}, at::kFloat, q);
 
   // the gradients of the sources in the kernel's order (cmem, mem, segment)
   at::Tensor grad_k[3] = {dcmem_k, dmem_k, dk}, grad_v[3] = {dcmem_v, dmem_v, dv};
@@ -1182,20 +1235,35 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
   p.qk_scale = float(scale * 1.4426950408889634);
   p.sm_scale = float(scale);
   p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq_accum = dq_accum.data_ptr<float>();
+  float* delta = workspace.data_ptr<float>() + accum_floats;
+  p.dq_accum = workspace.data_ptr<float>();
+  p.delta = delta;
+  const at::Tensor out_rows = rows_aligned(out);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, dq_accum.numel() * sizeof(float), stream));
+  // the key blocks and the dQ conversion, each a programmatic dependent of the kernel before
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  auto launch_dependent = [&](auto kernel, int blocks, int threads, int smem, auto... args) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(blocks), config.blockDim = dim3(threads), config.dynamicSmemBytes = smem;
+    config.stream = stream, config.attrs = &dependent, config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+  };
   auto run = [&](auto type) {
     using T = decltype(type);
+    bwd::prepare_kernel<T><<<int(batch * heads * tiles_m), 128, 0, stream>>>(
+        reinterpret_cast<const T*>(out_rows.data_ptr()), reinterpret_cast<const T*>(do_rows.data_ptr()),
+        out_rows.stride(0), out_rows.stride(1), out_rows.stride(2), do_rows.stride(0), do_rows.stride(1),
+        do_rows.stride(2), int(heads), int(n), int(tiles_m), delta, p.dq_accum);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto kernel = bwd::attention_bwd_sm90_kernel<T>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bwd::kSmemBytes));
-    kernel<<<int(key_blocks * batch * heads), bwd::kThreads, bwd::kSmemBytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd::dq_from_accum_kernel<T><<<int(batch * heads * tiles_m * 2), 128, 0, stream>>>(
-        p.dq_accum, reinterpret_cast<T*>(dq.data_ptr()), int(heads), int(n), int(tiles_m), float(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(kernel, int(key_blocks * batch * heads), bwd::kThreads, bwd::kSmemBytes, p);
+    launch_dependent(bwd::dq_from_accum_kernel<T>, int(batch * heads * tiles_m * 2), 128, 0,
+                     static_cast<const float*>(p.dq_accum), reinterpret_cast<T*>(dq.data_ptr()), int(heads), int(n),
+                     int(tiles_m), float(scale));
   };
   with_element_type(q, run);
 }
@@ -1209,9 +1277,9 @@ TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
       "Tensor(c!)? rel_scores, bool causal, float scale, Tensor(a!) out, Tensor(b!) lse, int block_window=0) -> ()");
   m.def(
       "attention_bwd_sm90(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, "
-      "Tensor? cmem_k, Tensor? cmem_v, Tensor lse, Tensor delta, Tensor? mem_lens, Tensor? cmem_lens, bool causal, "
+      "Tensor? cmem_k, Tensor? cmem_v, Tensor out, Tensor lse, Tensor? mem_lens, Tensor? cmem_lens, bool causal, "
       "float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dmem_k, Tensor(e!) dmem_v, "
-      "Tensor(f!) dcmem_k, Tensor(g!) dcmem_v, Tensor(h!) dq_accum, int block_window=0) -> ()");
+      "Tensor(f!) dcmem_k, Tensor(g!) dcmem_v, Tensor(h!) workspace, int block_window=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) {

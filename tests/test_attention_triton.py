@@ -524,16 +524,17 @@ def test_sm90_forward_op_names_bad_arguments():
 
 
 def _sm90_backward(grad_out, sources, out, lse, block_window=0):
-    """The sm_90 backward op's gradients (q, k, v, mem_k, mem_v, cmem_k, cmem_v; causal,
-    delta in torch) written into NaN-poisoned buffers."""
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    """The sm_90 backward op's gradients (q, k, v, mem_k, mem_v, cmem_k, cmem_v; causal)
+    written into NaN-poisoned buffers, its workspace poisoned too (the op zeroes dQ's sums and
+    writes delta there)."""
     names = ("q", "k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v")
     grads = [testing.poison_(torch.empty_like(sources[name])) for name in names]
     B, n, H, D = sources["q"].shape
     torch.ops.ct_kernels.attention_bwd_sm90(
-        grad_out, **sources, lse=lse, delta=delta, causal=True, scale=D ** -0.5, dq=grads[0],
+        grad_out, **sources, out=out, lse=lse, causal=True, scale=D ** -0.5, dq=grads[0],
         dk=grads[1], dv=grads[2], dmem_k=grads[3], dmem_v=grads[4], dcmem_k=grads[5],
-        dcmem_v=grads[6], dq_accum=attention.sm90_dq_workspace(B, H, n, "cuda"),
+        dcmem_v=grads[6],
+        workspace=testing.poison_(attention.sm90_backward_workspace(B, H, n, "cuda")),
         block_window=block_window)
     return grads
 
@@ -616,13 +617,13 @@ def test_sm90_backward_op_names_bad_arguments():
     q = torch.randn(B, n, H, D, **bf16)
     mem = torch.randn(B, m, H, D, **bf16)
     stats = torch.zeros(B, H, n, device="cuda")
-    accum = attention.sm90_dq_workspace(B, H, n, "cuda")
+    workspace = attention.sm90_backward_workspace(B, H, n, "cuda")
     grad = lambda rows: torch.empty(B, rows, H, D, **bf16)  # noqa: E731
 
     args = dict(grad_out=q, q=q, k=q, v=q, mem_k=mem, mem_v=mem, cmem_k=None, cmem_v=None,
-                lse=stats, delta=stats, mem_lens=None, cmem_lens=None, causal=True, scale=0.1,
+                out=q, lse=stats, mem_lens=None, cmem_lens=None, causal=True, scale=0.1,
                 dq=grad(n), dk=grad(n), dv=grad(n), dmem_k=grad(m), dmem_v=grad(m),
-                dcmem_k=grad(0), dcmem_v=grad(0), dq_accum=accum)
+                dcmem_k=grad(0), dcmem_v=grad(0), workspace=workspace)
     _expect_messages(torch.ops.ct_kernels.attention_bwd_sm90, args, (
             (dict(q=q.float()), "q must be bfloat16 or float16"),
             (dict(k=q[:, :10]), "k and v must have q's 64 rows"),
@@ -631,7 +632,9 @@ def test_sm90_backward_op_names_bad_arguments():
             (dict(lse=stats[..., :10]), "lse must be a contiguous"),
             (dict(dq=grad(n).float()), "dq must be a contiguous"),
             (dict(dmem_k=grad(m + 1)), "dmem_k must be a contiguous"),
-            (dict(dq_accum=accum[1:]), "dq_accum must be a contiguous"),
+            (dict(out=q[:, :10]), "grad_out and out must have q's shape"),
+            (dict(out=q.half()), "out must be a BFloat16 tensor"),
+            (dict(workspace=workspace[1:]), "workspace must be a contiguous"),
             (dict(q=q.cpu()), "q must be a CUDA tensor")))
 
 

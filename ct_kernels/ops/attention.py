@@ -971,7 +971,7 @@ def _launch_fwd(c, out, lse, pos_scores=None):
 # The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128; with relative
 # positions for bfloat16, from c.q = q + u, r and w), and a backward (head dim 128, without
 # relative positions) that computes dQ, dK and dV in one pass over key blocks, dQ added into
-# an fp32 workspace (sm90_dq_workspace). They run where they apply (below) unless
+# an fp32 workspace (sm90_backward_workspace). They run where they apply (below) unless
 # SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them with the Triton passes
 # that way).
 SM90_FORWARD = True
@@ -980,10 +980,11 @@ SM90_FORWARD_HEAD_DIMS = (64, 128)
 SM90_BACKWARD_HEAD_DIMS = (128,)
 
 
-def sm90_dq_workspace(B: int, H: int, n: int, device) -> torch.Tensor:
-    """The fp32 workspace of ``attention_bwd_sm90`` (uninitialised: the op zeroes it), 64 x 128
-    elements per 64-query tile and batch-head."""
-    return torch.empty(B * H * cdiv(n, 64) * 64 * 128, dtype=torch.float32, device=device)
+def sm90_backward_workspace(B: int, H: int, n: int, device) -> torch.Tensor:
+    """The fp32 workspace of ``attention_bwd_sm90`` (uninitialised: the op writes it): dQ's
+    sums, 64 x 128 elements per 64-query tile and batch-head, then delta, one per query and
+    batch-head."""
+    return torch.empty(B * H * (cdiv(n, 64) * 64 * 128 + n), dtype=torch.float32, device=device)
 
 
 def _sm90_loaded() -> bool:
@@ -998,9 +999,9 @@ if _sm90_loaded():
         return None  # it writes out and lse (and rel_scores, if given)
 
     @torch.library.register_fake("ct_kernels::attention_bwd_sm90")
-    def _attention_bwd_sm90_fake(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, lse, delta,
+    def _attention_bwd_sm90_fake(grad_out, q, k, v, mem_k, mem_v, cmem_k, cmem_v, out, lse,
                                  mem_lens, cmem_lens, causal, scale, dq, dk, dv, dmem_k, dmem_v,
-                                 dcmem_k, dcmem_v, dq_accum, block_window=0):
+                                 dcmem_k, dcmem_v, workspace, block_window=0):
         return None  # it writes the gradients
 
 
@@ -1116,19 +1117,18 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
     grad_out, out = _last_dim_contiguous(grad_out), _last_dim_contiguous(out)
     empty = lambda S: _empty((B, S, H, D), dtype, device)  # noqa: E731
     dq, dk, dv, dmk, dmv, dck, dcv = empty(n), empty(n), empty(n), empty(m), empty(m), empty(cm), empty(cm)
-    delta = _empty((B, H, n), torch.float32, device)
     grad_ptr = lambda t: t if t.numel() else dq  # noqa: E731  (absent sources: never written)
     grads = (dk, dv, grad_ptr(dmk), grad_ptr(dmv), grad_ptr(dck), grad_ptr(dcv))
+    if not c.flags["REL_POS"] and _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS):
+        # delta computed inside the op
+        torch.ops.ct_kernels.attention_bwd_sm90(
+            grad_out, c.q, *c.sources[:2], *c.memories, out, lse, *c.lengths, c.flags["CAUSAL"],
+            c.scale, dq, dk, dv, dmk, dmv, dck, dcv, sm90_backward_workspace(B, H, n, device))
+        return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
+    delta = _empty((B, H, n), torch.float32, device)
     if not c.flags["REL_POS"]:
-        if _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS):
-            _launch_delta(c, out, grad_out, delta)
-            dq_accum = sm90_dq_workspace(B, H, n, device)
-            torch.ops.ct_kernels.attention_bwd_sm90(
-                grad_out, c.q, *c.sources[:2], *c.memories, lse, delta, *c.lengths,
-                c.flags["CAUSAL"], c.scale, dq, dk, dv, dmk, dmv, dck, dcv, dq_accum)
-        else:
-            _launch_dq(c, out, grad_out, lse, delta, dq)
-            _launch_dkdv(c, grad_out, lse, delta, grads)
+        _launch_dq(c, out, grad_out, lse, delta, dq)
+        _launch_dkdv(c, grad_out, lse, delta, grads)
         return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
     # gradients of r (band part), of w = (v - u).r and of q + u summed over rows: fp32
     # atomics into one zeroed buffer
