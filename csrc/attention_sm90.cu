@@ -74,6 +74,12 @@ using namespace ct_kernels::sm90;
 namespace fwd {
 
 constexpr int kThreads = 256;      // two warpgroups
+// The largest block-order window (block_work) of the forward at head dim 128 without relative
+// positions, whose one block per SM prefers windows smaller than the L2 allows: 8 measured
+// 1.5% and 3.6% faster than the L2's 32 at pg19-like and enwik8-like (benchmarks/NOTES.md,
+// Attention sections 22 and 28). At head dim 64 (two blocks per SM) and with relative
+// positions the L2's choice was the fastest.
+constexpr int kMaxWindowD128 = 8;
 
 // Tiles and shared memory of a block at head dim D (64 or 128; rows of D / 64 boxes of 64
 // columns), with Transformer-XL relative positions if kRel. At D = 64, tiles of 64 keys keep a
@@ -667,29 +673,38 @@ struct AttnBwdParams {
 
 // Before the key blocks: delta = rowsum(dO * O) of one 64-query tile of a batch-head (fp32
 // sums of the inputs' products), and the tile's two dQ chunks of the fp32 buffer zeroed. One
-// block of 128 threads per (batch-head, query tile); thread x sums half of row x / 2 (eight
-// 16-byte pieces of O and of dO), its neighbour the other half. Rows are 16-byte aligned
-// (rows_aligned); strides in elements.
+// block of kPrepareThreads threads per (batch-head, query tile), all of them resident at once
+// (at most 32 registers); thread x sums a quarter of row x / 4 (four 16-byte pieces of O and
+// of dO), its three neighbours the rest. Rows are 16-byte aligned (rows_aligned); strides in
+// elements.
+constexpr int kPrepareThreads = 256;
 template <typename T>
-__global__ void __launch_bounds__(128) prepare_kernel(const T* out, const T* grad_out, int64_t out_b, int64_t out_n,
-                                                      int64_t out_h, int64_t do_b, int64_t do_n, int64_t do_h,
-                                                      int heads, int n, int tiles_m, float* delta, float* dq_accum) {
+__global__ void __launch_bounds__(kPrepareThreads, 8)
+    prepare_kernel(const T* out, const T* grad_out, int64_t out_b, int64_t out_n, int64_t out_h, int64_t do_b,
+                   int64_t do_n, int64_t do_h, int heads, int n, int tiles_m, float* delta, float* dq_accum) {
   // the key-block kernel may launch now: it waits for this grid (griddepcontrol.wait) before
   // it reads delta or adds into the buffer
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   const int chunk = blockIdx.x, tile_m = chunk % tiles_m, bh = chunk / tiles_m;
   const int b = bh / heads, h = bh % heads, x = threadIdx.x;
-  const int row = 64 * tile_m + x / 2, column = 64 * (x % 2);
+  // the tile's 2 x kDqFloats sums start at zero (the stores first: the writes go out while
+  // the loads below wait)
+  float4* zero = reinterpret_cast<float4*>(dq_accum + int64_t(chunk) * 2 * kDqFloats);
+#pragma unroll
+  for (int i = 0; i < 2 * kDqFloats / 4 / kPrepareThreads; ++i) {
+    zero[kPrepareThreads * i + x] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  const int row = 64 * tile_m + x / 4, column = 32 * (x % 4);
   float sum = 0.f;
   if (row < n) {
     const uint4* o = reinterpret_cast<const uint4*>(out + b * out_b + row * out_n + h * out_h + column);
     const uint4* d = reinterpret_cast<const uint4*>(grad_out + b * do_b + row * do_n + h * do_h + column);
-    uint4 o8[8], d8[8];
+    uint4 o4[4], d4[4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) o8[i] = o[i], d8[i] = d[i];
+    for (int i = 0; i < 4; ++i) o4[i] = o[i], d4[i] = d[i];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t ow[4] = {o8[i].x, o8[i].y, o8[i].z, o8[i].w}, dw[4] = {d8[i].x, d8[i].y, d8[i].z, d8[i].w};
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t ow[4] = {o4[i].x, o4[i].y, o4[i].z, o4[i].w}, dw[4] = {d4[i].x, d4[i].y, d4[i].z, d4[i].w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float2 of = unpack<T>(ow[e]), df = unpack<T>(dw[e]);
@@ -698,11 +713,8 @@ __global__ void __launch_bounds__(128) prepare_kernel(const T* out, const T* gra
     }
   }
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-  if (x % 2 == 0 && row < n) delta[int64_t(bh) * n + row] = sum;
-  // the tile's 2 x kDqFloats sums start at zero
-  float4* zero = reinterpret_cast<float4*>(dq_accum + int64_t(chunk) * 2 * kDqFloats);
-#pragma unroll
-  for (int i = 0; i < 2 * kDqFloats / 4 / 128; ++i) zero[128 * i + x] = make_float4(0.f, 0.f, 0.f, 0.f);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  if (x % 4 == 0 && row < n) delta[int64_t(bh) * n + row] = sum;
 }
 
 template <typename T>
@@ -1058,7 +1070,8 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
 // (with relative positions): the position scores as added, by key, for the backward
 // (bfloat16 [B * H, n, columns], each source's columns padded to kScoreColumns; entries of keys
 // that a query does not see may stay unwritten). window: the batch-heads per window of the
-// block order (block_work; the results do not depend on it), 0 for the L2's choice.
+// block order (block_work; the results do not depend on it), 0 for the L2's choice (at most
+// fwd::kMaxWindowD128 at head dim 128 without relative positions).
 void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
@@ -1131,8 +1144,9 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   // Attention section 22)
   const int64_t keys = int64_t(sources.size[0]) + sources.size[1] + sources.size[2];
   p.batch_heads = int(batch * heads);
-  p.window = block_window(window > 0 ? window : l2_window(props, keys * q.size(3) * 2 * q.element_size()),
-                          batch * heads);
+  int64_t fitting = l2_window(props, keys * q.size(3) * 2 * q.element_size());
+  if (!rel && q.size(3) == 128) fitting = std::min<int64_t>(fitting, fwd::kMaxWindowD128);
+  p.window = block_window(window > 0 ? window : fitting, batch * heads);
   p.causal = causal;
   p.qk_scale = float(scale * 1.4426950408889634);
   p.lse = lse.data_ptr<float>();
@@ -1253,7 +1267,7 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
   };
   auto run = [&](auto type) {
     using T = decltype(type);
-    bwd::prepare_kernel<T><<<int(batch * heads * tiles_m), 128, 0, stream>>>(
+    bwd::prepare_kernel<T><<<int(batch * heads * tiles_m), bwd::kPrepareThreads, 0, stream>>>(
         reinterpret_cast<const T*>(out_rows.data_ptr()), reinterpret_cast<const T*>(do_rows.data_ptr()),
         out_rows.stride(0), out_rows.stride(1), out_rows.stride(2), do_rows.stride(0), do_rows.stride(1),
         do_rows.stride(2), int(heads), int(n), int(tiles_m), delta, p.dq_accum);
