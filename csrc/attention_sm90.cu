@@ -70,6 +70,13 @@ namespace ct_kernels::attention_sm90 {
 
 using namespace ct_kernels::sm90;
 
+// Whether a key scores -inf for a query, in both kernels' masked tiles: outside its source's
+// valid slots [lo, size) (a memory's newest lens slots, or past the source's end), or, on a
+// diagonal tile of the causal segment, after the query.
+__device__ __forceinline__ bool key_masked(int key, int query, int lo, int size, bool diagonal) {
+  return key < lo || key >= size || (diagonal && key > query);
+}
+
 // ---- forward -------------------------------------------------------------------------------
 namespace fwd {
 
@@ -493,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + 8 * jj + 2 * (lane % 4) + (e & 1), query = row0 + 8 * (e / 2);
-          if (key < lo || key >= size || (diagonal && key > query)) s[4 * jj + e] = -INFINITY;
+          if (key_masked(key, query, lo, size, diagonal)) s[4 * jj + e] = -INFINITY;
         }
       }
     }
@@ -840,7 +847,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int key = key0 + 8 * ((i % 4) / 2), query = query0 + 8 * (i / 4) + 2 * (lane % 4) + (i & 1);
-        if (key < valid_lo || key >= size || (diagonal && key > query)) s[i] = -INFINITY;
+        if (key_masked(key, query, valid_lo, size, diagonal)) s[i] = -INFINITY;
       }
     }
 #pragma unroll
