@@ -26,9 +26,9 @@ Kernels (one program per (tile, batch*head)):
 On Hopper (sm_90) with float16/bfloat16 and without key padding, the forward (head dims 64
 and 128; with relative positions for bfloat16 causal calls) and, without relative positions,
 the backward (head dim 128) run instead on ct_kernels._C's ``attention_fwd_sm90`` and
-``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward is one pass over key blocks that
-also computes dQ, adding it into an fp32 buffer; ``SM90_FORWARD`` and ``SM90_BACKWARD`` switch
-them off).
+``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward computes delta itself, then makes
+one pass over key blocks that also computes dQ, adding it into an fp32 buffer;
+``SM90_FORWARD`` and ``SM90_BACKWARD`` switch them off).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Any head dim up to 256 runs: the
 tiles' head-dim width BLOCK_D is HEAD_DIM padded to a power of two, and only where it pads do
