@@ -81,12 +81,6 @@ __device__ __forceinline__ bool key_masked(int key, int query, int lo, int size,
 namespace fwd {
 
 constexpr int kThreads = 256;      // two warpgroups
-// The largest block-order window (block_work) of the forward at head dim 128 without relative
-// positions, whose one block per SM prefers windows smaller than the L2 allows: 8 measured
-// 1.5% and 3.6% faster than the L2's 32 at pg19-like and enwik8-like (benchmarks/NOTES.md,
-// Attention sections 22 and 28). At head dim 64 (two blocks per SM) and with relative
-// positions the L2's choice was the fastest.
-constexpr int kMaxWindowD128 = 8;
 
 // Tiles and shared memory of a block at head dim D (64 or 128; rows of D / 64 boxes of 64
 // columns), with Transformer-XL relative positions if kRel. At D = 64, tiles of 64 keys keep a
@@ -100,6 +94,12 @@ struct Layout {
   static constexpr int kKeyTile = D == 64 || kRel ? 64 : 128;  // keys per tile
   static constexpr int kStages = 3;                           // of the K and V rings
   static constexpr int kBlocksPerSm = D == 64 && !kRel ? 2 : 1;
+  // the largest block-order window (block_work), 0: as many batch-heads as the L2 holds. At
+  // head dim 128 without relative positions 8: in the op alone 1.5% and 3.6% faster than the
+  // L2's 32 at pg19-like and enwik8-like, through the API the same and 2.1% faster
+  // (benchmarks/NOTES.md, Attention sections 22 and 28); at head dim 64 (two blocks per SM)
+  // and with relative positions the L2's choice was the fastest.
+  static constexpr int kMaxWindow = D == 128 && !kRel ? 8 : 0;
   static constexpr int kBoxes = D / 64;
   static constexpr int kQBytes = 64 * D * 2;                  // a warpgroup's [64, D] query tile
   static constexpr int kKvBytes = kKeyTile * D * 2;           // a [kKeyTile, D] key or value tile
@@ -1078,7 +1078,7 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
 // (bfloat16 [B * H, n, columns], each source's columns padded to kScoreColumns; entries of keys
 // that a query does not see may stay unwritten). window: the batch-heads per window of the
 // block order (block_work; the results do not depend on it), 0 for the L2's choice (at most
-// fwd::kMaxWindowD128 at head dim 128 without relative positions).
+// the layout's kMaxWindow).
 void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
@@ -1148,12 +1148,10 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m);
   // a window's blocks share the keys and values of its batch-heads (benchmarks/NOTES.md,
-  // Attention section 22)
+  // Attention section 22): as many as the L2 holds, at most the layout's kMaxWindow (set below)
   const int64_t keys = int64_t(sources.size[0]) + sources.size[1] + sources.size[2];
   p.batch_heads = int(batch * heads);
-  int64_t fitting = l2_window(props, keys * q.size(3) * 2 * q.element_size());
-  if (!rel && q.size(3) == 128) fitting = std::min<int64_t>(fitting, fwd::kMaxWindowD128);
-  p.window = block_window(window > 0 ? window : fitting, batch * heads);
+  const int64_t fitting = l2_window(props, keys * q.size(3) * 2 * q.element_size());
   p.causal = causal;
   p.qk_scale = float(scale * 1.4426950408889634);
   p.lse = lse.data_ptr<float>();
@@ -1162,7 +1160,10 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   auto launch = [&](auto type, auto head_dim, auto rel_pos, auto keep) {
     constexpr int kD = decltype(head_dim)::value;
     constexpr bool kRel = decltype(rel_pos)::value;
-    constexpr int kSmemBytes = fwd::Layout<kD, kRel>::kSmemBytes;
+    using L = fwd::Layout<kD, kRel>;
+    constexpr int kSmemBytes = L::kSmemBytes;
+    const int64_t chosen = L::kMaxWindow > 0 ? std::min<int64_t>(fitting, L::kMaxWindow) : fitting;
+    p.window = block_window(window > 0 ? window : chosen, batch * heads);
     auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type), kD, kRel, decltype(keep)::value>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     kernel<<<int(tiles_m * batch * heads), fwd::kThreads, kSmemBytes, stream>>>(p);
@@ -1262,16 +1263,8 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
   const at::Tensor out_rows = rows_aligned(out);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // the key blocks and the dQ conversion, each a programmatic dependent of the kernel before
-  cudaLaunchAttribute dependent{};
-  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  dependent.val.programmaticStreamSerializationAllowed = 1;
-  auto launch_dependent = [&](auto kernel, int blocks, int threads, int smem, auto... args) {
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(blocks), config.blockDim = dim3(threads), config.dynamicSmemBytes = smem;
-    config.stream = stream, config.attrs = &dependent, config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
-  };
+  // the prepare kernel, then the key blocks and the dQ conversion, each a programmatic
+  // dependent of the kernel before it
   auto run = [&](auto type) {
     using T = decltype(type);
     bwd::prepare_kernel<T><<<int(batch * heads * tiles_m), bwd::kPrepareThreads, 0, stream>>>(
@@ -1281,8 +1274,8 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto kernel = bwd::attention_bwd_sm90_kernel<T>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bwd::kSmemBytes));
-    launch_dependent(kernel, int(key_blocks * batch * heads), bwd::kThreads, bwd::kSmemBytes, p);
-    launch_dependent(bwd::dq_from_accum_kernel<T>, int(batch * heads * tiles_m * 2), 128, 0,
+    launch_dependent(kernel, int(key_blocks * batch * heads), bwd::kThreads, bwd::kSmemBytes, stream, p);
+    launch_dependent(bwd::dq_from_accum_kernel<T>, int(batch * heads * tiles_m * 2), 128, 0, stream,
                      static_cast<const float*>(p.dq_accum), reinterpret_cast<T*>(dq.data_ptr()), int(heads), int(n),
                      int(tiles_m), float(scale));
   };

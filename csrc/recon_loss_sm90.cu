@@ -743,14 +743,8 @@ at::Tensor recon_loss_fwd_sm90(const at::Tensor& q, const at::Tensor& old_k, con
       launch(type, Shape<2, 2, 128>{});
     }
     using T = decltype(type);
-    cudaLaunchAttribute dependent{};
-    dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    dependent.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t sum_launch{};
-    sum_launch.gridDim = dim3(1), sum_launch.blockDim = dim3(kSumThreads), sum_launch.stream = stream;
-    sum_launch.attrs = &dependent, sum_launch.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&sum_launch, sum_partials_kernel<T>, static_cast<const float*>(p.partial), p.items,
-                                      reinterpret_cast<T*>(loss.data_ptr())));
+    launch_dependent(sum_partials_kernel<T>, 1, kSumThreads, 0, stream, static_cast<const float*>(p.partial), p.items,
+                     reinterpret_cast<T*>(loss.data_ptr()));
   };
   with_element_type(q, run);
   return loss;

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 namespace ct_kernels::sm90 {
 
@@ -497,6 +498,22 @@ inline int64_t l2_window(const cudaDeviceProp* props, int64_t bytes_per_bh) {
 // a block_work window of `window` batch-heads, at least one, at most all
 inline int block_window(int64_t window, int64_t batch_heads) {
   return int(std::clamp<int64_t>(window, 1, batch_heads));
+}
+
+// kernel<<<blocks, threads, smem_bytes, stream>>>(args...) as a programmatic dependent of the
+// kernel launched before it on the stream: it may start once every block of that kernel has
+// run griddepcontrol.launch_dependents (or ended), and waits for that kernel's results with
+// griddepcontrol.wait where it reads them
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), int blocks, int threads, int smem_bytes, cudaStream_t stream,
+                      Args&&... args) {
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks), config.blockDim = dim3(threads), config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream, config.attrs = &dependent, config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 // run(T{}) with T the CUDA type of q's dtype (float16 or bfloat16, as check_q requires)
