@@ -413,8 +413,9 @@ def sweep_block_windows(windows=(1, 4, 8, 16, 32, 64, 0), repeats: int = 3):
             mem_k, mem_v = (torch.randn(B, m, H, D, **bf16) for _ in range(2))
             cmem_k, cmem_v = (torch.randn(B, cm, H, D, **bf16) for _ in range(2))
             L = n + m + cm
-            rel = (dict(rel_r=torch.randn(H, L, D, **bf16), rel_w=torch.randn(H, L, device="cuda"))
-                   if rel_pos else dict(rel_r=None, rel_w=None))
+            rel = (dict(rel_r=torch.randn(H, L, D, **bf16), rel_u=torch.randn(H, D, **bf16),
+                        rel_v=torch.randn(H, D, **bf16))
+                   if rel_pos else dict(rel_r=None, rel_u=None, rel_v=None))
             sources = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, cmem_k=cmem_k, cmem_v=cmem_v,
                            mem_lens=None, cmem_lens=None)
             out, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda")

@@ -21,7 +21,8 @@
 // share an SM instead). At the
 // end O / row sum goes out through the TMA and the LSE (row max + log2(row sum)) per row.
 // With relative positions (as the Triton kernels: Q is q + u, and the score of query i and
-// key j adds (q_i + u).r_d + w_d, d = cm + m + i - j, w = (v - u).r), the key tiles have 64
+// key j adds (q_i + u).r_d + w_d, d = cm + m + i - j, w = (v - u).r; each warpgroup adds u to
+// its Q tile once it arrives, and a small kernel before the forward computes w), the key tiles have 64
 // keys and each warpgroup also scores the tile's new 64 distances, Q r_chunk^T, issued with
 // S_j; r comes in chunks of 64 rows through a third TMA ring (ChunkStream). The scored half
 // band goes to the warp's shared memory in bfloat16 (as the Triton kernels round it), and
@@ -131,9 +132,11 @@ struct AttnFwdParams {
   float qk_scale;                    // softmax scale * log2(e)
   float* lse;                        // [B, H, n], log2 domain
   // relative positions: r [H, R, D] as the map (column, head, distance, 0) with boxes of 64
-  // distances, and the per-distance bias w (fp32) of distance d at w[h * w_stride + d]
-  // (zeros where d is outside [0, R); d >= -kWFront)
+  // distances, u [H, D] (added to the query tiles), and the per-distance bias w (fp32) of
+  // distance d at w[h * w_stride + d] (position_bias_kernel; zeros where d is outside [0, R),
+  // d >= -kWFront)
   CUtensorMap r_map;
+  const __nv_bfloat16* u;
   const float* w;
   int w_stride;
   // optionally, the position scores as added (bfloat16), kept by key for the backward:
@@ -150,6 +153,46 @@ constexpr int kScoreColumns = 128;
 // the zeros ahead of and after each head's w (AttnFwdParams): no distance a block reads lies
 // more than 128 below 0 or 256 above R - 1
 constexpr int kWFront = 128, kWBack = 256;
+
+// w of relative positions with its zeros: w[h * width + kWFront + d] = (v_h - u_h).r_{h,d} for
+// d in [0, R) (fp32 sums of the bfloat16 inputs), zero elsewhere in the row of `width`. One
+// thread per entry (its row of r in 16-byte loads, eight issued at a time), blocks of
+// kBiasThreads along a row, blockIdx.y the head; r: [.., R, H, D] with row strides r_d, r_h
+// (elements, 16-byte aligned), u and v contiguous [H, D]. The forward is launched as its
+// programmatic dependent and waits for it before it reads w.
+constexpr int kBiasThreads = 128;
+template <int D>
+__global__ void __launch_bounds__(kBiasThreads)
+    position_bias_kernel(const __nv_bfloat16* r, int64_t r_d, int64_t r_h, const __nv_bfloat16* u,
+                         const __nv_bfloat16* v, int R, int width, float* w) {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  __shared__ float diff[D];  // v_h - u_h
+  const int h = blockIdx.y, entry = blockIdx.x * kBiasThreads + threadIdx.x, d = entry - kWFront;
+  for (int k = threadIdx.x; k < D; k += kBiasThreads) diff[k] = to_float(v[h * D + k]) - to_float(u[h * D + k]);
+  __syncthreads();
+  if (entry >= width) return;
+  float sum = 0.f;
+  if (d >= 0 && d < R) {
+    const uint4* row = reinterpret_cast<const uint4*>(r + d * r_d + h * r_h);
+#pragma unroll
+    for (int first = 0; first < D / 8; first += 8) {
+      uint4 pieces[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) pieces[i] = row[first + i];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t pairs[4] = {pieces[i].x, pieces[i].y, pieces[i].z, pieces[i].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = unpack<__nv_bfloat16>(pairs[e]);
+          const int k = 8 * (first + i) + 2 * e;
+          sum = fmaf(diff[k], f.x, fmaf(diff[k + 1], f.y, sum));
+        }
+      }
+    }
+  }
+  w[int64_t(h) * width + entry] = sum;
+}
 
 // The key tiles a query tile visits, oldest first: tiles first_c.. of cmem (count_c), first_m..
 // of mem (count_m), then 0.. of the segment (count_s); the tiles before a memory's first
@@ -554,6 +597,37 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
 
   if constexpr (kRel) release_chunks(lowest_chunk(0));
   barrier_wait(q_bar, 0);
+  if constexpr (kRel) {
+    // Q + u in place: thread x adds u's 16-byte piece `piece` (columns 8 piece..) to rows
+    // x / (D / 8) + 16 i.. of the warpgroup's tile (8 pieces per row and box, stored in the
+    // maps' swizzle: piece c of row r at position c ^ (r % 8)), rounded as q + u on the host
+    constexpr int kPieces = D / 8;
+    const int piece = x % kPieces;
+    const uint4 u4 = *reinterpret_cast<const uint4*>(p.u + h * D + 8 * piece);
+    const uint32_t u_pairs[4] = {u4.x, u4.y, u4.z, u4.w};
+    const uint32_t tile = smem0 + L::kQOffset + wg * L::kQBytes + (piece / 8) * kBoxBytes;
+#pragma unroll
+    for (int i = 0; i < 64 * kPieces / 128; ++i) {
+      const int row = (128 / kPieces) * i + x / kPieces;
+      const uint32_t at = tile + row * 128 + ((piece % 8) ^ (row % 8)) * 16;
+      uint32_t q_pairs[4];
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(q_pairs[0]), "=r"(q_pairs[1]), "=r"(q_pairs[2]), "=r"(q_pairs[3])
+                   : "r"(at));
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 qf = unpack<T>(q_pairs[e]), uf = unpack<T>(u_pairs[e]);
+        q_pairs[e] = pack<T>(qf.x + uf.x, qf.y + uf.y);
+      }
+      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(q_pairs[0]), "r"(q_pairs[1]),
+                   "r"(q_pairs[2]), "r"(q_pairs[3])
+                   : "memory");
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the products
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+    // position_bias_kernel is done (this grid may have started before it ended): w is written
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  }
   if (wg == 1) your_turn();  // the first turn is warpgroup 0's
   float alpha[2];
   upper_half(0);
@@ -1071,9 +1145,10 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
 }
 
 // Writes out ([B, n, H, D], D = 64 or 128, contiguous, q's dtype) and lse ([B, H, n] fp32, log2 domain).
-// Absent memories: None. With Transformer-XL relative positions (bfloat16, causal): q is the
-// biased query q + u, rel_r the projected positions r [H, R, D] (q's dtype) and rel_w the
-// per-distance bias (v - u).r [H, R] (fp32, contiguous); else both None. rel_scores, if given
+// Absent memories: None. With Transformer-XL relative positions (bfloat16, causal): rel_r the
+// projected positions r [H, R, D], rel_u and rel_v the biases u and v ([H, D], contiguous), all
+// of q's dtype (the score adds (q_i + v).r_d, computed as (q_i + u).r_d + w_d with w = (v - u).r,
+// which position_bias_kernel forms first); else all three None. rel_scores, if given
 // (with relative positions): the position scores as added, by key, for the backward
 // (bfloat16 [B * H, n, columns], each source's columns padded to kScoreColumns; entries of keys
 // that a query does not see may stay unwritten). window: the batch-heads per window of the
@@ -1083,8 +1158,9 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
                         const std::optional<at::Tensor>& mem_lens, const std::optional<at::Tensor>& cmem_lens,
-                        const std::optional<at::Tensor>& rel_r, const std::optional<at::Tensor>& rel_w,
-                        const std::optional<at::Tensor>& rel_scores, bool causal, double scale, at::Tensor out,
+                        const std::optional<at::Tensor>& rel_r, const std::optional<at::Tensor>& rel_u,
+                        const std::optional<at::Tensor>& rel_v, const std::optional<at::Tensor>& rel_scores,
+                        bool causal, double scale, at::Tensor out,
                         at::Tensor lse, int64_t window) {
   const KeySources sources = key_sources(kFwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, true);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
@@ -1093,12 +1169,13 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t tiles_m = (n + 127) / 128;
   TORCH_CHECK(tiles_m * batch * heads < (int64_t(1) << 31), kFwdOp, ": sizes out of range");
   const bool rel = rel_r.has_value();
-  TORCH_CHECK(rel == rel_w.has_value(), kFwdOp, ": rel_r and rel_w must be given together");
+  TORCH_CHECK(rel == rel_u.has_value() && rel == rel_v.has_value(), kFwdOp,
+              ": rel_r, rel_u and rel_v must be given together");
   at::Tensor r_rows;    // r as [1, R, H, D], where the TMA can read it
   at::Tensor w_padded;  // w with kWFront zeros ahead of each head's row, kWBack after
+  at::Tensor u;         // u where the kernel's 16-byte loads can read it
   if (rel) {
     const at::Tensor& r = *rel_r;
-    const at::Tensor& w = *rel_w;
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, kFwdOp, ": relative positions need bfloat16 inputs, got ",
                 q.scalar_type());
     TORCH_CHECK(causal, kFwdOp, ": relative positions need causal=True");
@@ -1107,9 +1184,11 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     TORCH_CHECK(r.scalar_type() == q.scalar_type() && r.device() == q.device(), kFwdOp, ": rel_r must be a ",
                 q.scalar_type(), " tensor on ", q.device(), ", got ", r.scalar_type(), " on ", r.device());
     TORCH_CHECK(r.size(1) < (1 << 30), kFwdOp, ": sizes out of range");
-    check_exact(kFwdOp, w, "rel_w", {heads, r.size(1)}, at::kFloat, q);
+    check_exact(kFwdOp, *rel_u, "rel_u", {heads, q.size(3)}, q.scalar_type(), q);
+    check_exact(kFwdOp, *rel_v, "rel_v", {heads, q.size(3)}, q.scalar_type(), q);
     r_rows = rows_aligned(r.unsqueeze(0).transpose(1, 2));
-    w_padded = at::constant_pad_nd(w, {fwd::kWFront, fwd::kWBack});
+    u = reinterpret_cast<uintptr_t>(rel_u->data_ptr()) % 16 == 0 ? *rel_u : rel_u->clone();
+    w_padded = at::empty({heads, fwd::kWFront + r.size(1) + fwd::kWBack}, q.options().dtype(at::kFloat));
   }
   // the kept scores' columns: each source's block padded to kScoreColumns
   auto padded = [](int64_t size) { return (size + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns; };
@@ -1117,7 +1196,7 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   for (int s = 1; s < 3; ++s) pos_col[s] = int(pos_col[s - 1] + padded(sources.size[s - 1]));
   const int64_t pos_stride = pos_col[2] + padded(n);
   if (rel_scores.has_value()) {
-    TORCH_CHECK(rel, kFwdOp, ": rel_scores needs relative positions (rel_r and rel_w)");
+    TORCH_CHECK(rel, kFwdOp, ": rel_scores needs relative positions (rel_r, rel_u and rel_v)");
     TORCH_CHECK(pos_stride < (int64_t(1) << 31), kFwdOp, ": sizes out of range");
     check_exact(kFwdOp, *rel_scores, "rel_scores", {batch * heads, n, pos_stride}, at::kBFloat16, q);
   }
@@ -1137,6 +1216,7 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
   if (rel) {
     make_map(p.r_map, r_rows, 64);
+    p.u = reinterpret_cast<const __nv_bfloat16*>(u.data_ptr());
     p.w = w_padded.data_ptr<float>();
     p.w_stride = int(w_padded.size(1));
   }
@@ -1166,8 +1246,20 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     p.window = block_window(window > 0 ? window : chosen, batch * heads);
     auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type), kD, kRel, decltype(keep)::value>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    kernel<<<int(tiles_m * batch * heads), fwd::kThreads, kSmemBytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int blocks = int(tiles_m * batch * heads);
+    if constexpr (kRel) {
+      // w first: the forward starts while position_bias_kernel finishes and waits for it
+      const dim3 bias_blocks((p.w_stride + fwd::kBiasThreads - 1) / fwd::kBiasThreads, int(heads));
+      fwd::position_bias_kernel<kD><<<bias_blocks, fwd::kBiasThreads, 0, stream>>>(
+          reinterpret_cast<const __nv_bfloat16*>(r_rows.data_ptr()), r_rows.stride(1), r_rows.stride(2), p.u,
+          reinterpret_cast<const __nv_bfloat16*>(rel_v->data_ptr()), int(r_rows.size(1)), p.w_stride,
+          w_padded.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(kernel, blocks, fwd::kThreads, kSmemBytes, stream, p);
+    } else {
+      kernel<<<blocks, fwd::kThreads, kSmemBytes, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   };
   auto run = [&](auto type, auto rel_pos, auto keep) {
     if (q.size(3) == 64) {
@@ -1287,7 +1379,7 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
 TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
   m.def(
       "attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? cmem_k, "
-      "Tensor? cmem_v, Tensor? mem_lens, Tensor? cmem_lens, Tensor? rel_r, Tensor? rel_w, "
+      "Tensor? cmem_v, Tensor? mem_lens, Tensor? cmem_lens, Tensor? rel_r, Tensor? rel_u, Tensor? rel_v, "
       "Tensor(c!)? rel_scores, bool causal, float scale, Tensor(a!) out, Tensor(b!) lse, int block_window=0) -> ()");
   m.def(
       "attention_bwd_sm90(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, "

@@ -340,7 +340,7 @@ def test_sm90_dispatch(monkeypatch, D, dtype, rel_pos, causal, padding, forward,
     # relative positions (the extension and the Hopper GPU stubbed present)
     monkeypatch.setattr(attention, "_sm90_loaded", lambda: True)
     monkeypatch.setattr(dispatch, "on_sm90", lambda: True)
-    call = types.SimpleNamespace(q=types.SimpleNamespace(is_cuda=True), dtype=dtype, D=D,
+    call = types.SimpleNamespace(query=types.SimpleNamespace(is_cuda=True), dtype=dtype, D=D,
                                  flags=dict(REL_POS=rel_pos, CAUSAL=causal, HAS_PAD=padding))
     forward_heads = attention.SM90_FORWARD_HEAD_DIMS
     backward_heads = attention.SM90_BACKWARD_HEAD_DIMS
@@ -412,6 +412,24 @@ def test_sm90_forward_relative_positions(sm90_forward, n, m, cm, D, partial, ext
                                            device="cuda", generator=g, partial=partial,
                                            rel_pos=True, extra_rows=extra_rows)
     check(args, store_score_grads=store_score_grads, store_position_scores=store_score_grads)
+
+
+@SM90
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_forward_relative_positions_unaligned_biases(sm90_forward, D):
+    # u and v views that start 2 bytes into their buffers: the op copies u for its 16-byte
+    # loads; the results are those of aligned copies, bit for bit
+    B, n, H, m, cm = 2, 239, 3, 113, 256
+    g = torch.Generator().manual_seed(D)
+    a = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=torch.bfloat16, device="cuda",
+                                        generator=g, partial=True, rel_pos=True)
+    r, u, v = a.pop("rel_pos")
+    unaligned = [torch.empty(H * D + 1, dtype=u.dtype, device="cuda")[1:].view(H, D).copy_(t)
+                 for t in (u, v)]
+    assert unaligned[0].data_ptr() % 16 != 0
+    aligned, shifted = (ct_kernels.compressive_attention(**a, rel_pos=ct_kernels.RelativePosition(r, *b))
+                        for b in ((u, v), unaligned))
+    assert torch.equal(shifted, aligned)
 
 
 @SM90
@@ -498,16 +516,18 @@ def test_sm90_forward_op_names_bad_arguments():
     cmem = torch.randn(B, cm, H, D, **bf16)
 
     r = torch.randn(H, n + cm, D, **bf16)
-    w = torch.randn(H, n + cm, device="cuda")
+    u, v = torch.randn(2, H, D, **bf16)
     args = dict(q=q, k=q, v=q, mem_k=None, mem_v=None, cmem_k=cmem, cmem_v=cmem, mem_lens=None,
                 cmem_lens=torch.tensor([0, 40], dtype=torch.int32, device="cuda"), rel_r=None,
-                rel_w=None, rel_scores=None, causal=True, scale=0.1, out=torch.empty_like(q),
-                lse=torch.empty(B, H, n, device="cuda"))
-    _expect_messages(torch.ops.ct_kernels.attention_fwd_sm90, {**args, "rel_r": r, "rel_w": w}, (
-            (dict(rel_w=None), "rel_r and rel_w must be given together"),
+                rel_u=None, rel_v=None, rel_scores=None, causal=True, scale=0.1,
+                out=torch.empty_like(q), lse=torch.empty(B, H, n, device="cuda"))
+    rel = {**args, "rel_r": r, "rel_u": u, "rel_v": v}
+    _expect_messages(torch.ops.ct_kernels.attention_fwd_sm90, rel, (
+            (dict(rel_v=None), "rel_r, rel_u and rel_v must be given together"),
             (dict(rel_r=r[:, :, :64]), "rel_r must be \\[H, R, D\\] with q's H and D"),
             (dict(rel_r=r.half()), "rel_r must be a BFloat16 tensor"),
-            (dict(rel_w=w[:, 1:]), "rel_w must be a contiguous Float tensor of shape \\[2, 110\\]"),
+            (dict(rel_u=u[:, 1:]), "rel_u must be a contiguous BFloat16 tensor of shape \\[2, 128\\]"),
+            (dict(rel_v=v.float()), "rel_v must be a contiguous BFloat16 tensor of shape \\[2, 128\\]"),
             (dict(causal=False), "relative positions need causal=True"),
             (dict(rel_scores=torch.empty(B * H, n, 128 + 127, **bf16)),
              "rel_scores must be a contiguous BFloat16 tensor of shape \\[4, 70, 256\\]")))
@@ -554,11 +574,12 @@ def test_sm90_block_order_leaves_results_unchanged(D, rel_pos):
     cmem_k, cmem_v = (torch.randn(B, cm, H, D, generator=g).to(**bf16) for _ in range(2))
     lens = dict(mem_lens=torch.tensor([113, 0, 50], dtype=torch.int32, device="cuda"),
                 cmem_lens=torch.tensor([256, 200, 1], dtype=torch.int32, device="cuda"))
-    rel = dict(rel_r=None, rel_w=None)
+    rel = dict(rel_r=None, rel_u=None, rel_v=None)
     if rel_pos:
         R = n + m + cm
         rel = dict(rel_r=torch.randn(H, R, D, generator=g).to(**bf16),
-                   rel_w=torch.randn(H, R, generator=g).cuda())
+                   rel_u=torch.randn(H, D, generator=g).to(**bf16),
+                   rel_v=torch.randn(H, D, generator=g).to(**bf16))
     sources = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, cmem_k=cmem_k, cmem_v=cmem_v, **lens)
     results = {}
     for window in (0, 1, 4, 7):
@@ -595,8 +616,9 @@ def test_sm90_backward_repeats_agree():
     sources = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, cmem_k=cmem_k, cmem_v=cmem_v,
                    mem_lens=None, cmem_lens=None)
     out, lse = torch.empty_like(q), torch.empty(B, H, n, device="cuda")
-    torch.ops.ct_kernels.attention_fwd_sm90(**sources, rel_r=None, rel_w=None, rel_scores=None,
-                                            causal=True, scale=D ** -0.5, out=out, lse=lse)
+    torch.ops.ct_kernels.attention_fwd_sm90(**sources, rel_r=None, rel_u=None, rel_v=None,
+                                            rel_scores=None, causal=True, scale=D ** -0.5,
+                                            out=out, lse=lse)
     first = None
     for _ in range(12):
         grads = _sm90_backward(grad_out, sources, out, lse)

@@ -36,7 +36,8 @@ loads and stores mask the columns past HEAD_DIM (``_in_head_dim``; compiled out 
 
 Transformer-XL relative positions are a constexpr branch of the same kernels. The score
 (q_i + u).k_j + (q_i + v).r_d, d = distance, is computed as (q_i + u).(k_j + r_d) + w_d with
-w_d = (v - u).r_d: one biased query qu = q + u (formed on the host) serves both products,
+w_d = (v - u).r_d: one biased query qu = q + u (formed on the host; the sm_90 forward adds u
+to its query tiles and forms w itself) serves both products,
 and w [H, R] is a per-distance bias. A tile spans 2T distances (T = BLOCK_N; the dK/dV pass
 T = max(BLOCK_M, BLOCK_N)), its position band: two halves of T rows of r (and w) scored with
 tl.dot, re-aligned to (i, j) with tl.gather. In the query-major passes (forward, dQ) the next
@@ -864,12 +865,14 @@ def _dot_precision(dtype):
 class _Call:
     """The kernels' view of one call: pointers (the query tensor stands in for absent
     sources, which are never read), strides, sizes, constexpr flags and launch config.
-    With relative positions the kernels' query is q + u and w = (v - u).r is formed here."""
+    With relative positions the Triton kernels' query is q + u and their per-distance bias
+    w = (v - u).r, both formed on first use (``q``, ``rel``): the sm_90 forward forms them
+    itself from q, r, u and v (``rel_inputs``)."""
 
     def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
                  key_padding_mask, r, u, v_bias, causal, scale, store_score_grads=False,
                  store_position_scores=False):
-        self.q = _last_dim_contiguous(q)
+        self.query = _last_dim_contiguous(q)
         self.B, self.n, self.H, self.D = q.shape
         self.m = 0 if mem_k is None else mem_k.shape[1]
         self.cm = 0 if cmem_k is None else cmem_k.shape[1]
@@ -878,28 +881,25 @@ class _Call:
         if any(t is not None and t.shape[1] * t.stride(1) >= 2**31 for t in sources + [q]):
             raise ValueError("a key/value tensor spans 2**31 elements or more along its "
                              "sequence dimension (per batch and head); split the batch")
-        self.sources = [self.q if t is None else t for t in sources]
+        self.sources = [self.query if t is None else t for t in sources]
         self.memories = sources[2:]  # mem_k, mem_v, cmem_k, cmem_v, None where absent
         self.source_strides = [s for t in sources for s in _strides(t)]
         self.lengths = tuple(None if t is None else t.to(torch.int32).contiguous()
                              for t in (mem_lens, cmem_lens))
-        self.lens = tuple(self.q if t is None else t for t in self.lengths)
+        self.lens = tuple(self.query if t is None else t for t in self.lengths)
         if key_padding_mask is None:
-            self.pad, self.pad_strides = self.q, (0, 0)
+            self.pad, self.pad_strides = self.query, (0, 0)
         else:
             self.pad = key_padding_mask.view(torch.uint8)
             self.pad_strides = (self.pad.stride(0), self.pad.stride(1))
         rel_pos = r is not None
         if rel_pos:
             r = _last_dim_contiguous(r)
-            self.q = _last_dim_contiguous(q + u)  # u has q's dtype (checked by the API)
-            # fp32 r and v - u, also for the backward's gradients of r, u and v
-            self.r32, self.bias_diff = r.float(), v_bias.float() - u.float()
-            w = torch.bmm(self.r32, self.bias_diff.unsqueeze(-1))  # [H, R, 1]
-            self.rel = (r, w.view(w.shape[0], -1))
+            self.rel_inputs = (r, u.contiguous(), v_bias.contiguous())  # u, v: q's dtype (the API checks)
             self.r_strides, self.R_rows = (r.stride(0), r.stride(1)), r.shape[1]
         else:
-            self.rel, self.r_strides, self.R_rows = (self.q, self.q), (0, 0), 0
+            self.rel_inputs = (None, None, None)
+            self.r_strides, self.R_rows = (0, 0), 0
         self.dtype, self.scale = q.dtype, scale
         self.store_score_grads = rel_pos and store_score_grads
         self.keep_pos_scores = self.store_score_grads and store_position_scores
@@ -930,7 +930,33 @@ class _Call:
         """A buffer for the position scores by key (``pos_scores_layout``), which the
         backward overwrites with the score gradients."""
         return _empty(*pos_scores_layout(self.B, self.H, self.n, self.m, self.cm, self.dtype),
-                      self.q.device)
+                      self.query.device)
+
+    @functools.cached_property
+    def q(self):
+        """The Triton kernels' query: q + u with relative positions, else q."""
+        if not self.flags["REL_POS"]:
+            return self.query
+        return _last_dim_contiguous(self.query + self.rel_inputs[1])
+
+    @functools.cached_property
+    def r32(self):
+        """r in fp32 (w and the backward's gradients of r, u and v)."""
+        return self.rel_inputs[0].float()
+
+    @functools.cached_property
+    def bias_diff(self):
+        """v - u [H, D] in fp32."""
+        _, u, v_bias = self.rel_inputs
+        return v_bias.float() - u.float()
+
+    @functools.cached_property
+    def rel(self):
+        """(r, w = (v - u).r [H, R] fp32) with relative positions; stand-ins otherwise."""
+        if not self.flags["REL_POS"]:
+            return self.query, self.query
+        w = torch.bmm(self.r32, self.bias_diff.unsqueeze(-1))  # [H, R, 1]
+        return self.rel_inputs[0], w.view(w.shape[0], -1)
 
     @property
     def sizes(self):
@@ -969,7 +995,7 @@ def _launch_fwd(c, out, lse, pos_scores=None):
 
 
 # The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128; with relative
-# positions for bfloat16, from c.q = q + u, r and w), and a backward (head dim 128, without
+# positions for bfloat16, from q, r, u and v: the op adds u and forms w), and a backward (head dim 128, without
 # relative positions) that computes dQ, dK and dV in one pass over key blocks, dQ added into
 # an fp32 workspace (sm90_backward_workspace). They run where they apply (below) unless
 # SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them with the Triton passes
@@ -994,7 +1020,7 @@ def _sm90_loaded() -> bool:
 if _sm90_loaded():
     @torch.library.register_fake("ct_kernels::attention_fwd_sm90")
     def _attention_fwd_sm90_fake(q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
-                                 rel_r, rel_w, rel_scores, causal, scale, out, lse,
+                                 rel_r, rel_u, rel_v, rel_scores, causal, scale, out, lse,
                                  block_window=0):
         return None  # it writes out and lse (and rel_scores, if given)
 
@@ -1012,7 +1038,7 @@ def _sm90_applies(c, switch: bool, head_dims: tuple, rel_pos: bool = False) -> b
     bfloat16 causal calls)."""
     if c.flags["REL_POS"] and not (rel_pos and c.dtype == torch.bfloat16 and c.flags["CAUSAL"]):
         return False
-    return (switch and c.q.is_cuda and c.dtype in (torch.float16, torch.bfloat16)
+    return (switch and c.query.is_cuda and c.dtype in (torch.float16, torch.bfloat16)
             and c.D in head_dims and not c.flags["HAS_PAD"]
             and _sm90_loaded() and dispatch.on_sm90())
 
@@ -1027,13 +1053,12 @@ def _forward_call(c):
     ``store_position_scores`` the forward also keeps its position scores by key
     (``_Call.pos_scores``), which the backward reads instead of recomputing them; None
     otherwise."""
-    out = _empty((c.B, c.n, c.H, c.D), c.dtype, c.q.device)
-    lse = _empty((c.B, c.H, c.n), torch.float32, c.q.device)
+    out = _empty((c.B, c.n, c.H, c.D), c.dtype, c.query.device)
+    lse = _empty((c.B, c.H, c.n), torch.float32, c.query.device)
     pos_scores = c.pos_scores() if c.keep_pos_scores else None
     if _sm90_applies(c, SM90_FORWARD, SM90_FORWARD_HEAD_DIMS, rel_pos=True):
-        rel = c.rel if c.flags["REL_POS"] else (None, None)  # (r, w = (v - u).r)
-        torch.ops.ct_kernels.attention_fwd_sm90(c.q, *c.sources[:2], *c.memories, *c.lengths,
-                                                *rel, pos_scores, c.flags["CAUSAL"], c.scale,
+        torch.ops.ct_kernels.attention_fwd_sm90(c.query, *c.sources[:2], *c.memories, *c.lengths,
+                                                *c.rel_inputs, pos_scores, c.flags["CAUSAL"], c.scale,
                                                 out, lse)
     else:
         _launch_fwd(c, out, lse, pos_scores)
@@ -1113,7 +1138,7 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
     without relative positions). pos_scores: the forward's position scores (with
     ``store_position_scores``), overwritten here by the score gradients."""
     B, n, H, D, m, cm = c.B, c.n, c.H, c.D, c.m, c.cm
-    dtype, device = c.dtype, c.q.device
+    dtype, device = c.dtype, c.query.device
     grad_out, out = _last_dim_contiguous(grad_out), _last_dim_contiguous(out)
     empty = lambda S: _empty((B, S, H, D), dtype, device)  # noqa: E731
     dq, dk, dv, dmk, dmv, dck, dcv = empty(n), empty(n), empty(n), empty(m), empty(m), empty(cm), empty(cm)
