@@ -170,6 +170,22 @@ def test_not_causal():
     check(args, causal=False)
 
 
+def test_relative_positions_under_autocast():
+    """Under bfloat16 autocast (as the model's training step calls it) the output and the key
+    usage with relative positions are those of the same call without it: w = (v - u).r stays
+    fp32 (autocast would run its product in bfloat16)."""
+    g = torch.Generator().manual_seed(6)
+    args = testing.random_attention_inputs(2, 37, 2, 64, 20, 12, dtype=torch.bfloat16,
+                                           device=DEVICE, generator=g, partial=True, rel_pos=True)
+    call = lambda: ct_kernels.compressive_attention(**args, backend="triton",  # noqa: E731
+                                                    return_key_usage=True)
+    want = call()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        got = call()
+    for name, a, b in zip(("output", "key usage"), got, want):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("rel_pos", [False, True])
 def test_key_usage(rel_pos):
     g = torch.Generator().manual_seed(5)

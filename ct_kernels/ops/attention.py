@@ -955,7 +955,9 @@ class _Call:
         """(r, w = (v - u).r [H, R] fp32) with relative positions; stand-ins otherwise."""
         if not self.flags["REL_POS"]:
             return self.query, self.query
-        w = torch.bmm(self.r32, self.bias_diff.unsqueeze(-1))  # [H, R, 1]
+        # in fp32 also where the caller runs under autocast (which would make it bfloat16)
+        with torch.autocast(self.query.device.type, enabled=False):
+            w = torch.bmm(self.r32, self.bias_diff.unsqueeze(-1))  # [H, R, 1]
         return self.rel_inputs[0], w.view(w.shape[0], -1)
 
     @property
