@@ -506,6 +506,32 @@ def test_cuda_graph_training_matches_eager_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_autocast_training_on_gpu():
+    """The training step as ``train`` runs it on a GPU (bf16 autocast, bf16 memories), eager
+    and replayed as a CUDA graph, at head dim 64, where a Hopper GPU takes the sm_90
+    relative-position forward: the graph's first loss is eager's (the same kernels on the same
+    parameters), and every loss and compressor loss is finite while the memories fill."""
+    eager = make_model(**{**D1024_LIKE, "backend": "auto", "dim": 128, "heads": 2}).cuda()
+    graphed = copy.deepcopy(eager)
+    config = TrainConfig(lr=1e-3, clip=0.1)
+    optimizer = make_optimizer(eager, config, "cuda")
+    optimizer_g = make_optimizer(graphed, dataclasses.replace(config, cuda_graph=True), "cuda",
+                                 optimizer.state_dict())
+    B, n = 2, eager.config.seg_len
+    memories = eager.init_memories(B, dtype=torch.bfloat16)
+    memories_g = graphed.init_memories(B, dtype=torch.bfloat16)
+    step_g = CudaGraphTrainStep(graphed, graphed, optimizer_g, memories_g, B, n, 0.1, amp=True)
+    text = tokens(B, 8 * n + 1, seed=4).cuda()
+    for step in range(8):  # the memories are full after 6 segments
+        segment = text[:, step * n:(step + 1) * n + 1]
+        results = [train_step(eager, eager, optimizer, memories, segment[:, :-1], segment[:, 1:],
+                              0.1, amp=True), step_g(segment[:, :-1], segment[:, 1:])]
+        assert all(math.isfinite(t.item()) for pair in results for t in pair), (step, results)
+        if step == 0:
+            torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiles_on_gpu_with_the_kernels_and_no_graph_break_from_our_ops():
     """On the GPU (Triton attention and losses, CUDA memory update, inductor code generation),
     the compiled model matches eager within float32 kernel tolerance, and with full memories
