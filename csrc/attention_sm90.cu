@@ -599,17 +599,17 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   barrier_wait(q_bar, 0);
   if constexpr (kRel) {
     // Q + u in place: thread x adds u's 16-byte piece `piece` (columns 8 piece..) to rows
-    // x / (D / 8) + 16 i.. of the warpgroup's tile (8 pieces per row and box, stored in the
-    // maps' swizzle: piece c of row r at position c ^ (r % 8)), rounded as q + u on the host
+    // x / (D / 8) + 16 i.. of the warpgroup's tile (in the maps' swizzle, swizzled_chunk),
+    // rounded as q + u on the host
     constexpr int kPieces = D / 8;
     const int piece = x % kPieces;
     const uint4 u4 = *reinterpret_cast<const uint4*>(p.u + h * D + 8 * piece);
     const uint32_t u_pairs[4] = {u4.x, u4.y, u4.z, u4.w};
-    const uint32_t tile = smem0 + L::kQOffset + wg * L::kQBytes + (piece / 8) * kBoxBytes;
+    const uint32_t tile = smem0 + L::kQOffset + wg * L::kQBytes;
 #pragma unroll
     for (int i = 0; i < 64 * kPieces / 128; ++i) {
       const int row = (128 / kPieces) * i + x / kPieces;
-      const uint32_t at = tile + row * 128 + ((piece % 8) ^ (row % 8)) * 16;
+      const uint32_t at = tile + swizzled_chunk(row, piece);
       uint32_t q_pairs[4];
       asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                    : "=r"(q_pairs[0]), "=r"(q_pairs[1]), "=r"(q_pairs[2]), "=r"(q_pairs[3])

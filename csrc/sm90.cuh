@@ -248,11 +248,16 @@ __device__ __forceinline__ uint32_t k_step(int kk, uint32_t box_bytes) {
   return ((kk / 4) * box_bytes + (kk % 4) * 32) >> 4;
 }
 
-// Byte offset of a thread's 4-byte column pair in a [64, 128] tile of 2-byte elements in the
-// TMA maps' layout: two 64-column boxes, 128-byte rows, 16-byte chunk c of row x at chunk
-// c ^ (x % 8). chunk: the accumulator's 8-column group j (0..15) of that row.
+// Byte offset of 16-byte chunk `chunk` (columns 8 chunk..8 chunk + 7, 0..15) of row `row` in
+// a [64, 128] tile of 2-byte elements in the TMA maps' layout: two 64-column boxes, 128-byte
+// rows, chunk c of row x stored at chunk c ^ (x % 8) (a [64, 64] tile: chunks 0..7 only)
+__device__ __forceinline__ uint32_t swizzled_chunk(int row, int chunk) {
+  return (chunk / 8) * (kQTileBytes / 2) + row * 128 + (((chunk % 8) ^ (row % 8)) * 16);
+}
+// Byte offset of a thread's 4-byte column pair in that layout. chunk: the accumulator's
+// 8-column group j (0..15) of that row.
 __device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk, int lane) {
-  return (chunk / 8) * (kQTileBytes / 2) + row * 128 + (((chunk % 8) ^ (row % 8)) * 16) + 4 * (lane % 4);
+  return swizzled_chunk(row, chunk) + 4 * (lane % 4);
 }
 
 // An m64nN accumulator (fp32) as the A operand of a register-A wgmma over its N columns:
