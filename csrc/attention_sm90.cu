@@ -20,10 +20,10 @@
 // tensor cores do the other's (at head dim 128 without relative positions; at 64 two blocks
 // share an SM instead). At the
 // end O / row sum goes out through the TMA and the LSE (row max + log2(row sum)) per row.
-// With relative positions (as the Triton kernels: Q is q + u, and the score of query i and
-// key j adds (q_i + u).r_d + w_d, d = cm + m + i - j, w = (v - u).r; each warpgroup adds u to
-// its Q tile once it arrives, and a small kernel before the forward computes w), the key tiles have 64
-// keys and each warpgroup also scores the tile's new 64 distances, Q r_chunk^T, issued with
+// With relative positions (the score of query i and key j is (q_i + u).k_j + (q_i + v).r_d,
+// d = cm + m + i - j; each warpgroup keeps q + v of its rows in registers and adds u to its Q
+// tile in place once it arrives), the key tiles have 64 keys and each warpgroup also scores
+// the tile's new 64 distances, (Q + v) r_chunk^T (its A operand from registers), issued with
 // S_j; r comes in chunks of 64 rows through a third TMA ring (ChunkStream). The scored half
 // band goes to the warp's shared memory in bfloat16 (as the Triton kernels round it), and
 // each thread reads its (i, j) entries sheared from the two halves there into S_j; if asked
@@ -132,13 +132,11 @@ struct AttnFwdParams {
   float qk_scale;                    // softmax scale * log2(e)
   float* lse;                        // [B, H, n], log2 domain
   // relative positions: r [H, R, D] as the map (column, head, distance, 0) with boxes of 64
-  // distances, u [H, D] (added to the query tiles), and the per-distance bias w (fp32) of
-  // distance d at w[h * w_stride + d] (position_bias_kernel; zeros where d is outside [0, R),
-  // d >= -kWFront)
+  // distances, and the biases u and v [H, D] (u added to the query tiles, v to the queries of
+  // the band products)
   CUtensorMap r_map;
   const __nv_bfloat16* u;
-  const float* w;
-  int w_stride;
+  const __nv_bfloat16* v;
   // optionally, the position scores as added (bfloat16), kept by key for the backward:
   // query i of batch-head bh and key j of source s at pos_scores[(bh * n + i) * pos_stride +
   // pos_col[s] + j] (each source's columns padded to kScoreColumns), or null
@@ -149,50 +147,6 @@ struct AttnFwdParams {
 // the column blocks of the kept position scores are padded to this (ct_kernels/ops/attention.py:
 // SCORE_GRAD_COLUMNS), a multiple of the key tile
 constexpr int kScoreColumns = 128;
-
-// the zeros ahead of and after each head's w (AttnFwdParams): no distance a block reads lies
-// more than 128 below 0 or 256 above R - 1
-constexpr int kWFront = 128, kWBack = 256;
-
-// w of relative positions with its zeros: w[h * width + kWFront + d] = (v_h - u_h).r_{h,d} for
-// d in [0, R) (fp32 sums of the bfloat16 inputs), zero elsewhere in the row of `width`. One
-// thread per entry (its row of r in 16-byte loads, eight issued at a time), blocks of
-// kBiasThreads along a row, blockIdx.y the head; r: [.., R, H, D] with row strides r_d, r_h
-// (elements, 16-byte aligned), u and v contiguous [H, D]. The forward is launched as its
-// programmatic dependent and waits for it before it reads w.
-constexpr int kBiasThreads = 128;
-template <int D>
-__global__ void __launch_bounds__(kBiasThreads)
-    position_bias_kernel(const __nv_bfloat16* r, int64_t r_d, int64_t r_h, const __nv_bfloat16* u,
-                         const __nv_bfloat16* v, int R, int width, float* w) {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  __shared__ float diff[D];  // v_h - u_h
-  const int h = blockIdx.y, entry = blockIdx.x * kBiasThreads + threadIdx.x, d = entry - kWFront;
-  for (int k = threadIdx.x; k < D; k += kBiasThreads) diff[k] = to_float(v[h * D + k]) - to_float(u[h * D + k]);
-  __syncthreads();
-  if (entry >= width) return;
-  float sum = 0.f;
-  if (d >= 0 && d < R) {
-    const uint4* row = reinterpret_cast<const uint4*>(r + d * r_d + h * r_h);
-#pragma unroll
-    for (int first = 0; first < D / 8; first += 8) {
-      uint4 pieces[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) pieces[i] = row[first + i];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t pairs[4] = {pieces[i].x, pieces[i].y, pieces[i].z, pieces[i].w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 f = unpack<__nv_bfloat16>(pairs[e]);
-          const int k = 8 * (first + i) + 2 * e;
-          sum = fmaf(diff[k], f.x, fmaf(diff[k + 1], f.y, sum));
-        }
-      }
-    }
-  }
-  w[int64_t(h) * width + entry] = sum;
-}
 
 // The key tiles a query tile visits, oldest first: tiles first_c.. of cmem (count_c), first_m..
 // of mem (count_m), then 0.. of the segment (count_s); the tiles before a memory's first
@@ -258,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem0 = smem_addr(smem_raw);
   if (smem0 % 1024 != 0) __trap();
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, x = threadIdx.x % 128;
+  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0), warp = __shfl_sync(0xffffffff, (threadIdx.x / 32) % 4, 0), lane = threadIdx.x % 32, x = threadIdx.x % 128;
   // the query tiles of a batch-head, the longest (the last, causal) first, in windows of
   // batch-heads (block_work)
   const BlockWork work = block_work(blockIdx.x, p.tiles_m, p.window, p.batch_heads);
@@ -381,13 +335,13 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     }
   };
 
-  // Relative positions (kRel). A tile's position scores (q_i + u).r_d + w_d, d = distance,
-  // span 128 distances per warpgroup, its band: the lower half (the new chunk) scored here,
+  // Relative positions (kRel). A tile's position scores (q_i + v).r_d, d = distance, span 128
+  // distances per warpgroup, its band: the lower half (the new chunk) scored here,
   // the upper half a tile earlier. Each warp keeps its 16 rows of the band in shared memory as
   // two 64-column slots, the newer half in slot `band_slot`, and reads them sheared: (query
   // i, key j) of the tile is column (64 band_slot + 64 + i - j) mod 128.
-  float band[kRel ? 32 : 1];  // a half band [64 queries, 64 distances]
-  float bias[kRel ? 16 : 1];  // w of this thread's 16 columns of it
+  float band[kRel ? 32 : 1];      // a half band [64 queries, 64 distances]
+  uint32_t qv[kRel ? D / 4 : 1];  // q + v of this thread's rows: the A operand of the band products
   int band_slot = 1;          // slot of the last half written
   int released_chunks = 0;    // chunks below this one released by this warpgroup
   const uint32_t band_smem = smem0 + L::kBandOffset + (4 * wg + warp) * L::kBandBytes + 2 * L::kBandFront;
@@ -402,19 +356,12 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
       const uint32_t at = (c % kRSlots) * L::kRBytes >> 4;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        Mma<T>::scores(band, q_desc + k_step(kk, kBoxBytes), r_desc + at + k_step(kk, kBoxBytes), kk);
+        const uint32_t step[4] = {qv[4 * kk], qv[4 * kk + 1], qv[4 * kk + 2], qv[4 * kk + 3]};
+        Mma<T>::scores(band, step, r_desc + at + k_step(kk, kBoxBytes), kk);
       }
     }
   };
-  // w of this thread's columns of chunk c (loaded while the products run)
-  auto load_bias = [&](int c) {
-    if constexpr (kRel) {
-      const float* w = p.w + int64_t(h) * p.w_stride + kWFront + chunks.distance(c) + 2 * (lane % 4);
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) bias[2 * jj] = __ldg(w + 8 * jj), bias[2 * jj + 1] = __ldg(w + 8 * jj + 1);
-    }
-  };
-  // the half band plus w, rounded to bfloat16, into the other slot; column 127 also goes to
+  // the half band, rounded to bfloat16, into the other slot; column 127 also goes to
   // column -1 (the row's front), so that a sheared read of columns c and c - 1 needs no wrap
   auto store_band = [&]() {
     if constexpr (kRel) {
@@ -425,8 +372,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
       for (int jj = 0; jj < 8; ++jj) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const uint32_t pair = pack<__nv_bfloat16>(band[4 * jj + 2 * r] + bias[2 * jj],
-                                                    band[4 * jj + 2 * r + 1] + bias[2 * jj + 1]);
+          const uint32_t pair = pack<__nv_bfloat16>(band[4 * jj + 2 * r], band[4 * jj + 2 * r + 1]);
           const uint32_t to = at + 2 * (8 * r * L::kBandStride + 8 * jj);
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(to), "r"(pair) : "memory");
           if (jj == 7 && band_slot == 1 && lane % 4 == 3) {
@@ -502,7 +448,6 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
         wgmma_fence();
         issue_band(c);
         wgmma_commit();
-        load_bias(c);
         wgmma_wait<0>();
         touch(band);
         store_band();
@@ -598,14 +543,31 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   if constexpr (kRel) release_chunks(lowest_chunk(0));
   barrier_wait(q_bar, 0);
   if constexpr (kRel) {
+    // q + v of this thread's rows of the warpgroup's tile (16 warp + lane / 4 and 8 below) as
+    // the band products' A operand (pack_chunk's layout: column group j in qv[2 j], qv[2 j + 1]),
+    // an fp32 sum rounded to bfloat16; read before u is added in place
+    const uint32_t tile = smem0 + L::kQOffset + wg * L::kQBytes;
+#pragma unroll
+    for (int chunk = 0; chunk < D / 8; ++chunk) {
+      const float2 vf = unpack<T>(*reinterpret_cast<const uint32_t*>(p.v + h * D + 8 * chunk + 2 * (lane % 4)));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        uint32_t q_pair;
+        asm volatile("ld.shared.b32 %0, [%1];\n"
+                     : "=r"(q_pair)
+                     : "r"(tile + swizzled_offset(16 * warp + lane / 4 + 8 * r, chunk, lane)));
+        const float2 qf = unpack<T>(q_pair);
+        qv[2 * chunk + r] = pack<T>(qf.x + vf.x, qf.y + vf.y);
+      }
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // the tile read before it changes
     // Q + u in place: thread x adds u's 16-byte piece `piece` (columns 8 piece..) to rows
-    // x / (D / 8) + 16 i.. of the warpgroup's tile (in the maps' swizzle, swizzled_chunk),
-    // rounded as q + u on the host
+    // x / (D / 8) + 16 i.. of the tile (in the maps' swizzle, swizzled_chunk), rounded as q + u
+    // on the host
     constexpr int kPieces = D / 8;
     const int piece = x % kPieces;
     const uint4 u4 = *reinterpret_cast<const uint4*>(p.u + h * D + 8 * piece);
     const uint32_t u_pairs[4] = {u4.x, u4.y, u4.z, u4.w};
-    const uint32_t tile = smem0 + L::kQOffset + wg * L::kQBytes;
 #pragma unroll
     for (int i = 0; i < 64 * kPieces / 128; ++i) {
       const int row = (128 / kPieces) * i + x / kPieces;
@@ -625,8 +587,6 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the products
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-    // position_bias_kernel is done (this grid may have started before it ended): w is written
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
   }
   if (wg == 1) your_turn();  // the first turn is warpgroup 0's
   float alpha[2];
@@ -638,7 +598,6 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   if constexpr (kRel) issue_band(lower_chunk(0));
   wgmma_commit();
   your_turn();
-  load_bias(lower_chunk(0));
   wgmma_wait<0>();
   touch(s);
   release_keys(0);
@@ -660,7 +619,6 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     issue_values(j - 1);
     wgmma_commit();
     your_turn();
-    load_bias(lower_chunk(j));
     wgmma_wait<1>();
     touch(s);
     release_keys(j);
@@ -1147,8 +1105,8 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
 // Writes out ([B, n, H, D], D = 64 or 128, contiguous, q's dtype) and lse ([B, H, n] fp32, log2 domain).
 // Absent memories: None. With Transformer-XL relative positions (bfloat16, causal): rel_r the
 // projected positions r [H, R, D], rel_u and rel_v the biases u and v ([H, D], contiguous), all
-// of q's dtype (the score adds (q_i + v).r_d, computed as (q_i + u).r_d + w_d with w = (v - u).r,
-// which position_bias_kernel forms first); else all three None. rel_scores, if given
+// of q's dtype (the score of query i and key j at distance d is (q_i + u).k_j + (q_i + v).r_d,
+// each query sum rounded to q's dtype); else all three None. rel_scores, if given
 // (with relative positions): the position scores as added, by key, for the backward
 // (bfloat16 [B * H, n, columns], each source's columns padded to kScoreColumns; entries of keys
 // that a query does not see may stay unwritten). window: the batch-heads per window of the
@@ -1172,8 +1130,7 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(rel == rel_u.has_value() && rel == rel_v.has_value(), kFwdOp,
               ": rel_r, rel_u and rel_v must be given together");
   at::Tensor r_rows;    // r as [1, R, H, D], where the TMA can read it
-  at::Tensor w_padded;  // w with kWFront zeros ahead of each head's row, kWBack after
-  at::Tensor u;         // u where the kernel's 16-byte loads can read it
+  at::Tensor u, v_bias;  // u and v where the kernel's 16-byte (u) and 4-byte (v) loads can read them
   if (rel) {
     const at::Tensor& r = *rel_r;
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, kFwdOp, ": relative positions need bfloat16 inputs, got ",
@@ -1188,7 +1145,7 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     check_exact(kFwdOp, *rel_v, "rel_v", {heads, q.size(3)}, q.scalar_type(), q);
     r_rows = rows_aligned(r.unsqueeze(0).transpose(1, 2));
     u = reinterpret_cast<uintptr_t>(rel_u->data_ptr()) % 16 == 0 ? *rel_u : rel_u->clone();
-    w_padded = at::empty({heads, fwd::kWFront + r.size(1) + fwd::kWBack}, q.options().dtype(at::kFloat));
+    v_bias = reinterpret_cast<uintptr_t>(rel_v->data_ptr()) % 4 == 0 ? *rel_v : rel_v->clone();
   }
   // the kept scores' columns: each source's block padded to kScoreColumns
   auto padded = [](int64_t size) { return (size + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns; };
@@ -1217,8 +1174,7 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (rel) {
     make_map(p.r_map, r_rows, 64);
     p.u = reinterpret_cast<const __nv_bfloat16*>(u.data_ptr());
-    p.w = w_padded.data_ptr<float>();
-    p.w_stride = int(w_padded.size(1));
+    p.v = reinterpret_cast<const __nv_bfloat16*>(v_bias.data_ptr());
   }
   if (rel_scores.has_value()) {
     p.pos_scores = reinterpret_cast<__nv_bfloat16*>(rel_scores->data_ptr());
@@ -1246,20 +1202,8 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     p.window = block_window(window > 0 ? window : chosen, batch * heads);
     auto kernel = fwd::attention_fwd_sm90_kernel<decltype(type), kD, kRel, decltype(keep)::value>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    const int blocks = int(tiles_m * batch * heads);
-    if constexpr (kRel) {
-      // w first: the forward starts while position_bias_kernel finishes and waits for it
-      const dim3 bias_blocks((p.w_stride + fwd::kBiasThreads - 1) / fwd::kBiasThreads, int(heads));
-      fwd::position_bias_kernel<kD><<<bias_blocks, fwd::kBiasThreads, 0, stream>>>(
-          reinterpret_cast<const __nv_bfloat16*>(r_rows.data_ptr()), r_rows.stride(1), r_rows.stride(2), p.u,
-          reinterpret_cast<const __nv_bfloat16*>(rel_v->data_ptr()), int(r_rows.size(1)), p.w_stride,
-          w_padded.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_dependent(kernel, blocks, fwd::kThreads, kSmemBytes, stream, p);
-    } else {
-      kernel<<<blocks, fwd::kThreads, kSmemBytes, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    kernel<<<int(tiles_m * batch * heads), fwd::kThreads, kSmemBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto run = [&](auto type, auto rel_pos, auto keep) {
     if (q.size(3) == 64) {

@@ -156,6 +156,11 @@ struct Mma;
   "%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,"  \
   "%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"
 
+#define CT_WGMMA_RS_64x64_K(TY)                                                                        \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                              \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,"  \
+  "%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n"
+
 #define CT_ACC16(a)                                                                                   \
   "+f"(a[0]), "+f"(a[1]), "+f"(a[2]), "+f"(a[3]), "+f"(a[4]), "+f"(a[5]), "+f"(a[6]), "+f"(a[7]),   \
       "+f"(a[8]), "+f"(a[9]), "+f"(a[10]), "+f"(a[11]), "+f"(a[12]), "+f"(a[13]), "+f"(a[14]),       \
@@ -182,6 +187,14 @@ struct Mma;
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" CT_WGMMA_SS_64x64(TY) "}\n"           \
                    : CT_ACC32(s)                                                                      \
                    : "l"(a), "l"(b), "r"(accumulate));                                                \
+    }                                                                                                 \
+    /* s[64x64] (+)= A[64x16] (registers) B[16x64] (shared memory, K-major); accumulate=0 */       \
+    /* overwrites */                                                                                  \
+    static __device__ __forceinline__ void scores(float (&s)[32], const uint32_t (&a)[4], uint64_t b, \
+                                                  int accumulate) {                                   \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" CT_WGMMA_RS_64x64_K(TY) "}\n"       \
+                   : CT_ACC32(s)                                                                      \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));            \
     }                                                                                                 \
     /* d[64x32] (+)= A[64x16] B[16x32], both from shared memory stored MN-major (rows of the */  \
     /* k dimension) */                                                                                \

@@ -451,9 +451,10 @@ def test_sm90_forward_relative_positions_unaligned_biases(sm90_forward, D):
 @SM90
 @pytest.mark.parametrize("n,m,cm,D", [(1, 0, 40, 128), (239, 113, 256, 128), (200, 70, 129, 64)])
 def test_sm90_forward_keeps_the_position_scores(monkeypatch, n, m, cm, D):
-    # the position scores the sm_90 forward keeps for the backward are the Triton forward's
-    # (both round them to bfloat16; the products' summation orders differ) wherever a query
-    # sees the key
+    # the position scores that the sm_90 forward and the Triton forward keep for the backward
+    # ((q_i + v).r_d as added, rounded to bfloat16; the sm_90 forward forms q + v, the Triton
+    # forward (q + u).r + (v - u).r), wherever a query sees the key, within the rounding of the
+    # query sum and of the result: |error| <= 2^-8 (|s| + |q_i + v|.|r_d|), twice their bounds
     monkeypatch.setattr(attention, "_empty", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
     g = torch.Generator().manual_seed(n + m + cm)
@@ -471,7 +472,7 @@ def test_sm90_forward_keeps_the_position_scores(monkeypatch, n, m, cm, D):
     for name, launch in (("sm90", no_triton_forward), ("triton", triton_forward)):
         monkeypatch.setattr(attention, "_launch_fwd", launch)
         monkeypatch.setattr(attention, "SM90_FORWARD", name == "sm90")
-        kept[name] = attention._forward_call(call)[2].float()
+        kept[name] = attention._forward_call(call)[2].double()
     # the entries a backward reads: valid memory slots and segment keys up to the query
     columns, col_m, col_s = call.score_grad_columns
     key = torch.arange(columns, device="cuda")
@@ -484,8 +485,22 @@ def test_sm90_forward_keeps_the_position_scores(monkeypatch, n, m, cm, D):
                    | ((key >= col_m + mem_lo) & (key < col_m + m))
                    | ((key >= col_s) & (key - col_s <= query)))
     seen = seen.repeat_interleave(3, dim=0)  # [B * H, n, columns]
-    assert not kept["sm90"][seen].isnan().any()
-    torch.testing.assert_close(kept["sm90"][seen], kept["triton"][seen], rtol=2**-7, atol=1e-3)
+    # each column's distance to each query: cm + m + i - (the key's position in [cmem | mem | segment])
+    r, _, v = a["rel_pos"]
+    position = torch.where(key < col_m, key, torch.where(key < col_s, cm + key - col_m, cm + m + key - col_s))
+    distance = (cm + m + query - position).clamp(0, r.shape[1] - 1).expand(2 * 3, n, columns)
+
+    def by_column(q_plus_v, r):  # [B * H, n, columns] of (q_i + v).r_distance
+        scores = torch.einsum("bnhd,hrd->bhnr", q_plus_v, r)
+        return scores.reshape(2 * 3, n, -1).gather(2, distance)
+
+    q_plus_v = a["q"].double() + v.double()
+    exact = by_column(q_plus_v, r.double())
+    bound = 2**-8 * (exact.abs() + by_column(q_plus_v.abs(), r.double().abs()))
+    for name in ("sm90", "triton"):
+        assert not kept[name][seen].isnan().any(), name
+        excess = ((kept[name] - exact).abs() - bound)[seen].max()
+        assert excess <= 0, (name, excess.item())
 
 
 @SM90

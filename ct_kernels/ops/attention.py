@@ -36,8 +36,7 @@ loads and stores mask the columns past HEAD_DIM (``_in_head_dim``; compiled out 
 
 Transformer-XL relative positions are a constexpr branch of the same kernels. The score
 (q_i + u).k_j + (q_i + v).r_d, d = distance, is computed as (q_i + u).(k_j + r_d) + w_d with
-w_d = (v - u).r_d: one biased query qu = q + u (formed on the host; the sm_90 forward adds u
-to its query tiles and forms w itself) serves both products,
+w_d = (v - u).r_d: one biased query qu = q + u (formed on the host) serves both products,
 and w [H, R] is a per-distance bias. A tile spans 2T distances (T = BLOCK_N; the dK/dV pass
 T = max(BLOCK_M, BLOCK_N)), its position band: two halves of T rows of r (and w) scored with
 tl.dot, re-aligned to (i, j) with tl.gather. In the query-major passes (forward, dQ) the next
@@ -866,8 +865,8 @@ class _Call:
     """The kernels' view of one call: pointers (the query tensor stands in for absent
     sources, which are never read), strides, sizes, constexpr flags and launch config.
     With relative positions the Triton kernels' query is q + u and their per-distance bias
-    w = (v - u).r, both formed on first use (``q``, ``rel``): the sm_90 forward forms them
-    itself from q, r, u and v (``rel_inputs``)."""
+    w = (v - u).r, both formed on first use (``q``, ``rel``): the sm_90 forward forms q + u
+    and q + v itself from q, r, u and v (``rel_inputs``) and needs no w."""
 
     def __init__(self, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens,
                  key_padding_mask, r, u, v_bias, causal, scale, store_score_grads=False,
@@ -997,7 +996,7 @@ def _launch_fwd(c, out, lse, pos_scores=None):
 
 
 # The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128; with relative
-# positions for bfloat16, from q, r, u and v: the op adds u and forms w), and a backward (head dim 128, without
+# positions for bfloat16, from q, r, u and v: the op forms q + u and q + v), and a backward (head dim 128, without
 # relative positions) that computes dQ, dK and dV in one pass over key blocks, dQ added into
 # an fp32 workspace (sm90_backward_workspace). They run where they apply (below) unless
 # SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them with the Triton passes
