@@ -432,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   auto release_chunks = [&](int limit) {
     if constexpr (kRel) {
       for (; released_chunks < limit; ++released_chunks) {
-        release_stage(r_releases, released_chunks, kRSlots, chunks.total, x, load_chunk);
+        release_stage(r_releases, released_chunks, kRSlots, chunks.total, x == 64, load_chunk);
       }
     }
   };
@@ -536,9 +536,10 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
     if constexpr (kTurns) pass_turn(wg);
   };
   // both warpgroups are done with K (V) of tile j: the second to say so refills its stage, K
-  // as soon as the scores are done, a tile before V
-  auto release_keys = [&](int j) { release_stage(k_releases, j, kStages, num_tiles, x, load_keys); };
-  auto release_values = [&](int j) { release_stage(v_releases, j, kStages, num_tiles, x, load_values); };
+  // as soon as the scores are done, a tile before V. Thread 0 of a warpgroup releases K,
+  // thread 32 V and thread 64 the chunks of r, so that no one warp's chain carries them all.
+  auto release_keys = [&](int j) { release_stage(k_releases, j, kStages, num_tiles, x == 0, load_keys); };
+  auto release_values = [&](int j) { release_stage(v_releases, j, kStages, num_tiles, x == 32, load_values); };
 
   if constexpr (kRel) release_chunks(lowest_chunk(0));
   barrier_wait(q_bar, 0);
@@ -918,7 +919,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     }
   };
   // both warpgroups are done with tile j's stage: the second to say so refills it
-  auto release = [&](int j) { release_stage(releases, j, kStages, tiles, x, load_query_tile); };
+  auto release = [&](int j) { release_stage(releases, j, kStages, tiles, x == 0, load_query_tile); };
 
   if (tiles > 0) {
     // prepare_kernel is done (delta written, the dQ buffer zeroed; this grid may have started

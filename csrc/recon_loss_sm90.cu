@@ -596,7 +596,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     }
   };
   // both warpgroups are done with tile j's stage: the second to say so refills it
-  auto release = [&](int j) { release_stage(releases, j, kBwdStages, tiles, x, load_query_tile); };
+  auto release = [&](int j) { release_stage(releases, j, kBwdStages, tiles, x == 0, load_query_tile); };
 
   // the loss's gradient and tile 0's statistics load while K, V and Q arrive
   const float g = to_float(*p.grad_loss);

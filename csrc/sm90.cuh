@@ -332,13 +332,15 @@ __device__ __forceinline__ void load_key_block(uint32_t k_tiles, uint32_t v_tile
   }
 }
 
-// Both warpgroups are done with query tile j's ring stage: the second to say so (thread 0 of
-// its warpgroup, x == 0) refills the stage with tile j + stages by load(j + stages).
+// Both warpgroups are done with query tile j's ring stage: the second to say so (one thread of
+// its warpgroup, `issuer`) refills the stage with tile j + stages by load(j + stages). The count
+// is a plain shared-memory atomic (atomicAdd would add a warp-aggregation sequence around it).
 template <typename Load>
-__device__ __forceinline__ void release_stage(int* releases, int j, int stages, int tiles, int x, Load&& load) {
-  if (x == 0) {
-    const int stage = j % stages;
-    if (atomicAdd(&releases[stage], 1) % 2 == 1 && j + stages < tiles) load(j + stages);
+__device__ __forceinline__ void release_stage(int* releases, int j, int stages, int tiles, bool issuer, Load&& load) {
+  if (issuer) {
+    int before;
+    asm volatile("atom.shared.add.u32 %0, [%1], 1;\n" : "=r"(before) : "r"(smem_addr(&releases[j % stages])) : "memory");
+    if (before % 2 == 1 && j + stages < tiles) load(j + stages);
   }
 }
 
