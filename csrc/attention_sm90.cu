@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem0 = smem_addr(smem_raw);
   if (smem0 % 1024 != 0) __trap();
-  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0), warp = __shfl_sync(0xffffffff, (threadIdx.x / 32) % 4, 0), lane = threadIdx.x % 32, x = threadIdx.x % 128;
+  const int wg = warpgroup_index(), warp = warp_in_warpgroup(), lane = threadIdx.x % 32, x = threadIdx.x % 128;
   // the query tiles of a batch-head, the longest (the last, causal) first, in windows of
   // batch-heads (block_work)
   const BlockWork work = block_work(blockIdx.x, p.tiles_m, p.window, p.batch_heads);

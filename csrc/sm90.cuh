@@ -49,6 +49,15 @@ __device__ __forceinline__ float2 unpack(uint32_t x) {
   }
 }
 
+// The warpgroup of this thread (blocks of two warpgroups) and its warp within the warpgroup,
+// read from lane 0: the compiler then knows them to be the same across the warp and keeps
+// what derives from them (the products' descriptors, tile addresses) in uniform registers
+// instead of moving it there before every product. (The attention forward uses them; in the
+// sm_90 backwards the same change measured no faster and spilled a register, benchmarks/
+// NOTES.md, Attention section 30.)
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffff, int(threadIdx.x / 128), 0); }
+__device__ __forceinline__ int warp_in_warpgroup() { return __shfl_sync(0xffffffff, int(threadIdx.x / 32 % 4), 0); }
+
 // ---- TMA copies and mbarriers --------------------------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
