@@ -17,9 +17,9 @@
 //   O *= exp2(old max - new max)                      (once that product is done, where a
 //                                                      row maximum moved)
 // The two warpgroups take turns issuing their products, so that one's softmax runs while the
-// tensor cores do the other's (at head dim 128 without relative positions; at 64 two blocks
-// share an SM instead). At the
-// end O / row sum goes out through the TMA and the LSE (row max + log2(row sum)) per row.
+// tensor cores do the other's (at head dim 128; at 64 two blocks share an SM instead, or with
+// relative positions the warpgroups issue as they are ready). At the end O / row sum goes
+// out through the TMA and the LSE (row max + log2(row sum)) per row.
 // With relative positions (the score of query i and key j is (q_i + u).k_j + (q_i + v).r_d,
 // d = cm + m + i - j; each warpgroup keeps q + v of its rows in registers and adds u to its Q
 // tile in place once it arrives), the key tiles have 64 keys and each warpgroup also scores
@@ -524,11 +524,11 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   auto rescale = [&](const float (&alpha)[2]) {
     if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) scale_rows(alpha);
   };
-  // With one block per SM, the warpgroups take turns issuing (take_turn); two blocks per SM
-  // interleave four warpgroups without them, and with relative positions each warpgroup's
-  // longer elementwise work runs better without them too (measured: benchmarks/NOTES.md,
-  // Attention 19 and 20)
-  constexpr bool kTurns = L::kBlocksPerSm == 1 && !kRel;
+  // At head dim 128 (one block per SM) the warpgroups take turns issuing (take_turn); at 64 two
+  // blocks per SM interleave four warpgroups without them, and with relative positions (one
+  // block) turns measured slower at 64 and 1% faster at 128 (benchmarks/NOTES.md, Attention 19,
+  // 20 and 30)
+  constexpr bool kTurns = D == 128;
   auto my_turn = [&]() {
     if constexpr (kTurns) take_turn(wg);
   };
