@@ -342,8 +342,8 @@ __global__ void __launch_bounds__(kThreads, Layout<D, kRel>::kBlocksPerSm)
   // i, key j) of the tile is column (64 band_slot + 64 + i - j) mod 128.
   float band[kRel ? 32 : 1];      // a half band [64 queries, 64 distances]
   uint32_t qv[kRel ? D / 4 : 1];  // q + v of this thread's rows: the A operand of the band products
-  int band_slot = 1;          // slot of the last half written
-  int released_chunks = 0;    // chunks below this one released by this warpgroup
+  int band_slot = 1;              // slot of the last half written
+  int released_chunks = 0;        // chunks below this one released by this warpgroup
   const uint32_t band_smem = smem0 + L::kBandOffset + (4 * wg + warp) * L::kBandBytes + 2 * L::kBandFront;
   // chunk c of r has arrived (waited for before the products are issued: a wait between two
   // products would make ptxas serialise every product of the kernel)
