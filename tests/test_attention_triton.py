@@ -433,8 +433,8 @@ def test_sm90_forward_relative_positions(sm90_forward, n, m, cm, D, partial, ext
 @SM90
 @pytest.mark.parametrize("D", [64, 128])
 def test_sm90_forward_relative_positions_unaligned_biases(sm90_forward, D):
-    # u and v views that start 2 bytes into their buffers: the op copies u for its 16-byte
-    # loads; the results are those of aligned copies, bit for bit
+    # u and v views that start 2 bytes into their buffers: the op copies them for its 16-byte
+    # (u) and 4-byte (v) loads; the results are those of aligned copies, bit for bit
     B, n, H, m, cm = 2, 239, 3, 113, 256
     g = torch.Generator().manual_seed(D)
     a = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=torch.bfloat16, device="cuda",
@@ -442,7 +442,7 @@ def test_sm90_forward_relative_positions_unaligned_biases(sm90_forward, D):
     r, u, v = a.pop("rel_pos")
     unaligned = [torch.empty(H * D + 1, dtype=u.dtype, device="cuda")[1:].view(H, D).copy_(t)
                  for t in (u, v)]
-    assert unaligned[0].data_ptr() % 16 != 0
+    assert unaligned[0].data_ptr() % 16 != 0 and unaligned[1].data_ptr() % 4 != 0
     aligned, shifted = (ct_kernels.compressive_attention(**a, rel_pos=ct_kernels.RelativePosition(r, *b))
                         for b in ((u, v), unaligned))
     assert torch.equal(shifted, aligned)
