@@ -687,11 +687,18 @@ constexpr int kVOffset = kKOffset + 2 * kQTileBytes;    // V of each warpgroup
 constexpr int kQOffset = kVOffset + 2 * kQTileBytes;    // the ring: Q per stage
 constexpr int kDoOffset = kQOffset + kStages * kQTileBytes;  // dO per stage
 constexpr int kDsOffset = kDoOffset + kStages * kQTileBytes;  // dS^T: 2 tiles x 2 warpgroups
-constexpr int kStatsOffset = kDsOffset + 4 * kDsBytes;  // per warpgroup [2][128] fp32
-constexpr int kBarrierOffset = kStatsOffset + 2 * 2 * 128 * 4;  // K/V full, then per stage full
-constexpr int kCountOffset = kBarrierOffset + 8 * (1 + kStages);  // per stage: releases so far
-constexpr int kSmemBytes = kCountOffset + 4 * kStages;
-static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+// The rest of the block's shared memory; with the kept position scores (kPos) also their two
+// slots per warpgroup ([64 queries, 64 keys] boxes, the maps' swizzle) and a barrier per slot.
+template <bool kPos>
+struct Smem {
+  static constexpr int kPosOffset = kDsOffset + 4 * kDsBytes;
+  static constexpr int kStatsOffset = kPosOffset + (kPos ? 4 * kDsBytes : 0);  // per warpgroup [2][128] fp32
+  static constexpr int kBarrierOffset = kStatsOffset + 2 * 2 * 128 * 4;  // K/V full, then per stage full
+  static constexpr int kPosBarrierOffset = kBarrierOffset + 8 * (1 + kStages);  // per warpgroup and slot
+  static constexpr int kCountOffset = kPosBarrierOffset + (kPos ? 8 * 4 : 0);  // per stage: releases so far
+  static constexpr int kBytes = kCountOffset + 4 * kStages;
+  static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+};
 
 struct AttnBwdParams {
   CUtensorMap q_map, do_map;  // [B, n, H, 128], boxes of 64 rows x 64 columns
@@ -709,6 +716,13 @@ struct AttnBwdParams {
   const float* lse;           // [B, H, n], log2 domain
   const float* delta;         // [B, H, n], rowsum(dO * O), written by prepare_kernel
   float* dq_accum;            // [B * H, tiles_m, 2, kDqFloats], zeroed by prepare_kernel
+  // with the kept position scores (kPos): the forward's, by key ([B * H, n, pos_stride], source
+  // s from column pos_col[s], as a [B * H, n, 1, pos_stride] map), and the score gradients by
+  // distance written here (the same layout, row i's key j at column cm + m + i - j)
+  CUtensorMap pos_map;
+  __nv_bfloat16* dist_grads;
+  int pos_col[3];
+  int pos_stride;
 };
 
 // Before the key blocks: delta = rowsum(dO * O) of one 64-query tile of a batch-head (fp32
@@ -757,9 +771,34 @@ __global__ void __launch_bounds__(kPrepareThreads, 8)
   if (x % 4 == 0 && row < n) delta[int64_t(bh) * n + row] = sum;
 }
 
-template <typename T>
+// S^T [64 keys, 64 queries] += the position scores of a [64 queries, 64 keys] bfloat16 box in
+// the maps' swizzle (the forward's, by key), read transposed into S^T's accumulator layout:
+// load g's matrix m (lanes 8m..8m+7 give its rows) has queries 8 (2g + m / 2).. as rows and
+// keys 16 warp + 8 (m % 2).. as columns; .trans hands each thread its (key, query pair)
+__device__ __forceinline__ void add_kept_scores(float (&s)[32], uint32_t box, int warp, int lane) {
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    const int m = lane / 8, row = 8 * (2 * g + m / 2) + lane % 8, chunk = 2 * warp + m % 2;
+    uint32_t d[4];
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(box + row * 128 + ((chunk ^ (row % 8)) * 16))
+                 : "memory");
+#pragma unroll
+    for (int mm = 0; mm < 4; ++mm) {
+      float* pair = s + 4 * (2 * g + mm / 2) + 2 * (mm % 2);
+      pair[0] += __uint_as_float(d[mm] << 16);
+      pair[1] += __uint_as_float(d[mm] & 0xffff0000u);
+    }
+  }
+}
+
+// kPos: with relative positions, from the position scores that the forward kept (the query is
+// q + u, see attention_bwd_sm90)
+template <typename T, bool kPos>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ AttnBwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Sm = Smem<kPos>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem0 = smem_addr(smem_raw);
   if (smem0 % 1024 != 0) __trap();
@@ -785,11 +824,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   const int tiles = p.tiles_m - q_lo;
   const bool mask_keys = start < valid_lo || start + 128 > size;
 
-  const uint32_t kv_bar = smem0 + kBarrierOffset;
+  const uint32_t kv_bar = smem0 + Sm::kBarrierOffset;
   auto full = [&](int stage) { return stage_full(kv_bar, stage); };
-  int* releases = reinterpret_cast<int*>(smem_raw + kCountOffset);
+  int* releases = reinterpret_cast<int*>(smem_raw + Sm::kCountOffset);
   // this warpgroup's lse (64) and delta (64) of a query tile, double-buffered
-  float* stats = reinterpret_cast<float*>(smem_raw + kStatsOffset) + wg * 256;
+  float* stats = reinterpret_cast<float*>(smem_raw + Sm::kStatsOffset) + wg * 256;
+  // kPos: warpgroup g's kept position scores of query tile j, in slot j % 2 (TMA, zeros past n)
+  auto pos_full = [&](int g, int j) { return smem0 + Sm::kPosBarrierOffset + 8 * (2 * g + j % 2); };
+  auto pos_box = [&](int g, int j) { return smem0 + Sm::kPosOffset + (2 * (j % 2) + g) * kDsBytes; };
+  auto load_positions = [&](int j, int g) {
+    barrier_expect(pos_full(g, j), kDsBytes);
+    tma_load(pos_box(g, j), &p.pos_map, p.pos_col[src] + start + 64 * g, 0, 64 * (q_lo + j), bh, pos_full(g, j));
+  };
 
   // Q and dO of the block's query tile j into its ring stage
   auto load_query_tile = [&](int j) {
@@ -799,11 +845,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     tma_load_tile(smem0 + kDoOffset + stage * kQTileBytes, kQTileBytes / 2, &p.do_map, h, row, b, full(stage));
   };
   if (threadIdx.x == 0) {
+    if constexpr (kPos) {
+      for (int i = 0; i < 4; ++i) barrier_init(pos_full(i / 2, i), 1);
+    }
     init_key_block_barriers(kv_bar, kStages, releases);
     // K and V of both warpgroups, then the first query tiles (none for a block that no
     // query sees: it only stores zeros)
     if (tiles > 0) load_key_block(smem0 + kKOffset, smem0 + kVOffset, &p.k_map[src], &p.v_map[src], h, start, b, kv_bar);
     for (int j = 0; j < tiles && j < kStages; ++j) load_query_tile(j);
+    if constexpr (kPos) {
+      for (int j = 0; j < tiles && j < 2; ++j) load_positions(j, 0), load_positions(j, 1);
+    }
   }
   __syncthreads();  // barriers and counters initialised
 
@@ -862,6 +914,23 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   auto both_sync = [&]() { asm volatile("bar.sync 5, 256;\n" ::: "memory"); };
   // the keys of this thread's two accumulator rows (S^T rows are keys)
   const int key0 = start + 64 * wg + 16 * warp + lane / 4;
+  // kPos: dS^T of tile j by distance for the position pass (the stored dQ pass of
+  // ct_kernels/ops/attention.py): scaled, rounded to bfloat16, row i's key j (over all
+  // sources) at column cm + m + i - j. Edge tiles store only rows before n, keys of the source
+  // and keys at or before the query (the pass drops the entries not written).
+  const int key_offset = src == kCmem ? 0 : src == kSegment ? p.size[0] + p.size[1] : p.size[0];
+  auto store_by_distance = [&](int j, bool edge) {
+    const int query = 64 * (q_lo + j) + 2 * (lane % 4);  // this thread's first query
+    const int distance = p.size[0] + p.size[1] + query - (key_offset + key0);  // of its first entry
+    const int64_t row_step = p.pos_stride + 1;  // a query further on, the same key
+    uint16_t* to = reinterpret_cast<uint16_t*>(p.dist_grads) + (int64_t(bh) * p.n + query) * p.pos_stride + distance;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int qi = 8 * (i / 4) + (i & 1), ki = 8 * ((i % 4) / 2);  // the entry's query and key offsets
+      const bool stored = !edge || (query + qi < p.n && key0 + ki < size && distance + qi - ki >= 0);
+      if (stored) to[qi * row_step - ki] = uint16_t(pack<T>(dp[i] * p.sm_scale, 0.f));
+    }
+  };
   // P^T and dS^T of tile j from S^T, dP^T and the tile's statistics: P^T packed as an A
   // operand, dS^T into the tile's shared-memory buffer for dK and dQ (rows of keys, the
   // maps' swizzle)
@@ -873,6 +942,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
     const bool diagonal = p.causal && segment && start + 64 * wg + 63 > query0;
     const bool masked = mask_keys || diagonal;
     const uint32_t ds_tile = smem0 + kDsOffset + ((j % 2) * 2 + wg) * kDsBytes;
+    if constexpr (kPos) {
+      barrier_wait(pos_full(wg, j), (j / 2) & 1);
+      add_kept_scores(s, pos_box(wg, j), warp, lane);
+    }
     // masked keys score -inf, so that their P and dS come out zero: a branch that only the
     // tiles holding such keys take (a mask inside the loop below would compile into selects
     // that every tile runs)
@@ -903,6 +976,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
       }
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the products
+    if constexpr (kPos) store_by_distance(j, masked || query0 + 64 > p.n);
   };
   // A quarter of dQ of tile j added into the global buffer straight from the accumulator by
   // vector reductions (red.global.add.v4.f32, in L2), in the accumulator's order: thread x's
@@ -952,6 +1026,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
       if (j < tiles) issue_scores(j);
       wgmma_commit();
       your_turn();
+      // kPos: every thread of the warpgroup is past score_gradients(j - 1) (the turn's
+      // barrier), so its slot takes tile j + 1
+      if (kPos && x == 0 && j + 1 < tiles) load_positions(j + 1, wg);
       const float stat = j < tiles ? fetch_stat(j) : 0.f;
       wgmma_wait<0>();
       touch(dk), touch(dv), touch(s), touch(dp), touch(dq);
@@ -992,16 +1069,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
 #endif
 }
 
-// dQ [B, n, H, 128] (contiguous) = scale * the fp32 buffer: one block of 128 threads per
-// (batch-head, query tile, column half). Thread x reads the elements that thread x of the
-// warpgroup added (see add_dq: rows 16 warp + lane / 4 and 8 below, column pairs
-// 8 i + 2 (lane % 4)), converted into a [64 rows, 64 columns] tile in shared memory (rows
-// kRowBytes apart: the pair stores conflict-free), then written out in 16-byte pieces, each
-// row's 128 bytes by 8 consecutive threads.
-template <typename T>
-__global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, T* dq, int heads, int n, int tiles_m,
+// dQ [B, n, H, 128] (contiguous; Out: T, or fp32 for the kept position scores' pass after)
+// = scale * the fp32 buffer: one block of 128 threads per (batch-head, query tile, column
+// half). Thread x reads the elements that thread x of the warpgroup added (see add_dq: rows
+// 16 warp + lane / 4 and 8 below, column pairs 8 i + 2 (lane % 4)), converted into a
+// [64 rows, 64 columns] tile in shared memory (rows kRowBytes apart: the pair stores
+// conflict-free), then written out in 16-byte pieces, each row's by consecutive threads.
+template <typename T, typename Out>
+__global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, Out* dq, int heads, int n, int tiles_m,
                                                             float scale) {
-  constexpr int kRowBytes = 144;
+  constexpr bool kFloat = std::is_same_v<Out, float>;
+  constexpr int kRowBytes = 64 * sizeof(Out) + 16, kRowPieces = 64 * sizeof(Out) / 16;
   __shared__ __align__(16) uint8_t tile[64 * kRowBytes];
   const int chunk = blockIdx.x, half = chunk % 2, tile_m = (chunk / 2) % tiles_m, bh = chunk / (2 * tiles_m);
   const int b = bh / heads, h = bh % heads;
@@ -1016,19 +1094,24 @@ __global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, 
   const int row = 16 * warp + lane / 4;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    uint8_t* at = tile + row * kRowBytes + (8 * i + 2 * (lane % 4)) * 2;
-    *reinterpret_cast<uint32_t*>(at) = pack<T>(v[i].x * scale, v[i].y * scale);
-    *reinterpret_cast<uint32_t*>(at + 8 * kRowBytes) = pack<T>(v[i].z * scale, v[i].w * scale);
+    uint8_t* at = tile + row * kRowBytes + (8 * i + 2 * (lane % 4)) * sizeof(Out);
+    if constexpr (kFloat) {
+      *reinterpret_cast<float2*>(at) = make_float2(v[i].x * scale, v[i].y * scale);
+      *reinterpret_cast<float2*>(at + 8 * kRowBytes) = make_float2(v[i].z * scale, v[i].w * scale);
+    } else {
+      *reinterpret_cast<uint32_t*>(at) = pack<T>(v[i].x * scale, v[i].y * scale);
+      *reinterpret_cast<uint32_t*>(at + 8 * kRowBytes) = pack<T>(v[i].z * scale, v[i].w * scale);
+    }
   }
   __syncthreads();
-  // the tile's rows out: piece c = 128 k + x is row c / 8, columns 8 (c % 8)..
+  // the tile's rows out: piece c = 128 k + x is row c / kRowPieces, its 16-byte piece c % kRowPieces
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int piece = 128 * k + x, r = piece / 8, col = 64 * half + 8 * (piece % 8);
+  for (int k = 0; k < 64 * kRowPieces / 128; ++k) {
+    const int piece = 128 * k + x, r = piece / kRowPieces, col = 64 * half + (16 / sizeof(Out)) * (piece % kRowPieces);
     const int query = 64 * tile_m + r;
     if (query < n) {
       *reinterpret_cast<uint4*>(dq + ((int64_t(b) * n + query) * heads + h) * kHeadDim + col) =
-          *reinterpret_cast<const uint4*>(tile + r * kRowBytes + 16 * (piece % 8));
+          *reinterpret_cast<const uint4*>(tile + r * kRowBytes + 16 * (piece % kRowPieces));
     }
   }
 }
@@ -1103,6 +1186,21 @@ KeySources key_sources(const char* op, const at::Tensor& q, const at::Tensor& k,
   return sources;
 }
 
+// The columns of the position scores kept by key (and of the score gradients by distance): each
+// source's block padded to kScoreColumns (ct_kernels/ops/attention.py, score_grad_columns):
+// the first column of each source's block, and the row length
+struct KeptColumns {
+  int col[3] = {0, 0, 0};
+  int64_t stride = 0;
+};
+KeptColumns kept_columns(const KeySources& sources) {
+  auto padded = [](int64_t size) { return (size + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns; };
+  KeptColumns c;
+  for (int s = 1; s < 3; ++s) c.col[s] = int(c.col[s - 1] + padded(sources.size[s - 1]));
+  c.stride = c.col[2] + padded(sources.size[2]);
+  return c;
+}
+
 // Writes out ([B, n, H, D], D = 64 or 128, contiguous, q's dtype) and lse ([B, H, n] fp32, log2 domain).
 // Absent memories: None. With Transformer-XL relative positions (bfloat16, causal): rel_r the
 // projected positions r [H, R, D], rel_u and rel_v the biases u and v ([H, D], contiguous), all
@@ -1148,11 +1246,8 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
     u = reinterpret_cast<uintptr_t>(rel_u->data_ptr()) % 16 == 0 ? *rel_u : rel_u->clone();
     v_bias = reinterpret_cast<uintptr_t>(rel_v->data_ptr()) % 4 == 0 ? *rel_v : rel_v->clone();
   }
-  // the kept scores' columns: each source's block padded to kScoreColumns
-  auto padded = [](int64_t size) { return (size + fwd::kScoreColumns - 1) / fwd::kScoreColumns * fwd::kScoreColumns; };
-  int pos_col[3] = {0, 0, 0};  // the first column of each source's block
-  for (int s = 1; s < 3; ++s) pos_col[s] = int(pos_col[s - 1] + padded(sources.size[s - 1]));
-  const int64_t pos_stride = pos_col[2] + padded(n);
+  const KeptColumns columns = kept_columns(sources);
+  const int64_t pos_stride = columns.stride;
   if (rel_scores.has_value()) {
     TORCH_CHECK(rel, kFwdOp, ": rel_scores needs relative positions (rel_r, rel_u and rel_v)");
     TORCH_CHECK(pos_stride < (int64_t(1) << 31), kFwdOp, ": sizes out of range");
@@ -1180,7 +1275,7 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (rel_scores.has_value()) {
     p.pos_scores = reinterpret_cast<__nv_bfloat16*>(rel_scores->data_ptr());
     p.pos_stride = int(pos_stride);
-    for (int s = 0; s < 3; ++s) p.pos_col[s] = pos_col[s];
+    for (int s = 0; s < 3; ++s) p.pos_col[s] = columns.col[s];
   }
   p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
   p.heads = int(heads), p.n = int(n), p.tiles_m = int(tiles_m);
@@ -1233,14 +1328,21 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // before (each starts while the one before finishes and waits for it where it needs its
 // results). Absent memories: None, with empty gradients. window: as in attention_fwd_sm90
 // (0: bwd::kWindow; only dQ's fp32 sums depend on it, by their order).
+// With rel_scores (Transformer-XL relative positions, bfloat16, causal): the position scores
+// that attention_fwd_sm90 kept (its rel_scores); q is then q + u, the content scores' query,
+// dq (fp32) gets the content part of the gradient of q + u, and rel_score_grads (bfloat16,
+// rel_scores' shape) the scaled score gradients by distance (row i's key j at column
+// cm + m + i - j, written where i < n sees j) for a pass that adds the position part.
 void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
                         const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mem_lens,
                         const std::optional<at::Tensor>& cmem_lens, bool causal, double scale, at::Tensor dq,
                         at::Tensor dk, at::Tensor dv, at::Tensor dmem_k, at::Tensor dmem_v, at::Tensor dcmem_k,
-                        at::Tensor dcmem_v, at::Tensor workspace, int64_t window) {
+                        at::Tensor dcmem_v, at::Tensor workspace, int64_t window,
+                        const std::optional<at::Tensor>& rel_scores, const std::optional<at::Tensor>& rel_score_grads) {
   const KeySources sources = key_sources(kBwdOp, q, k, v, mem_k, mem_v, cmem_k, cmem_v, mem_lens, cmem_lens, false);
+  const bool kept = rel_scores.has_value();
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
   check_input(kBwdOp, grad_out, "grad_out", q);
   check_input(kBwdOp, out, "out", q);
@@ -1248,7 +1350,7 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
               ct_kernels::shape(q.sizes()), ", got ", ct_kernels::shape(grad_out.sizes()), " / ",
               ct_kernels::shape(out.sizes()));
   check_exact(kBwdOp, lse, "lse", {batch, heads, n}, at::kFloat, q);
-  check_exact(kBwdOp, dq, "dq", q.sizes(), q.scalar_type(), q);
+  check_exact(kBwdOp, dq, "dq", q.sizes(), kept ? at::kFloat : q.scalar_type(), q);
   check_exact(kBwdOp, dk, "dk", q.sizes(), q.scalar_type(), q);
   check_exact(kBwdOp, dv, "dv", q.sizes(), q.scalar_type(), q);
   const int64_t tiles_m = (n + 63) / 64;
@@ -1273,6 +1375,23 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
   p.lens[0] = sources.lens[0], p.lens[1] = sources.lens[1];
   TORCH_CHECK(key_blocks * batch * heads < (int64_t(1) << 31) && tiles_m * batch * heads * 2 < (int64_t(1) << 31),
               kBwdOp, ": sizes out of range");
+  TORCH_CHECK(kept == rel_score_grads.has_value(), kBwdOp, ": rel_scores and rel_score_grads must be given together");
+  if (kept) {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, kBwdOp, ": rel_scores needs bfloat16 inputs, got ", q.scalar_type());
+    TORCH_CHECK(causal, kBwdOp, ": rel_scores needs causal=True");
+    const KeptColumns columns = kept_columns(sources);
+    TORCH_CHECK(columns.stride < (int64_t(1) << 31) && batch * heads * n * columns.stride < (int64_t(1) << 62), kBwdOp,
+                ": sizes out of range");
+    const int64_t kept_shape[3] = {batch * heads, n, columns.stride};
+    check_exact(kBwdOp, *rel_scores, "rel_scores", kept_shape, at::kBFloat16, q);
+    check_exact(kBwdOp, *rel_score_grads, "rel_score_grads", kept_shape, at::kBFloat16, q);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(rel_scores->data_ptr()) % 16 == 0, kBwdOp,
+                ": rel_scores must start 16-byte aligned");
+    make_map(p.pos_map, rel_scores->view({batch * heads, n, 1, columns.stride}), 64);
+    p.dist_grads = reinterpret_cast<__nv_bfloat16*>(rel_score_grads->data_ptr());
+    for (int s = 0; s < 3; ++s) p.pos_col[s] = columns.col[s];
+    p.pos_stride = int(columns.stride);
+  }
   const c10::cuda::CUDAGuard device_guard(q.device());
   sm90_properties(kBwdOp);
 
@@ -1302,21 +1421,28 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // the prepare kernel, then the key blocks and the dQ conversion, each a programmatic
   // dependent of the kernel before it
-  auto run = [&](auto type) {
+  auto run = [&](auto type, auto pos) {
     using T = decltype(type);
+    constexpr bool kPos = decltype(pos)::value;
+    using Out = std::conditional_t<kPos, float, T>;
+    constexpr int kSmemBytes = bwd::Smem<kPos>::kBytes;
     bwd::prepare_kernel<T><<<int(batch * heads * tiles_m), bwd::kPrepareThreads, 0, stream>>>(
         reinterpret_cast<const T*>(out_rows.data_ptr()), reinterpret_cast<const T*>(do_rows.data_ptr()),
         out_rows.stride(0), out_rows.stride(1), out_rows.stride(2), do_rows.stride(0), do_rows.stride(1),
         do_rows.stride(2), int(heads), int(n), int(tiles_m), delta, p.dq_accum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto kernel = bwd::attention_bwd_sm90_kernel<T>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bwd::kSmemBytes));
-    launch_dependent(kernel, int(key_blocks * batch * heads), bwd::kThreads, bwd::kSmemBytes, stream, p);
-    launch_dependent(bwd::dq_from_accum_kernel<T>, int(batch * heads * tiles_m * 2), 128, 0, stream,
-                     static_cast<const float*>(p.dq_accum), reinterpret_cast<T*>(dq.data_ptr()), int(heads), int(n),
+    auto kernel = bwd::attention_bwd_sm90_kernel<T, kPos>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    launch_dependent(kernel, int(key_blocks * batch * heads), bwd::kThreads, kSmemBytes, stream, p);
+    launch_dependent(bwd::dq_from_accum_kernel<T, Out>, int(batch * heads * tiles_m * 2), 128, 0, stream,
+                     static_cast<const float*>(p.dq_accum), reinterpret_cast<Out*>(dq.data_ptr()), int(heads), int(n),
                      int(tiles_m), float(scale));
   };
-  with_element_type(q, run);
+  if (kept) {
+    run(__nv_bfloat16{}, std::true_type{});  // bfloat16 only (checked)
+  } else {
+    with_element_type(q, [&](auto type) { run(type, std::false_type{}); });
+  }
 }
 
 }  // namespace
@@ -1330,7 +1456,8 @@ TORCH_LIBRARY_FRAGMENT(ct_kernels, m) {
       "attention_bwd_sm90(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, "
       "Tensor? cmem_k, Tensor? cmem_v, Tensor out, Tensor lse, Tensor? mem_lens, Tensor? cmem_lens, bool causal, "
       "float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dmem_k, Tensor(e!) dmem_v, "
-      "Tensor(f!) dcmem_k, Tensor(g!) dcmem_v, Tensor(h!) workspace, int block_window=0) -> ()");
+      "Tensor(f!) dcmem_k, Tensor(g!) dcmem_v, Tensor(h!) workspace, int block_window=0, Tensor? rel_scores=None, "
+      "Tensor(i!)? rel_score_grads=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ct_kernels, CUDA, m) {
