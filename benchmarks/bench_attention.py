@@ -255,9 +255,6 @@ TUNE_CANDIDATES = {
                         (32, 32, 8, 1)],
     ("dq_stored_rel", 128): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2),
                              (64, 128, 4, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
-    ("dq_pos_rel", 128): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2),
-                          (64, 128, 4, 2), (128, 32, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3),
-                          (128, 64, 8, 3), (64, 128, 8, 2)],
     ("dq_stored_rel", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2),
                             (64, 128, 4, 2)],
     ("dkdv_stored_rel", 128): [(32, 64, 4, 1), (64, 64, 4, 1), (32, 64, 4, 2), (64, 64, 8, 1),
@@ -314,10 +311,6 @@ def pass_launchers(args):
                                                                 grads, kept, True)
         launchers["dq_stored"] = lambda: attention._launch_dq_stored(call, score_grads, dq,
                                                                      rel_grads)
-        # its position part alone (after the sm_90 backward), on a given content part
-        dq_content = torch.zeros(q.shape, device=q.device)
-        launchers["dq_pos"] = lambda: attention._launch_dq_stored(call, score_grads, dq,
-                                                                  rel_grads, dq_content)
     return launchers
 
 

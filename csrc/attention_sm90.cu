@@ -718,7 +718,8 @@ struct AttnBwdParams {
   float* dq_accum;            // [B * H, tiles_m, 2, kDqFloats], zeroed by prepare_kernel
   // with the kept position scores (kPos): the forward's, by key ([B * H, n, pos_stride], source
   // s from column pos_col[s], as a [B * H, n, 1, pos_stride] map), and the score gradients by
-  // distance written here (the same layout, row i's key j at column cm + m + i - j)
+  // distance written here, per head ([H, B * n, pos_stride], row i's key j at column
+  // cm + m + i - j)
   CUtensorMap pos_map;
   __nv_bfloat16* dist_grads;
   int pos_col[3];
@@ -914,16 +915,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
   auto both_sync = [&]() { asm volatile("bar.sync 5, 256;\n" ::: "memory"); };
   // the keys of this thread's two accumulator rows (S^T rows are keys)
   const int key0 = start + 64 * wg + 16 * warp + lane / 4;
-  // kPos: dS^T of tile j by distance for the position pass (the stored dQ pass of
-  // ct_kernels/ops/attention.py): scaled, rounded to bfloat16, row i's key j (over all
-  // sources) at column cm + m + i - j. Edge tiles store only rows before n, keys of the source
-  // and keys at or before the query (the pass drops the entries not written).
+  // kPos: dS^T of tile j by distance, for the position part of the gradients (products over
+  // the distances, ct_kernels/ops/attention.py): scaled, rounded to bfloat16, row b n + i of
+  // head h, key j (over all sources) at column cm + m + i - j. Edge tiles store only rows
+  // before n, keys of the source and keys at or before the query.
   const int key_offset = src == kCmem ? 0 : src == kSegment ? p.size[0] + p.size[1] : p.size[0];
   auto store_by_distance = [&](int j, bool edge) {
     const int query = 64 * (q_lo + j) + 2 * (lane % 4);  // this thread's first query
     const int distance = p.size[0] + p.size[1] + query - (key_offset + key0);  // of its first entry
     const int64_t row_step = p.pos_stride + 1;  // a query further on, the same key
-    uint16_t* to = reinterpret_cast<uint16_t*>(p.dist_grads) + (int64_t(bh) * p.n + query) * p.pos_stride + distance;
+    const int64_t row = (int64_t(h) * (p.batch_heads / p.heads) + b) * p.n + query;
+    uint16_t* to = reinterpret_cast<uint16_t*>(p.dist_grads) + row * p.pos_stride + distance;
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int qi = 8 * (i / 4) + (i & 1), ki = 8 * ((i % 4) / 2);  // the entry's query and key offsets
@@ -1331,8 +1333,9 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // With rel_scores (Transformer-XL relative positions, bfloat16, causal): the position scores
 // that attention_fwd_sm90 kept (its rel_scores); q is then q + u, the content scores' query,
 // dq (fp32) gets the content part of the gradient of q + u, and rel_score_grads (bfloat16,
-// rel_scores' shape) the scaled score gradients by distance (row i's key j at column
-// cm + m + i - j, written where i < n sees j) for a pass that adds the position part.
+// [H, B * n, columns]) the scaled score gradients by distance (head h, row b n + i: key j at
+// column cm + m + i - j, written where i < n sees j; the rest left as it was) for the products
+// that add the position part.
 void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
@@ -1383,8 +1386,9 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
     TORCH_CHECK(columns.stride < (int64_t(1) << 31) && batch * heads * n * columns.stride < (int64_t(1) << 62), kBwdOp,
                 ": sizes out of range");
     const int64_t kept_shape[3] = {batch * heads, n, columns.stride};
+    const int64_t grads_shape[3] = {heads, batch * n, columns.stride};
     check_exact(kBwdOp, *rel_scores, "rel_scores", kept_shape, at::kBFloat16, q);
-    check_exact(kBwdOp, *rel_score_grads, "rel_score_grads", kept_shape, at::kBFloat16, q);
+    check_exact(kBwdOp, *rel_score_grads, "rel_score_grads", grads_shape, at::kBFloat16, q);
     TORCH_CHECK(reinterpret_cast<uintptr_t>(rel_scores->data_ptr()) % 16 == 0, kBwdOp,
                 ": rel_scores must start 16-byte aligned");
     make_map(p.pos_map, rel_scores->view({batch * heads, n, 1, columns.stride}), 64);

@@ -115,47 +115,6 @@ def test_relative_positions(B, n, H, D, m, cm, options, dtype, stored, kept):
     check(args, store_score_grads=stored, store_position_scores=kept)
 
 
-@pytest.mark.parametrize("n,m,cm,partial", [(13, 7, 5, True), (21, 0, 11, False)])
-def test_stored_dq_pass_adds_the_position_part_to_a_given_content_part(n, m, cm, partial):
-    """The stored dQ pass without CONTENT (after the sm_90 backward with kept position scores):
-    given the content part of dQ (that of the full pass with its gradients by distance zeroed),
-    it gives the full pass's dQ, dr, dw and row sums."""
-    B, H, D = 2, 2, 16
-    g = torch.Generator().manual_seed(n + m)
-    a = testing.random_attention_inputs(B, n, H, D, m, cm, device=DEVICE, generator=g,
-                                        partial=partial, rel_pos=True)
-    r, u, v_bias = a["rel_pos"]
-    sources = [a.get(name) for name in ("q", "k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v",
-                                        "mem_lens", "cmem_lens")]
-    c = attention._Call(*sources, None, r, u, v_bias, True, D**-0.5, store_score_grads=True)
-    out, lse, _ = attention._forward_call(c)
-    grad_out = torch.randn(out.shape, generator=g).to(DEVICE)
-    delta = torch.empty(B, H, n, device=DEVICE)
-    attention._launch_delta(c, out, grad_out, delta)
-    grads = [torch.empty(B, size, H, D, device=DEVICE) for size in (n, n, m, m, cm, cm)]
-    grads = [t if t.numel() else grads[0] for t in grads]
-    columns = c.score_grad_columns[0]
-    score_grads = tuple(attention._empty((B * H, n, columns), torch.float32, DEVICE)
-                        for _ in range(2))
-    attention._launch_dkdv(c, grad_out, lse, delta, grads, score_grads)
-
-    def dq_pass(score_grads, dq_content=None):
-        R = c.R_rows
-        rel = torch.zeros(H * (R * D + R + D), device=DEVICE)
-        dr, dw, dq_sum = rel.split([H * R * D, H * R, H * D])
-        dq = torch.empty_like(a["q"])
-        attention._launch_dq_stored(c, score_grads, dq, (dr, dw, dq_sum), dq_content)
-        return dq, dr, dw, dq_sum
-
-    full = dq_pass(score_grads)
-    content = dq_pass((score_grads[0], torch.zeros_like(score_grads[1])))
-    assert content[1].abs().max() == 0  # (no position part)
-    added = dq_pass((torch.full_like(score_grads[0], float("nan")), score_grads[1]), content[0])
-    assert full[1].abs().max() > 0
-    for got, want in zip(added, full):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_stored_position_scores_are_kept_for_a_backward_only(monkeypatch):
     # the forward keeps its position scores only where a backward will read them, and that
     # backward overwrites them: a second backward of the same graph fails instead of reading
@@ -474,10 +433,10 @@ def test_sm90_forward_relative_positions(sm90_forward, n, m, cm, D, partial, ext
 @pytest.fixture
 def sm90_kept_backward(monkeypatch):
     """The Triton dK/dV and dQ passes fail if called: a backward from kept position scores
-    runs on the sm_90 kernel (then the stored dQ pass, for the position part)."""
+    runs on the sm_90 kernel."""
     def triton_pass(*_args, **_kwargs):
         raise AssertionError("a Triton dK/dV or dQ pass ran")
-    for name in ("_launch_dq", "_launch_dkdv", "_launch_delta"):
+    for name in ("_launch_dq", "_launch_dkdv", "_launch_delta", "_launch_dq_stored"):
         monkeypatch.setattr(attention, name, triton_pass)
 
 
@@ -490,9 +449,9 @@ def sm90_kept_backward(monkeypatch):
 def test_sm90_backward_with_kept_position_scores(sm90_forward, sm90_kept_backward, n, m, cm,
                                                  partial, extra_rows):
     # the sm_90 backward reading the position scores that the sm_90 forward kept (NaN-poisoned
-    # first), storing the score gradients by distance (poisoned too) for the position pass: one
-    # query, sources not 64 apart in distance, partial memories (empty and full included),
-    # partial query tiles, R > L
+    # first, as is dQ's content part), then the products over the distances: one query,
+    # sources not 64 apart in distance, partial memories (empty and full included), partial
+    # query tiles, R > L
     g = torch.Generator().manual_seed(n + 5 * m + 11 * cm)
     args = testing.random_attention_inputs(2, n, 3, 128, m, cm, dtype=torch.bfloat16,
                                            device="cuda", generator=g, partial=partial,
@@ -749,11 +708,13 @@ def test_sm90_backward_op_names_bad_arguments():
                 dcmem_k=grad(0), dcmem_v=grad(0), workspace=workspace, block_window=0,
                 rel_scores=None, rel_score_grads=None)
     kept = torch.empty(B * H, n, 256, **bf16)  # columns: m and n, each padded to 128
-    with_kept = dict(rel_scores=kept, rel_score_grads=kept.clone(), dq=grad(n).float())
+    by_distance = torch.empty(H, B * n, 256, **bf16)
+    with_kept = dict(rel_scores=kept, rel_score_grads=by_distance, dq=grad(n).float())
     _expect_messages(torch.ops.ct_kernels.attention_bwd_sm90, {**args, **with_kept}, (
             (dict(rel_score_grads=None), "rel_scores and rel_score_grads must be given together"),
             (dict(rel_scores=kept[..., :128]), "rel_scores must be a contiguous BFloat16"),
-            (dict(rel_score_grads=kept.float()), "rel_score_grads must be a contiguous BFloat16"),
+            (dict(rel_score_grads=by_distance.float()), "rel_score_grads must be a contiguous BFloat16"),
+            (dict(rel_score_grads=by_distance[:, :32]), "rel_score_grads must be a contiguous"),
             (dict(dq=grad(n)), "dq must be a contiguous Float"),
             (dict(causal=False), "rel_scores needs causal=True")))
     _expect_messages(torch.ops.ct_kernels.attention_bwd_sm90, args, (

@@ -23,8 +23,6 @@ Kernels (one program per (tile, batch*head)):
     and stores the gradients by key in their place, for
   - ``_bwd_dq_stored_kernel``: dQ, dr, dw from those stored gradients (no recompute); it
     replaces the dQ pass, and ``_bwd_delta_kernel`` computes delta before the dK/dV pass.
-    With ``CONTENT`` off it adds only the position part (from the gradients by distance) to
-    a given content part of dQ.
 On Hopper (sm_90) with float16/bfloat16 and without key padding, the forward (head dims 64
 and 128; with relative positions for bfloat16 causal calls) and, without relative positions,
 the backward (head dim 128) run instead on ct_kernels._C's ``attention_fwd_sm90`` and
@@ -32,8 +30,9 @@ the backward (head dim 128) run instead on ct_kernels._C's ``attention_fwd_sm90`
 one pass over key blocks that also computes dQ, adding it into an fp32 buffer;
 ``SM90_FORWARD`` and ``SM90_BACKWARD`` switch them off). With relative positions and the
 position scores kept (bfloat16, causal, head dim 128), the sm_90 backward reads them and
-computes dK, dV and the content part of dQ, storing the score gradients by distance; the
-stored dQ pass without ``CONTENT`` then adds the position part and dr, dw.
+computes dK, dV and the content part of dQ, storing the score gradients by distance; two
+products per head over the distances then add the position part of dQ and give dr
+(``_sm90_kept_backward``).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Any head dim up to 256 runs: the
 tiles' head-dim width BLOCK_D is HEAD_DIM padded to a power of two, and only where it pads do
@@ -98,8 +97,6 @@ GPU_CONFIGS = {
     ("dq_stored_rel", 16): (64, 64, 4, 3), ("dq_stored_rel", 32): (64, 64, 4, 3),
     ("dq_stored_rel", 64): (64, 64, 4, 3), ("dq_stored_rel", 128): (64, 64, 4, 3),
     ("dq_stored_rel", 256): (64, 32, 4, 2),
-    # the same pass without the content part, after the sm_90 backward (head dim 128 only)
-    ("dq_pos_rel", 128): (64, 64, 4, 3),
     ("dkdv_stored_rel", 16): (64, 64, 4, 1), ("dkdv_stored_rel", 32): (64, 64, 4, 1),
     ("dkdv_stored_rel", 64): (64, 64, 4, 1), ("dkdv_stored_rel", 128): (32, 64, 4, 1),
     ("dkdv_stored_rel", 256): (32, 32, 4, 1),
@@ -643,11 +640,11 @@ def _stored_dq_source(dq, DS_src, Kp, sk_n, size, valid_lo, hi, key_base, query_
 
 @triton.jit
 def _bwd_dq_stored_kernel(
-    Q, K, MK, CK, DS, DG, DQ, DQC, MemLens, CmemLens, R, W, DR, DW, DQSUM,
+    Q, K, MK, CK, DS, DG, DQ, MemLens, CmemLens, R, W, DR, DW, DQSUM,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, smk_b, smk_n, smk_h, sck_b, sck_n, sck_h, sr_h, sr_n,
     sds_n, ds_col_m, ds_col_s,
     H, n, m, cm, R_rows,
-    HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr, CONTENT: tl.constexpr,
+    HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -659,21 +656,15 @@ def _bwd_dq_stored_kernel(
     rows = pid_bh.to(tl.int64) * n * sds_n + offs_m[:, None].to(tl.int64) * sds_n
     DS_rows, DG_rows = DS + rows, DG + rows
 
-    if CONTENT:  # content part: dS against the keys of each source, oldest first
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq = _stored_dq_source(dq, DS_rows, CK + b * sck_b + h * sck_h, sck_n, cm, valid_lo_c,
-                               cm, 0, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
-        dq = _stored_dq_source(dq, DS_rows + ds_col_m, MK + b * smk_b + h * smk_h, smk_n, m,
-                               valid_lo_m, m, cm, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM,
-                               PRECISION)
-        dq = _stored_dq_source(dq, DS_rows + ds_col_s, K + b * sk_b + h * sk_h, sk_n, n, 0,
-                               seg_hi, cm + m, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM,
-                               PRECISION)
-    else:  # the content part as given (DQC: fp32, contiguous [B, n, H, D])
-        dq = tl.load(DQC + b * n * H * HEAD_DIM + h * HEAD_DIM + offs_m[:, None] * H * HEAD_DIM
-                     + offs_d[None, :],
-                     mask=_in_head_dim(row_ok[:, None], offs_d[None, :], HEAD_DIM, BLOCK_D),
-                     other=0.0)
+    # content part: dS against the keys of each source, oldest first
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _stored_dq_source(dq, DS_rows, CK + b * sck_b + h * sck_h, sck_n, cm, valid_lo_c, cm,
+                           0, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
+    dq = _stored_dq_source(dq, DS_rows + ds_col_m, MK + b * smk_b + h * smk_h, smk_n, m,
+                           valid_lo_m, m, cm, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM,
+                           PRECISION)
+    dq = _stored_dq_source(dq, DS_rows + ds_col_s, K + b * sk_b + h * sk_h, sk_n, n, 0, seg_hi,
+                           cm + m, query_pos, row_ok, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
 
     # position part: the gradients by distance d (DG), in tiles of BLOCK_N up to the oldest
     # valid key's distance from the tile's last row; only entries written are used (row i's
@@ -1011,7 +1002,8 @@ def _launch_fwd(c, out, lse, pos_scores=None):
 # The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128; with relative
 # positions for bfloat16, from q, r, u and v: the op forms q + u and q + v), and a backward (head dim 128, without
 # relative positions, or with the position scores that the forward kept) that computes dQ, dK
-# and dV in one pass over key blocks, dQ added into an fp32 workspace (sm90_backward_workspace). They run where they apply (below) unless
+# and dV in one pass over key blocks, dQ added into an fp32 workspace
+# (sm90_backward_workspace). They run where they apply (below) unless
 # SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them with the Triton passes
 # that way).
 SM90_FORWARD = True
@@ -1126,19 +1118,16 @@ def _launch_delta(c, out, grad_out, delta):
              num_stages=1))
 
 
-def _launch_dq_stored(c, score_grads, dq, rel_grads, dq_content=None):
+def _launch_dq_stored(c, score_grads, dq, rel_grads):
     """dQ and the relative-position gradients rel_grads = (dr, dw, dq_sum) (added into)
-    from the score gradients the dK/dV pass stored (by key, by distance); given dq_content
-    (fp32, like q: the content part of dQ), from those by distance only."""
-    meta = c.meta("dq_stored" if dq_content is None else "dq_pos")
+    from the score gradients the dK/dV pass stored."""
+    meta = c.meta("dq_stored")
     k, _, mem_k, _, cmem_k, _ = c.sources
     flags = {name: meta[name] for name in ("HAS_MEM_LENS", "HAS_CMEM_LENS", "BLOCK_M", "BLOCK_N",
                                            "BLOCK_D", "HEAD_DIM", "PRECISION", "num_warps",
                                            "num_stages")}
-    flags["CONTENT"] = dq_content is None
     launch(_bwd_dq_stored_kernel, (cdiv(c.n, meta["BLOCK_M"]), c.B * c.H), (
-        c.q, k, mem_k, cmem_k, *score_grads, dq, dq if dq_content is None else dq_content,
-        *c.lens, *c.rel, *rel_grads,
+        c.q, k, mem_k, cmem_k, *score_grads, dq, *c.lens, *c.rel, *rel_grads,
         *_strides(c.q), *c.source_strides[0:3], *c.source_strides[6:9],
         *c.source_strides[12:15], *c.r_strides, *c.score_grad_columns, *c.sizes), flags)
 
@@ -1174,33 +1163,25 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
         _launch_dq(c, out, grad_out, lse, delta, dq)
         _launch_dkdv(c, grad_out, lse, delta, grads)
         return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
+    if c.keep_pos_scores and (pos_scores is None or
+                              pos_scores.shape != (B * H, n, c.score_grad_columns[0])):
+        raise ValueError("store_position_scores=True: the backward needs the position "
+                         "scores of its forward")
+    if (c.keep_pos_scores and pos_scores.dtype == torch.bfloat16
+            and _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS, rel_pos=True)):
+        return _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, grads[:2],
+                                   (dmk, dmv, dck, dcv))
     # gradients of r (band part), of w = (v - u).r and of q + u summed over rows: fp32
     # atomics into one zeroed buffer
     R = c.R_rows
     rel_grads = torch.zeros(H * (R * D + R + D), dtype=torch.float32, device=device)
     dr, dw, dq_sum = rel_grads.split([H * R * D, H * R, H * D])
     dr, dw, dq_sum = dr.view(H, R, D), dw.view(H, R), dq_sum.view(H, D)
-    if c.keep_pos_scores and (pos_scores is None or
-                              pos_scores.shape != (B * H, n, c.score_grad_columns[0])):
-        raise ValueError("store_position_scores=True: the backward needs the position "
-                         "scores of its forward")
-    by_distance = lambda: _empty((B * H, n, c.score_grad_columns[0]), dtype, device)  # noqa: E731
-    if (c.keep_pos_scores and pos_scores.dtype == torch.bfloat16
-            and _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS, rel_pos=True)):
-        # the sm_90 backward with the kept position scores: dK, dV and dQ's content part (the
-        # query: q + u), the score gradients by distance; then the position part of dQ, dr, dw
-        score_grads = (pos_scores, by_distance())
-        dq_content = _empty((B, n, H, D), torch.float32, device)
-        torch.ops.ct_kernels.attention_bwd_sm90(
-            grad_out, c.q, *c.sources[:2], *c.memories, out, lse, *c.lengths, True, c.scale,
-            dq_content, dk, dv, dmk, dmv, dck, dcv, sm90_backward_workspace(B, H, n, device), 0,
-            *score_grads)
-        torch.autograd.graph.increment_version(pos_scores)  # consumed: a second backward raises
-        _launch_dq_stored(c, score_grads, dq, (dr, dw, dq_sum), dq_content)
-    elif c.store_score_grads:
+    if c.store_score_grads:
         _launch_delta(c, out, grad_out, delta)
         # by key (in the position scores' place, if kept) and by distance (read where written)
-        score_grads = (pos_scores if c.keep_pos_scores else by_distance(), by_distance())
+        buffer = lambda: _empty((B * H, n, c.score_grad_columns[0]), dtype, device)  # noqa: E731
+        score_grads = (pos_scores if c.keep_pos_scores else buffer(), buffer())
         _launch_dkdv(c, grad_out, lse, delta, grads, score_grads, c.keep_pos_scores)
         if c.keep_pos_scores:  # a second backward must not read them
             torch.autograd.graph.increment_version(pos_scores)
@@ -1212,6 +1193,36 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
     du = dq_sum - dvb
     dr = dr + dw[:, :, None] * c.bias_diff[:, None, :]
     return dq, dk, dv, dmk, dmv, dck, dcv, dr.to(dtype), du.to(dtype), dvb.to(dtype)
+
+
+def _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, dk_dv, memory_grads):
+    """The gradients from the position scores that the sm_90 forward kept, on the sm_90
+    backward: it reads them into the scores and computes dK, dV and dQ's content part (its
+    query is q + u), and stores the score gradients G by distance, per head ([H, B * n,
+    columns], zero where not written: distances past a row's oldest key, slots of memories
+    before their valid ones). The position part is then two products per head over the
+    distances d < L: dQ += G r and dr = G^T (q + v) (the position score is (q + v).r_d);
+    the gradient of v is the sum of G r over the rows, that of u the sum of the content part."""
+    B, n, H, D = c.B, c.n, c.H, c.D
+    device = c.query.device
+    r, _, v_bias = c.rel_inputs
+    distances = min(c.R_rows, c.cm + c.m + n)  # the distances a query can see: at most L
+    by_distance = torch.zeros((H, B * n, c.score_grad_columns[0]), dtype=c.dtype, device=device)
+    dq_content = _empty((B, n, H, D), torch.float32, device)
+    torch.ops.ct_kernels.attention_bwd_sm90(
+        grad_out, c.q, *c.sources[:2], *c.memories, out, lse, *c.lengths, True, c.scale,
+        dq_content, *dk_dv, *memory_grads, sm90_backward_workspace(B, H, n, device), 0, pos_scores,
+        by_distance)
+    torch.autograd.graph.increment_version(pos_scores)  # consumed: a second backward raises
+    per_head = lambda t: t.view(B * n, H, D).transpose(0, 1)  # noqa: E731  [H, B * n, D]
+    grads = by_distance[:, :, :distances]
+    total = torch.baddbmm(per_head(dq_content), grads, r[:, :distances], out_dtype=torch.float32)
+    du = per_head(dq_content).sum(1)
+    dv_bias = total.sum(1) - du
+    dq.copy_(total.view(H, B, n, D).permute(1, 2, 0, 3))
+    dr = torch.bmm(grads.transpose(1, 2), per_head(c.query + v_bias))  # [H, distances, D]
+    dr = torch.nn.functional.pad(dr, (0, 0, 0, c.R_rows - distances))
+    return dq, *dk_dv, *memory_grads, dr, du.to(c.dtype), dv_bias.to(c.dtype)
 
 
 def _key_usage(q, k, mem_k, cmem_k, lse, mem_lens, cmem_lens, key_padding_mask, r, u, v_bias,
