@@ -459,6 +459,48 @@ def test_sm90_backward_with_kept_position_scores(sm90_forward, sm90_kept_backwar
     check(args, store_score_grads=True, store_position_scores=True)
 
 
+@pytest.mark.parametrize("m,cm,partial", [(7, 5, True), (0, 11, False), (6, 0, True)])
+def test_clear_unwritten_distances(m, cm, partial):
+    # the zeros that the products over the distances need where the sm_90 backward writes no
+    # score gradient (keys before the first; memory slots before the valid ones), over the
+    # distances d < L; every other entry keeps what it had
+    B, n, H, D = 2, 9, 2, 16
+    g = torch.Generator().manual_seed(m + cm)
+    a = testing.random_attention_inputs(B, n, H, D, m, cm, device=DEVICE, generator=g,
+                                        partial=partial, rel_pos=True)
+    names = ("q", "k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v", "mem_lens", "cmem_lens")
+    c = attention._Call(*(a.get(name) for name in names), None, *a["rel_pos"], True, D**-0.5)
+    L, columns = cm + m + n, c.score_grad_columns[0]
+    grads = torch.full((H, B * n, columns), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    attention._clear_unwritten_distances(c, grads, L)
+    rows = torch.arange(B * n, device=DEVICE)
+    b, i, d = rows // n, rows % n, torch.arange(columns, device=DEVICE)
+    j = (cm + m + i)[:, None] - d[None, :]
+    lo = lambda lens, size: (size - a[lens][b] if lens in a else 0 * b)[:, None]  # noqa: E731
+    unwritten = ((j < 0) | (j < lo("cmem_lens", cm))
+                 | ((j >= cm) & (j < cm + lo("mem_lens", m)))) & (d < L)[None, :]
+    assert unwritten.any() and not unwritten.all()
+    for head in grads:
+        assert torch.equal(head == 0, unwritten)
+        assert torch.equal(head.isnan(), ~unwritten)
+
+
+def test_position_part():
+    # dQ from the content and position parts summed per head ([H, B n, D] fp32) in dQ's
+    # layout and dtype, and the row sums of each part (the gradients of u and v)
+    B, n, H, D = 2, 70, 3, 16
+    g = torch.Generator().manual_seed(3)
+    total = torch.randn(H, B * n, D, generator=g).to(DEVICE)
+    content = torch.randn(B, n, H, D, generator=g).to(DEVICE)
+    dq = testing.poison_(torch.empty(B, n, H, D, dtype=torch.bfloat16, device=DEVICE))
+    du, dv = attention._position_part(total, content, dq)
+    # (one rounding to bfloat16: the interpreter's may truncate)
+    torch.testing.assert_close(dq.float(), total.view(H, B, n, D).permute(1, 2, 0, 3),
+                               rtol=2**-7, atol=0)
+    torch.testing.assert_close(du, content.sum((0, 1)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dv, total.sum(1) - content.sum((0, 1)), rtol=1e-5, atol=1e-4)
+
+
 @SM90
 @pytest.mark.parametrize("D", [64, 128])
 def test_sm90_forward_relative_positions_unaligned_biases(sm90_forward, D):

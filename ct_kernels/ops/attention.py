@@ -1195,19 +1195,84 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
     return dq, dk, dv, dmk, dmv, dck, dcv, dr.to(dtype), du.to(dtype), dvb.to(dtype)
 
 
+# ----------------------------------------------------------------------------- backward: the
+# position part after the sm_90 backward from the kept position scores (_sm90_kept_backward)
+@triton.jit
+def _clear_unwritten_distances_kernel(G, MemLens, CmemLens, row_length, B, n, m, cm, distances,
+                                      HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr,
+                                      BLOCK: tl.constexpr):
+    """Zeros in one row of the score gradients by distance ([H, B * n, row_length], row
+    b n + i) where no key block of the sm_90 backward writes, over the distances d <
+    distances: keys j = cm + m + i - d before the first (past the row's oldest key) and slots
+    of a memory before its valid ones (blocks without a valid key are skipped)."""
+    row = tl.program_id(0)
+    b = (row // n) % B
+    i = row % n
+    valid_lo_c = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
+    valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
+    G_row = G + row.to(tl.int64) * row_length
+    for first in range(0, distances, BLOCK):
+        d = first + tl.arange(0, BLOCK)
+        j = cm + m + i - d
+        unwritten = (j < 0) | (j < valid_lo_c) | ((j >= cm) & (j < cm + valid_lo_m))
+        tl.store(G_row + d, tl.zeros([BLOCK], G.dtype.element_ty),
+                 mask=unwritten & (d < distances))
+
+
+@triton.jit
+def _position_part_kernel(Total, Content, DQ, Sums, rows, H, D: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    """dQ of BLOCK_R rows (b n + i) of head h from Total (its content part plus G r: fp32
+    [H, B * n, D]), stored in dQ's dtype and layout [B, n, H, D], and the rows' sums added
+    into Sums: [0, h] those of the content part (fp32 [B, n, H, D]: the gradient of u),
+    [1, h] those of the position part (the gradient of v)."""
+    h = tl.program_id(1)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, D)
+    ok = (r < rows)[:, None]
+    total = tl.load(Total + (h * rows + r[:, None]).to(tl.int64) * D + d[None, :], mask=ok,
+                    other=0.0)
+    at = (r[:, None].to(tl.int64) * H + h) * D + d[None, :]
+    content = tl.load(Content + at, mask=ok, other=0.0)
+    tl.store(DQ + at, total.to(DQ.dtype.element_ty), mask=ok)
+    tl.atomic_add(Sums + h * D + d, tl.sum(content, 0), sem="relaxed")
+    tl.atomic_add(Sums + (H + h) * D + d, tl.sum(total - content, 0), sem="relaxed")
+
+
+def _clear_unwritten_distances(c, by_distance, distances):
+    """Zeros where the sm_90 backward writes no score gradient by distance
+    (``_clear_unwritten_distances_kernel``), in place."""
+    launch(_clear_unwritten_distances_kernel, (by_distance.shape[0] * by_distance.shape[1],), (
+        by_distance, *c.lens, by_distance.shape[2], c.B, c.n, c.m, c.cm, distances),
+        dict(HAS_MEM_LENS=c.flags["HAS_MEM_LENS"], HAS_CMEM_LENS=c.flags["HAS_CMEM_LENS"],
+             BLOCK=1024, num_warps=4, num_stages=1))
+
+
+def _position_part(total, dq_content, dq):
+    """dq from total ([H, B * n, D] fp32, the content part plus the position part) and
+    (du, dv): the row sums of each head's content and position parts, fp32 [H, D] each."""
+    B, n, H, D = dq.shape
+    sums = torch.zeros(2, H, D, dtype=torch.float32, device=dq.device)
+    launch(_position_part_kernel, (cdiv(B * n, 64), H), (total, dq_content, dq, sums, B * n, H),
+           dict(D=D, BLOCK_R=64, num_warps=4, num_stages=1))
+    return sums[0], sums[1]
+
+
 def _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, dk_dv, memory_grads):
     """The gradients from the position scores that the sm_90 forward kept, on the sm_90
     backward: it reads them into the scores and computes dK, dV and dQ's content part (its
     query is q + u), and stores the score gradients G by distance, per head ([H, B * n,
     columns], zero where not written: distances past a row's oldest key, slots of memories
-    before their valid ones). The position part is then two products per head over the
-    distances d < L: dQ += G r and dr = G^T (q + v) (the position score is (q + v).r_d);
-    the gradient of v is the sum of G r over the rows, that of u the sum of the content part."""
+    before their valid ones: ``_clear_unwritten_distances``). The position part is then two
+    products per head over the distances d < L: dQ += G r and dr = G^T (q + v) (the position
+    score is (q + v).r_d); the gradient of v is the sum of G r over the rows, that of u the
+    sum of the content part (``_position_part``)."""
     B, n, H, D = c.B, c.n, c.H, c.D
     device = c.query.device
     r, _, v_bias = c.rel_inputs
     distances = min(c.R_rows, c.cm + c.m + n)  # the distances a query can see: at most L
-    by_distance = torch.zeros((H, B * n, c.score_grad_columns[0]), dtype=c.dtype, device=device)
+    by_distance = _empty((H, B * n, c.score_grad_columns[0]), c.dtype, device)
+    _clear_unwritten_distances(c, by_distance, distances)
     dq_content = _empty((B, n, H, D), torch.float32, device)
     torch.ops.ct_kernels.attention_bwd_sm90(
         grad_out, c.q, *c.sources[:2], *c.memories, out, lse, *c.lengths, True, c.scale,
@@ -1217,9 +1282,7 @@ def _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, dk_dv, memory_gra
     per_head = lambda t: t.view(B * n, H, D).transpose(0, 1)  # noqa: E731  [H, B * n, D]
     grads = by_distance[:, :, :distances]
     total = torch.baddbmm(per_head(dq_content), grads, r[:, :distances], out_dtype=torch.float32)
-    du = per_head(dq_content).sum(1)
-    dv_bias = total.sum(1) - du
-    dq.copy_(total.view(H, B, n, D).permute(1, 2, 0, 3))
+    du, dv_bias = _position_part(total, dq_content, dq)
     dr = torch.bmm(grads.transpose(1, 2), per_head(c.query + v_bias))  # [H, distances, D]
     dr = torch.nn.functional.pad(dr, (0, 0, 0, c.R_rows - distances))
     return dq, *dk_dv, *memory_grads, dr, du.to(c.dtype), dv_bias.to(c.dtype)
