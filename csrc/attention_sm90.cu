@@ -1,8 +1,8 @@
 // Compressive attention for Hopper (sm_90a), float16 and bfloat16, without key padding: the
 // forward (head dims 64 and 128; also with Transformer-XL relative positions, bfloat16 and
-// causal), and the backward (dQ, dK, dV; head dim 128; without relative positions) from the
-// forward's output and log2-domain LSE (the same LSE as the Triton forward's,
-// ct_kernels/ops/attention.py).
+// causal), and the backward (dQ, dK, dV; head dim 128; without relative positions, or from the
+// position scores that the forward kept) from the forward's output and log2-domain LSE (the
+// same LSE as the Triton forward's, ct_kernels/ops/attention.py).
 //
 // Forward: one block per (128 queries, batch, head), two warpgroups of 64 queries each, whose
 // Q and fp32 O stay put while the key tiles (128 keys; 64 at head dim 64, fwd::Layout) of the
@@ -45,6 +45,10 @@
 //     straight from its registers (vector reductions in L2, red.global.add.v4.f32)
 //   P_j^T = exp2(S_j^T * scale * log2(e) - lse_j), dS_j^T = P_j^T (dP_j^T - delta_j)
 // So dQ costs one product per tile instead of a second pass that recomputes S and dP.
+// With the kept position scores (kPos; bfloat16, causal), each warpgroup also reads its
+// [64 queries, 64 keys] box of them through the TMA, a tile ahead, adds it to S^T before the
+// softmax (the query is q + u), and stores dS^T by distance for the position part, which two
+// products per head over the distances add afterwards (ct_kernels/ops/attention.py).
 // Block order, in both: windows of batch-heads, the longest blocks of all a window's
 // batch-heads first (sm90.cuh, block_work), so that fewer SMs idle at the end while long
 // blocks finish.
@@ -1071,7 +1075,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
 #endif
 }
 
-// dQ [B, n, H, 128] (contiguous; Out: T, or fp32 for the kept position scores' pass after)
+// dQ [B, n, H, 128] (contiguous; Out: T, or fp32 with the kept position scores, for the
+// products that add the position part)
 // = scale * the fp32 buffer: one block of 128 threads per (batch-head, query tile, column
 // half). Thread x reads the elements that thread x of the warpgroup added (see add_dq: rows
 // 16 warp + lane / 4 and 8 below, column pairs 8 i + 2 (lane % 4)), converted into a

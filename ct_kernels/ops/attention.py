@@ -1167,8 +1167,8 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
                               pos_scores.shape != (B * H, n, c.score_grad_columns[0])):
         raise ValueError("store_position_scores=True: the backward needs the position "
                          "scores of its forward")
-    if (c.keep_pos_scores and pos_scores.dtype == torch.bfloat16
-            and _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS, rel_pos=True)):
+    if c.keep_pos_scores and _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS,
+                                            rel_pos=True):
         return _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, grads[:2],
                                    (dmk, dmv, dck, dcv))
     # gradients of r (band part), of w = (v - u).r and of q + u summed over rows: fp32
