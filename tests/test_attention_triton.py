@@ -328,14 +328,20 @@ def _sm90_reason():
 SM90 = pytest.mark.skipif(_sm90_reason() is not None, reason=f"sm_90 kernels: {_sm90_reason()}")
 
 
+def _fail_if_called(monkeypatch, names, what):
+    """The launchers `names` of the attention module raise instead of launching."""
+    def fail(*_args, **_kwargs):
+        raise AssertionError(f"{what} ran")
+    for name in names:
+        monkeypatch.setattr(attention, name, fail)
+
+
 @pytest.fixture
 def sm90_only(monkeypatch):
     """The Triton forward and backward passes fail if called: a test passes through the sm_90
     kernels only."""
-    def triton_pass(*_args, **_kwargs):
-        raise AssertionError("a Triton attention pass ran")
-    for name in ("_launch_fwd", "_launch_dq", "_launch_dkdv"):
-        monkeypatch.setattr(attention, name, triton_pass)
+    _fail_if_called(monkeypatch, ("_launch_fwd", "_launch_dq", "_launch_dkdv"),
+                    "a Triton attention pass")
 
 
 @pytest.mark.parametrize("D,dtype,rel_pos,causal,padding,forward,backward", [
@@ -391,9 +397,7 @@ def test_sm90_matches_reference(sm90_only, n, m, cm, dtype, partial, causal):
 def sm90_forward(monkeypatch):
     """The Triton forward fails if called: a test's forward runs on the sm_90 kernel (its
     gradients on whichever backward applies)."""
-    def triton_forward(*_args, **_kwargs):
-        raise AssertionError("the Triton forward ran")
-    monkeypatch.setattr(attention, "_launch_fwd", triton_forward)
+    _fail_if_called(monkeypatch, ("_launch_fwd",), "the Triton forward")
 
 
 @SM90
@@ -434,10 +438,8 @@ def test_sm90_forward_relative_positions(sm90_forward, n, m, cm, D, partial, ext
 def sm90_kept_backward(monkeypatch):
     """The Triton dK/dV and dQ passes fail if called: a backward from kept position scores
     runs on the sm_90 kernel."""
-    def triton_pass(*_args, **_kwargs):
-        raise AssertionError("a Triton dK/dV or dQ pass ran")
-    for name in ("_launch_dq", "_launch_dkdv", "_launch_delta", "_launch_dq_stored"):
-        monkeypatch.setattr(attention, name, triton_pass)
+    _fail_if_called(monkeypatch, ("_launch_dq", "_launch_dkdv", "_launch_delta",
+                                  "_launch_dq_stored"), "a Triton dK/dV or dQ pass")
 
 
 @SM90

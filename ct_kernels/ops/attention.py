@@ -1158,11 +1158,6 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
             grad_out, c.q, *c.sources[:2], *c.memories, out, lse, *c.lengths, c.flags["CAUSAL"],
             c.scale, dq, dk, dv, dmk, dmv, dck, dcv, sm90_backward_workspace(B, H, n, device))
         return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
-    delta = _empty((B, H, n), torch.float32, device)
-    if not c.flags["REL_POS"]:
-        _launch_dq(c, out, grad_out, lse, delta, dq)
-        _launch_dkdv(c, grad_out, lse, delta, grads)
-        return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
     if c.keep_pos_scores and (pos_scores is None or
                               pos_scores.shape != (B * H, n, c.score_grad_columns[0])):
         raise ValueError("store_position_scores=True: the backward needs the position "
@@ -1171,6 +1166,11 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
                                             rel_pos=True):
         return _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, grads[:2],
                                    (dmk, dmv, dck, dcv))
+    delta = _empty((B, H, n), torch.float32, device)
+    if not c.flags["REL_POS"]:
+        _launch_dq(c, out, grad_out, lse, delta, dq)
+        _launch_dkdv(c, grad_out, lse, delta, grads)
+        return dq, dk, dv, dmk, dmv, dck, dcv, None, None, None
     # gradients of r (band part), of w = (v - u).r and of q + u summed over rows: fp32
     # atomics into one zeroed buffer
     R = c.R_rows
