@@ -1075,18 +1075,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_sm90_kernel(const _
 #endif
 }
 
-// dQ [B, n, H, 128] (contiguous; Out: T, or fp32 with the kept position scores, for the
-// products that add the position part)
-// = scale * the fp32 buffer: one block of 128 threads per (batch-head, query tile, column
-// half). Thread x reads the elements that thread x of the warpgroup added (see add_dq: rows
-// 16 warp + lane / 4 and 8 below, column pairs 8 i + 2 (lane % 4)), converted into a
-// [64 rows, 64 columns] tile in shared memory (rows kRowBytes apart: the pair stores
-// conflict-free), then written out in 16-byte pieces, each row's by consecutive threads.
-template <typename T, typename Out>
-__global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, Out* dq, int heads, int n, int tiles_m,
+// dQ [B, n, H, 128] (contiguous) = scale * the fp32 buffer: one block of 128 threads per
+// (batch-head, query tile, column half). Thread x reads the elements that thread x of the
+// warpgroup added (see add_dq: rows 16 warp + lane / 4 and 8 below, column pairs
+// 8 i + 2 (lane % 4)), converted into a [64 rows, 64 columns] tile in shared memory (rows
+// kRowBytes apart: the pair stores conflict-free), then written out in 16-byte pieces, each
+// row's 128 bytes by 8 consecutive threads.
+template <typename T>
+__global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, T* dq, int heads, int n, int tiles_m,
                                                             float scale) {
-  constexpr bool kFloat = std::is_same_v<Out, float>;
-  constexpr int kRowBytes = 64 * sizeof(Out) + 16, kRowPieces = 64 * sizeof(Out) / 16;
+  constexpr int kRowBytes = 144;
   __shared__ __align__(16) uint8_t tile[64 * kRowBytes];
   const int chunk = blockIdx.x, half = chunk % 2, tile_m = (chunk / 2) % tiles_m, bh = chunk / (2 * tiles_m);
   const int b = bh / heads, h = bh % heads;
@@ -1101,24 +1099,19 @@ __global__ void __launch_bounds__(128) dq_from_accum_kernel(const float* accum, 
   const int row = 16 * warp + lane / 4;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    uint8_t* at = tile + row * kRowBytes + (8 * i + 2 * (lane % 4)) * sizeof(Out);
-    if constexpr (kFloat) {
-      *reinterpret_cast<float2*>(at) = make_float2(v[i].x * scale, v[i].y * scale);
-      *reinterpret_cast<float2*>(at + 8 * kRowBytes) = make_float2(v[i].z * scale, v[i].w * scale);
-    } else {
-      *reinterpret_cast<uint32_t*>(at) = pack<T>(v[i].x * scale, v[i].y * scale);
-      *reinterpret_cast<uint32_t*>(at + 8 * kRowBytes) = pack<T>(v[i].z * scale, v[i].w * scale);
-    }
+    uint8_t* at = tile + row * kRowBytes + (8 * i + 2 * (lane % 4)) * 2;
+    *reinterpret_cast<uint32_t*>(at) = pack<T>(v[i].x * scale, v[i].y * scale);
+    *reinterpret_cast<uint32_t*>(at + 8 * kRowBytes) = pack<T>(v[i].z * scale, v[i].w * scale);
   }
   __syncthreads();
-  // the tile's rows out: piece c = 128 k + x is row c / kRowPieces, its 16-byte piece c % kRowPieces
+  // the tile's rows out: piece c = 128 k + x is row c / 8, columns 8 (c % 8)..
 #pragma unroll
-  for (int k = 0; k < 64 * kRowPieces / 128; ++k) {
-    const int piece = 128 * k + x, r = piece / kRowPieces, col = 64 * half + (16 / sizeof(Out)) * (piece % kRowPieces);
+  for (int k = 0; k < 4; ++k) {
+    const int piece = 128 * k + x, r = piece / 8, col = 64 * half + 8 * (piece % 8);
     const int query = 64 * tile_m + r;
     if (query < n) {
       *reinterpret_cast<uint4*>(dq + ((int64_t(b) * n + query) * heads + h) * kHeadDim + col) =
-          *reinterpret_cast<const uint4*>(tile + r * kRowBytes + 16 * (piece % kRowPieces));
+          *reinterpret_cast<const uint4*>(tile + r * kRowBytes + 16 * (piece % 8));
     }
   }
 }
@@ -1337,10 +1330,11 @@ void attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // (0: bwd::kWindow; only dQ's fp32 sums depend on it, by their order).
 // With rel_scores (Transformer-XL relative positions, bfloat16, causal): the position scores
 // that attention_fwd_sm90 kept (its rel_scores); q is then q + u, the content scores' query,
-// dq (fp32) gets the content part of the gradient of q + u, and rel_score_grads (bfloat16,
-// [H, B * n, columns]) the scaled score gradients by distance (head h, row b n + i: key j at
-// column cm + m + i - j, written where i < n sees j; the rest left as it was) for the products
-// that add the position part.
+// dq must be empty: the content part of the gradient of q + u stays in the workspace's sums
+// (unscaled, in the order that dq_from_accum_kernel reads), and rel_score_grads (bfloat16,
+// [H, B * n, columns]) gets the scaled score gradients by distance (head h, row b n + i: key j
+// at column cm + m + i - j, written where i < n sees j; the rest left as it was) for the
+// products that add the position part.
 void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mem_k, const std::optional<at::Tensor>& mem_v,
                         const std::optional<at::Tensor>& cmem_k, const std::optional<at::Tensor>& cmem_v,
@@ -1358,7 +1352,12 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
               ct_kernels::shape(q.sizes()), ", got ", ct_kernels::shape(grad_out.sizes()), " / ",
               ct_kernels::shape(out.sizes()));
   check_exact(kBwdOp, lse, "lse", {batch, heads, n}, at::kFloat, q);
-  check_exact(kBwdOp, dq, "dq", q.sizes(), kept ? at::kFloat : q.scalar_type(), q);
+  if (kept) {
+    TORCH_CHECK(dq.numel() == 0, kBwdOp, ": with rel_scores dQ's content part stays in the workspace, dq must be ",
+                "empty, got shape ", ct_kernels::shape(dq.sizes()));
+  } else {
+    check_exact(kBwdOp, dq, "dq", q.sizes(), q.scalar_type(), q);
+  }
   check_exact(kBwdOp, dk, "dk", q.sizes(), q.scalar_type(), q);
   check_exact(kBwdOp, dv, "dv", q.sizes(), q.scalar_type(), q);
   const int64_t tiles_m = (n + 63) / 64;
@@ -1428,12 +1427,11 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
   const at::Tensor out_rows = rows_aligned(out);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // the prepare kernel, then the key blocks and the dQ conversion, each a programmatic
-  // dependent of the kernel before it
+  // the prepare kernel, then the key blocks and (without kept scores) the dQ conversion, each a
+  // programmatic dependent of the kernel before it
   auto run = [&](auto type, auto pos) {
     using T = decltype(type);
     constexpr bool kPos = decltype(pos)::value;
-    using Out = std::conditional_t<kPos, float, T>;
     constexpr int kSmemBytes = bwd::Smem<kPos>::kBytes;
     bwd::prepare_kernel<T><<<int(batch * heads * tiles_m), bwd::kPrepareThreads, 0, stream>>>(
         reinterpret_cast<const T*>(out_rows.data_ptr()), reinterpret_cast<const T*>(do_rows.data_ptr()),
@@ -1443,9 +1441,11 @@ void attention_bwd_sm90(const at::Tensor& grad_out, const at::Tensor& q, const a
     auto kernel = bwd::attention_bwd_sm90_kernel<T, kPos>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     launch_dependent(kernel, int(key_blocks * batch * heads), bwd::kThreads, kSmemBytes, stream, p);
-    launch_dependent(bwd::dq_from_accum_kernel<T, Out>, int(batch * heads * tiles_m * 2), 128, 0, stream,
-                     static_cast<const float*>(p.dq_accum), reinterpret_cast<Out*>(dq.data_ptr()), int(heads), int(n),
-                     int(tiles_m), float(scale));
+    if constexpr (!kPos) {  // (kPos: dQ's content part stays in the workspace)
+      launch_dependent(bwd::dq_from_accum_kernel<T>, int(batch * heads * tiles_m * 2), 128, 0, stream,
+                       static_cast<const float*>(p.dq_accum), reinterpret_cast<T*>(dq.data_ptr()), int(heads),
+                       int(n), int(tiles_m), float(scale));
+    }
   };
   if (kept) {
     run(__nv_bfloat16{}, std::true_type{});  // bfloat16 only (checked)

@@ -451,7 +451,7 @@ def sm90_kept_backward(monkeypatch):
 def test_sm90_backward_with_kept_position_scores(sm90_forward, sm90_kept_backward, n, m, cm,
                                                  partial, extra_rows):
     # the sm_90 backward reading the position scores that the sm_90 forward kept (NaN-poisoned
-    # first, as is dQ's content part), then the products over the distances: one query,
+    # first, as are the gradients by distance), then the products over the distances: one query,
     # sources not 64 apart in distance, partial memories (empty and full included), partial
     # query tiles, R > L
     g = torch.Generator().manual_seed(n + 5 * m + 11 * cm)
@@ -488,19 +488,28 @@ def test_clear_unwritten_distances(m, cm, partial):
 
 
 def test_position_part():
-    # dQ from the content and position parts summed per head ([H, B n, D] fp32) in dQ's
-    # layout and dtype, and the row sums of each part (the gradients of u and v)
-    B, n, H, D = 2, 70, 3, 16
+    # dQ from its content part as the sm_90 backward leaves it (fp32 sums, unscaled, per
+    # 64-query tile two [64, 64] column halves in its threads' order; rows past n hold
+    # padding: NaN here) and its position part ([H, B n, D] fp32), in dQ's layout and dtype,
+    # and the row sums of each part (the gradients of u and v)
+    B, n, H, D, scale = 2, 70, 3, 128, 0.125
+    tiles_m = -(-n // 64)
     g = torch.Generator().manual_seed(3)
-    total = torch.randn(H, B * n, D, generator=g).to(DEVICE)
-    content = torch.randn(B, n, H, D, generator=g).to(DEVICE)
+    content = torch.randn(B, H, tiles_m * 64, D, generator=g)
+    content[:, :, n:] = float("nan")
+    # rows 16 warp + 8 half_row + row, columns 64 half + 8 i + 2 pair + e; a thread (warp,
+    # row, pair) adds float4 i: (half_row, e) of each
+    accum = content.view(B * H, tiles_m, 4, 2, 8, 2, 8, 4, 2).permute(0, 1, 5, 6, 2, 4, 7, 3, 8)
+    accum = accum.reshape(-1).to(DEVICE)
+    position = torch.randn(H, B * n, D, generator=g).to(DEVICE)
     dq = testing.poison_(torch.empty(B, n, H, D, dtype=torch.bfloat16, device=DEVICE))
-    du, dv = attention._position_part(total, content, dq)
+    du, dv = attention._position_part(accum, position, dq, scale)
+    content = scale * content[:, :, :n].to(DEVICE).transpose(1, 2)  # [B, n, H, D]
+    position = position.view(H, B, n, D).permute(1, 2, 0, 3)
     # (one rounding to bfloat16: the interpreter's may truncate)
-    torch.testing.assert_close(dq.float(), total.view(H, B, n, D).permute(1, 2, 0, 3),
-                               rtol=2**-7, atol=0)
+    torch.testing.assert_close(dq.float(), content + position, rtol=2**-7, atol=0)
     torch.testing.assert_close(du, content.sum((0, 1)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(dv, total.sum(1) - content.sum((0, 1)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dv, position.sum((0, 1)), rtol=1e-5, atol=1e-4)
 
 
 @SM90
@@ -753,13 +762,13 @@ def test_sm90_backward_op_names_bad_arguments():
                 rel_scores=None, rel_score_grads=None)
     kept = torch.empty(B * H, n, 256, **bf16)  # columns: m and n, each padded to 128
     by_distance = torch.empty(H, B * n, 256, **bf16)
-    with_kept = dict(rel_scores=kept, rel_score_grads=by_distance, dq=grad(n).float())
+    with_kept = dict(rel_scores=kept, rel_score_grads=by_distance, dq=grad(0))
     _expect_messages(torch.ops.ct_kernels.attention_bwd_sm90, {**args, **with_kept}, (
             (dict(rel_score_grads=None), "rel_scores and rel_score_grads must be given together"),
             (dict(rel_scores=kept[..., :128]), "rel_scores must be a contiguous BFloat16"),
             (dict(rel_score_grads=by_distance.float()), "rel_score_grads must be a contiguous BFloat16"),
             (dict(rel_score_grads=by_distance[:, :32]), "rel_score_grads must be a contiguous"),
-            (dict(dq=grad(n)), "dq must be a contiguous Float"),
+            (dict(dq=grad(n)), "with rel_scores dQ's content part stays in the workspace, dq must be empty"),
             (dict(causal=False), "rel_scores needs causal=True")))
     _expect_messages(torch.ops.ct_kernels.attention_bwd_sm90, args, (
             (dict(q=q.float()), "q must be bfloat16 or float16"),

@@ -1198,92 +1198,123 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
 # ----------------------------------------------------------------------------- backward: the
 # position part after the sm_90 backward from the kept position scores (_sm90_kept_backward)
 @triton.jit
-def _clear_unwritten_distances_kernel(G, MemLens, CmemLens, row_length, B, n, m, cm, distances,
-                                      HAS_MEM_LENS: tl.constexpr, HAS_CMEM_LENS: tl.constexpr,
+def _clear_unwritten_distances_kernel(G, MemLens, CmemLens, row_length, rows, B, n, m, cm,
+                                      distances, HAS_MEM_LENS: tl.constexpr,
+                                      HAS_CMEM_LENS: tl.constexpr, ROWS: tl.constexpr,
                                       BLOCK: tl.constexpr):
-    """Zeros in one row of the score gradients by distance ([H, B * n, row_length], row
-    b n + i) where no key block of the sm_90 backward writes, over the distances d <
-    distances: keys j = cm + m + i - d before the first (past the row's oldest key) and slots
-    of a memory before its valid ones (blocks without a valid key are skipped)."""
-    row = tl.program_id(0)
+    """Zeros in ROWS rows of the score gradients by distance ([H, B * n, row_length], row
+    b n + i of head h at h B n + b n + i) where no key block of the sm_90 backward writes,
+    over the distances d < distances: keys j = cm + m + i - d before the first (past the row's
+    oldest key) and slots of a memory before its valid ones (blocks without a valid key are
+    skipped)."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = row < rows
     b = (row // n) % B
     i = row % n
-    valid_lo_c = cm - tl.load(CmemLens + b) if HAS_CMEM_LENS else 0
-    valid_lo_m = m - tl.load(MemLens + b) if HAS_MEM_LENS else 0
-    G_row = G + row.to(tl.int64) * row_length
-    for first in range(0, distances, BLOCK):
-        d = first + tl.arange(0, BLOCK)
-        j = cm + m + i - d
-        unwritten = (j < 0) | (j < valid_lo_c) | ((j >= cm) & (j < cm + valid_lo_m))
-        tl.store(G_row + d, tl.zeros([BLOCK], G.dtype.element_ty),
-                 mask=unwritten & (d < distances))
+    # each row's newest unwritten key slot: its last invalid memory slot, else -1 (before the
+    # first)
+    newest = tl.full([ROWS], -1, tl.int32)
+    if HAS_CMEM_LENS:
+        valid_lo_c = cm - tl.load(CmemLens + b, mask=live, other=cm)
+        newest = tl.maximum(newest, valid_lo_c - 1)
+    if HAS_MEM_LENS:
+        valid_lo_m = m - tl.load(MemLens + b, mask=live, other=m)
+        newest = tl.where(valid_lo_m > 0, cm + valid_lo_m - 1, newest)
+    G_rows = G + row.to(tl.int64)[:, None] * row_length
+    # the rows' distances from the smallest unwritten one on
+    for first in range(tl.min(tl.where(live, cm + m + i - newest, distances), 0), distances,
+                       BLOCK):
+        d = first + tl.arange(0, BLOCK)[None, :]
+        j = (cm + m + i)[:, None] - d
+        unwritten = j < 0
+        if HAS_CMEM_LENS:
+            unwritten = unwritten | (j < valid_lo_c[:, None])
+        if HAS_MEM_LENS:
+            unwritten = unwritten | ((j >= cm) & (j < cm + valid_lo_m[:, None]))
+        tl.store(G_rows + d, tl.zeros([ROWS, BLOCK], G.dtype.element_ty),
+                 mask=unwritten & (d < distances) & live[:, None])
 
 
 @triton.jit
-def _position_part_kernel(Total, Content, DQ, Sums, rows, H, D: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
-    """dQ of BLOCK_R rows (b n + i) of head h from Total (its content part plus G r: fp32
-    [H, B * n, D]), stored in dQ's dtype and layout [B, n, H, D], and the rows' sums added
-    into Sums: [0, h] those of the content part (fp32 [B, n, H, D]: the gradient of u),
-    [1, h] those of the position part (the gradient of v)."""
-    h = tl.program_id(1)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, D)
-    ok = (r < rows)[:, None]
-    total = tl.load(Total + (h * rows + r[:, None]).to(tl.int64) * D + d[None, :], mask=ok,
-                    other=0.0)
-    at = (r[:, None].to(tl.int64) * H + h) * D + d[None, :]
-    content = tl.load(Content + at, mask=ok, other=0.0)
-    tl.store(DQ + at, total.to(DQ.dtype.element_ty), mask=ok)
-    tl.atomic_add(Sums + h * D + d, tl.sum(content, 0), sem="relaxed")
-    tl.atomic_add(Sums + (H + h) * D + d, tl.sum(total - content, 0), sem="relaxed")
+def _position_part_kernel(Accum, Position, DQ, Sums, B, H, n, tiles_m, scale,
+                          D: tl.constexpr):
+    """dQ of one 64-query tile of batch-head (b, h) (program (b H + h) tiles_m + tile): scale
+    times its content part (Accum: the sm_90 backward's fp32 sums, per tile two [64, 64]
+    column halves, each in the order its threads added them: csrc dq_from_accum_kernel) plus
+    its position part (Position: G r, fp32 [H, B n, D]), stored in dQ's dtype and layout
+    [B, n, H, D]; the rows' sums of each part added into Sums: [0, h] the content part's
+    (the gradient of u), [1, h] the position part's (the gradient of v)."""
+    tile = tl.program_id(0)
+    bh = tile // tiles_m
+    b, h = bh // H, bh % H
+    r = tl.arange(0, 64)
+    col = tl.arange(0, D)
+    i = (tile % tiles_m) * 64 + r
+    ok = (i < n)[:, None]
+    # element (r, c) of a half: thread 32 (r / 16) + 4 (r % 8) + (c % 8) / 2 of its float4
+    # 128 (c / 8) + thread, component 2 ((r / 8) % 2) + c % 2
+    c = col % 64
+    at_r = 128 * (r // 16) + 16 * (r % 8) + 2 * ((r // 8) % 2)
+    at_c = (col // 64) * 4096 + 512 * (c // 8) + 4 * ((c % 8) // 2) + c % 2
+    content = tl.load(Accum + tile.to(tl.int64) * (64 * D) + at_r[:, None] + at_c[None, :])
+    content = tl.where(ok, content * scale, 0.0)  # (rows past n hold sums of padding)
+    rows = (b * n + i).to(tl.int64)
+    position = tl.load(Position + (h * B * n + rows[:, None]) * D + col[None, :], mask=ok,
+                       other=0.0)
+    tl.store(DQ + (rows[:, None] * H + h) * D + col[None, :],
+             (content + position).to(DQ.dtype.element_ty), mask=ok)
+    tl.atomic_add(Sums + h * D + col, tl.sum(content, 0), sem="relaxed")
+    tl.atomic_add(Sums + (H + h) * D + col, tl.sum(position, 0), sem="relaxed")
 
 
 def _clear_unwritten_distances(c, by_distance, distances):
     """Zeros where the sm_90 backward writes no score gradient by distance
     (``_clear_unwritten_distances_kernel``), in place."""
-    launch(_clear_unwritten_distances_kernel, (by_distance.shape[0] * by_distance.shape[1],), (
-        by_distance, *c.lens, by_distance.shape[2], c.B, c.n, c.m, c.cm, distances),
+    rows = by_distance.shape[0] * by_distance.shape[1]
+    launch(_clear_unwritten_distances_kernel, (cdiv(rows, 16),), (
+        by_distance, *c.lens, by_distance.shape[2], rows, c.B, c.n, c.m, c.cm, distances),
         dict(HAS_MEM_LENS=c.flags["HAS_MEM_LENS"], HAS_CMEM_LENS=c.flags["HAS_CMEM_LENS"],
-             BLOCK=1024, num_warps=4, num_stages=1))
+             ROWS=16, BLOCK=512, num_warps=4, num_stages=1))
 
 
-def _position_part(total, dq_content, dq):
-    """dq from total ([H, B * n, D] fp32, the content part plus the position part) and
+def _position_part(accum, position, dq, scale):
+    """dq from dQ's content part left by the sm_90 backward (accum, its fp32 sums in the
+    kernel's order; times scale) and the position part (position: [H, B * n, D] fp32), and
     (du, dv): the row sums of each head's content and position parts, fp32 [H, D] each."""
     B, n, H, D = dq.shape
+    tiles_m = cdiv(n, 64)
     sums = torch.zeros(2, H, D, dtype=torch.float32, device=dq.device)
-    launch(_position_part_kernel, (cdiv(B * n, 64), H), (total, dq_content, dq, sums, B * n, H),
-           dict(D=D, BLOCK_R=64, num_warps=4, num_stages=1))
+    launch(_position_part_kernel, (B * H * tiles_m,), (accum, position, dq, sums, B, H, n,
+                                                       tiles_m, scale),
+           dict(D=D, num_warps=8, num_stages=1))
     return sums[0], sums[1]
 
 
 def _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, dk_dv, memory_grads):
     """The gradients from the position scores that the sm_90 forward kept, on the sm_90
     backward: it reads them into the scores and computes dK, dV and dQ's content part (its
-    query is q + u), and stores the score gradients G by distance, per head ([H, B * n,
-    columns], zero where not written: distances past a row's oldest key, slots of memories
-    before their valid ones: ``_clear_unwritten_distances``). The position part is then two
-    products per head over the distances d < L: dQ += G r and dr = G^T (q + v) (the position
-    score is (q + v).r_d); the gradient of v is the sum of G r over the rows, that of u the
-    sum of the content part (``_position_part``)."""
+    query is q + u; left in its workspace), and stores the score gradients G by distance, per
+    head ([H, B * n, columns], zero where not written: distances past a row's oldest key, slots
+    of memories before their valid ones: ``_clear_unwritten_distances``). The position part is
+    then two products per head over the distances d < L: G r (added to the content part,
+    ``_position_part``) and dr = G^T (q + v) (the position score is (q + v).r_d); the gradient
+    of v is the sum of G r over the rows, that of u the sum of the content part."""
     B, n, H, D = c.B, c.n, c.H, c.D
     device = c.query.device
     r, _, v_bias = c.rel_inputs
     distances = min(c.R_rows, c.cm + c.m + n)  # the distances a query can see: at most L
     by_distance = _empty((H, B * n, c.score_grad_columns[0]), c.dtype, device)
     _clear_unwritten_distances(c, by_distance, distances)
-    dq_content = _empty((B, n, H, D), torch.float32, device)
+    workspace = sm90_backward_workspace(B, H, n, device)
     torch.ops.ct_kernels.attention_bwd_sm90(
         grad_out, c.q, *c.sources[:2], *c.memories, out, lse, *c.lengths, True, c.scale,
-        dq_content, *dk_dv, *memory_grads, sm90_backward_workspace(B, H, n, device), 0, pos_scores,
-        by_distance)
+        dq.new_empty(0), *dk_dv, *memory_grads, workspace, 0, pos_scores, by_distance)
     torch.autograd.graph.increment_version(pos_scores)  # consumed: a second backward raises
-    per_head = lambda t: t.view(B * n, H, D).transpose(0, 1)  # noqa: E731  [H, B * n, D]
     grads = by_distance[:, :, :distances]
-    total = torch.baddbmm(per_head(dq_content), grads, r[:, :distances], out_dtype=torch.float32)
-    du, dv_bias = _position_part(total, dq_content, dq)
-    dr = torch.bmm(grads.transpose(1, 2), per_head(c.query + v_bias))  # [H, distances, D]
+    position = torch.bmm(grads, r[:, :distances], out_dtype=torch.float32)  # [H, B * n, D]
+    du, dv_bias = _position_part(workspace, position, dq, c.scale)
+    query_v = (c.query + v_bias).view(B * n, H, D).transpose(0, 1)  # [H, B * n, D]
+    dr = torch.bmm(grads.transpose(1, 2), query_v)  # [H, distances, D]
     dr = torch.nn.functional.pad(dr, (0, 0, 0, c.R_rows - distances))
     return dq, *dk_dv, *memory_grads, dr, du.to(c.dtype), dv_bias.to(c.dtype)
 
