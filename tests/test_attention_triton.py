@@ -512,6 +512,27 @@ def test_position_part():
     torch.testing.assert_close(dv, position.sum((0, 1)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_biased_queries(dtype):
+    # q + u and q + v in one pass, from a q with strides (a slice of a fused projection),
+    # bit for bit as torch rounds them (the interpreter's bfloat16 conversion may truncate:
+    # there within one rounding)
+    B, n, H, D = 2, 37, 3, 32
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, n, H, 3 * D, generator=g).to(DEVICE, dtype)
+    u, v = (torch.randn(H, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    q = qkv[..., D:2 * D]
+    c = attention._Call(q, q, q, None, None, None, None, None, None, None,
+                        torch.randn(H, n, D, generator=g).to(DEVICE, dtype), u, v, True, 0.1)
+    query_u, query_v = attention._biased_queries(c)
+    assert query_u.is_contiguous() and query_v.is_contiguous()
+    for got, want in ((query_u, q + u), (query_v, q + v)):
+        if dtype == torch.bfloat16 and dispatch.triton_interpreted():
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(got, want)
+
+
 @SM90
 @pytest.mark.parametrize("D", [64, 128])
 def test_sm90_forward_relative_positions_unaligned_biases(sm90_forward, D):

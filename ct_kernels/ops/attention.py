@@ -1252,11 +1252,13 @@ def _position_part_kernel(Accum, Position, DQ, Sums, B, H, n, tiles_m, scale,
     i = (tile % tiles_m) * 64 + r
     ok = (i < n)[:, None]
     # element (r, c) of a half: thread 32 (r / 16) + 4 (r % 8) + (c % 8) / 2 of its float4
-    # 128 (c / 8) + thread, component 2 ((r / 8) % 2) + c % 2
-    c = col % 64
+    # 128 (c / 8) + thread, component 2 ((r / 8) % 2) + c % 2; read as column pairs (c / 2,
+    # c % 2), each pair 8 contiguous bytes
+    pair = tl.arange(0, D // 2)
     at_r = 128 * (r // 16) + 16 * (r % 8) + 2 * ((r // 8) % 2)
-    at_c = (col // 64) * 4096 + 512 * (c // 8) + 4 * ((c % 8) // 2) + c % 2
-    content = tl.load(Accum + tile.to(tl.int64) * (64 * D) + at_r[:, None] + at_c[None, :])
+    at_pair = (pair // 32) * 4096 + 512 * ((pair % 32) // 4) + 4 * (pair % 4)
+    at = at_r[:, None, None] + at_pair[None, :, None] + tl.arange(0, 2)[None, None, :]
+    content = tl.reshape(tl.load(Accum + tile.to(tl.int64) * (64 * D) + at), (64, D))
     content = tl.where(ok, content * scale, 0.0)  # (rows past n hold sums of padding)
     rows = (b * n + i).to(tl.int64)
     position = tl.load(Position + (h * B * n + rows[:, None]) * D + col[None, :], mask=ok,
@@ -1265,6 +1267,39 @@ def _position_part_kernel(Accum, Position, DQ, Sums, B, H, n, tiles_m, scale,
              (content + position).to(DQ.dtype.element_ty), mask=ok)
     tl.atomic_add(Sums + h * D + col, tl.sum(content, 0), sem="relaxed")
     tl.atomic_add(Sums + (H + h) * D + col, tl.sum(position, 0), sem="relaxed")
+
+
+@triton.jit
+def _biased_queries_kernel(Q, U, V, QU, QV, rows, H, n, stride_b, stride_n, stride_h,
+                           D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """q + u and q + v (contiguous [B, n, H, D], q's dtype, each sum rounded once as torch
+    rounds it) of BLOCK_R rows (b, i, h) of q, read once."""
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, D)
+    ok = (row < rows)[:, None]
+    h = row % H
+    i = (row // H) % n
+    b = row // (H * n)
+    q = tl.load(Q + (b.to(tl.int64) * stride_b + i * stride_n + h * stride_h)[:, None]
+                + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + h[:, None] * D + d[None, :]).to(tl.float32)
+    v = tl.load(V + h[:, None] * D + d[None, :]).to(tl.float32)
+    at = row.to(tl.int64)[:, None] * D + d[None, :]
+    tl.store(QU + at, (q + u).to(QU.dtype.element_ty), mask=ok)
+    tl.store(QV + at, (q + v).to(QV.dtype.element_ty), mask=ok)
+
+
+def _biased_queries(c):
+    """(q + u, q + v) of a call with relative positions at a power-of-two head dim
+    (``_biased_queries_kernel``)."""
+    _, u, v_bias = c.rel_inputs
+    q = c.query
+    query_u, query_v = (_empty((c.B, c.n, c.H, c.D), c.dtype, q.device) for _ in range(2))
+    rows = c.B * c.n * c.H
+    launch(_biased_queries_kernel, (cdiv(rows, 32),), (
+        q, u, v_bias, query_u, query_v, rows, c.H, c.n, q.stride(0), q.stride(1), q.stride(2)),
+        dict(D=c.D, BLOCK_R=32, num_warps=4, num_stages=1))
+    return query_u, query_v
 
 
 def _clear_unwritten_distances(c, by_distance, distances):
@@ -1301,19 +1336,20 @@ def _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, dk_dv, memory_gra
     of v is the sum of G r over the rows, that of u the sum of the content part."""
     B, n, H, D = c.B, c.n, c.H, c.D
     device = c.query.device
-    r, _, v_bias = c.rel_inputs
+    r = c.rel_inputs[0]
     distances = min(c.R_rows, c.cm + c.m + n)  # the distances a query can see: at most L
     by_distance = _empty((H, B * n, c.score_grad_columns[0]), c.dtype, device)
     _clear_unwritten_distances(c, by_distance, distances)
+    query_u, query_v = _biased_queries(c)
     workspace = sm90_backward_workspace(B, H, n, device)
     torch.ops.ct_kernels.attention_bwd_sm90(
-        grad_out, c.q, *c.sources[:2], *c.memories, out, lse, *c.lengths, True, c.scale,
+        grad_out, query_u, *c.sources[:2], *c.memories, out, lse, *c.lengths, True, c.scale,
         dq.new_empty(0), *dk_dv, *memory_grads, workspace, 0, pos_scores, by_distance)
     torch.autograd.graph.increment_version(pos_scores)  # consumed: a second backward raises
     grads = by_distance[:, :, :distances]
     position = torch.bmm(grads, r[:, :distances], out_dtype=torch.float32)  # [H, B * n, D]
     du, dv_bias = _position_part(workspace, position, dq, c.scale)
-    query_v = (c.query + v_bias).view(B * n, H, D).transpose(0, 1)  # [H, B * n, D]
+    query_v = query_v.view(B * n, H, D).transpose(0, 1)  # [H, B * n, D]
     dr = torch.bmm(grads.transpose(1, 2), query_v)  # [H, distances, D]
     dr = torch.nn.functional.pad(dr, (0, 0, 0, c.R_rows - distances))
     return dq, *dk_dv, *memory_grads, dr, du.to(c.dtype), dv_bias.to(c.dtype)
