@@ -63,8 +63,10 @@ def tables(rows):
         providers = list(dict.fromkeys(r["provider"] for r in op_rows))
         modes = list(dict.fromkeys(r["mode"] for r in op_rows))
         first = op_rows[0]
+        dates = sorted({r["date"] for r in op_rows})  # the table's rows may span several runs
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
         out.append(f"**{op}** ({LABEL[unit]}, {' / '.join(modes)}; {first['gpu']}, torch "
-                   f"{first['torch']}, triton {first['triton']}, {first['date']})\n")
+                   f"{first['torch']}, triton {first['triton']}, {when})\n")
         out.append("| shape | " + " | ".join(providers) + " |")
         out.append("|---" * (len(providers) + 1) + "|")
         for shape in shapes:
