@@ -1317,6 +1317,8 @@ def _position_part(accum, position, dq, scale):
     kernel's order; times scale) and the position part (position: [H, B * n, D] fp32), and
     (du, dv): the row sums of each head's content and position parts, fp32 [H, D] each."""
     B, n, H, D = dq.shape
+    if D != 128:  # the order of the sums is the sm_90 backward's, which runs head dim 128
+        raise ValueError(f"the position part needs head dim 128, got {D}")
     tiles_m = cdiv(n, 64)
     sums = torch.zeros(2, H, D, dtype=torch.float32, device=dq.device)
     launch(_position_part_kernel, (B * H * tiles_m,), (accum, position, dq, sums, B, H, n,
