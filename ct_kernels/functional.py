@@ -54,10 +54,10 @@ def compressive_attention(
             again and keeps the score gradients by key in their place: a faster backward at
             the same peak memory for one call in bfloat16 or float32 (float16 inputs: the
             buffer is fp32, twice the bytes of the gradients it replaces), but one such
-            buffer per call alive until its backward (a model: one per layer). On Hopper
-            (bfloat16, causal, head dim 128) that backward is the sm_90 kernel's, which
-            reads the buffer and keeps only the gradients by distance besides it. That backward
-            runs once (retain_graph=True then fails at the second). Ignored without
+            buffer per call alive until its backward (a model: one per layer), and that
+            backward runs once (retain_graph=True then fails at the second). On Hopper
+            (bfloat16, causal, head dim 128) the backward is the sm_90 kernel's, which reads
+            the buffer and keeps only the gradients by distance besides it. Ignored without
             ``rel_pos`` or on other backends; without ``store_score_grads`` a ValueError.
 
     Returns:
