@@ -435,30 +435,32 @@ def test_sm90_forward_relative_positions(sm90_forward, n, m, cm, D, partial, ext
 
 
 @pytest.fixture
-def sm90_kept_backward(monkeypatch):
-    """The Triton dK/dV and dQ passes fail if called: a backward from kept position scores
-    runs on the sm_90 kernel."""
+def sm90_relpos_backward(monkeypatch):
+    """The Triton dK/dV and dQ passes fail if called: a backward with relative positions and
+    stored score gradients runs on the sm_90 kernel."""
     _fail_if_called(monkeypatch, ("_launch_dq", "_launch_dkdv", "_launch_delta",
                                   "_launch_dq_stored"), "a Triton dK/dV or dQ pass")
 
 
 @SM90
+@pytest.mark.parametrize("kept", [True, False])
 @pytest.mark.parametrize("n,m,cm,partial,extra_rows", [
     (1, 0, 0, False, 3), (1, 64, 96, True, 0), (113, 113, 0, True, 3), (64, 1, 0, True, 3),
     (239, 256, 384, True, 200), (200, 70, 129, True, 65), (512, 512, 1024, False, 0),
     (1023, 512, 333, True, 3),
 ])
-def test_sm90_backward_with_kept_position_scores(sm90_forward, sm90_kept_backward, n, m, cm,
-                                                 partial, extra_rows):
-    # the sm_90 backward reading the position scores that the sm_90 forward kept (NaN-poisoned
-    # first, as are the gradients by distance), then the products over the distances: one query,
-    # sources not 64 apart in distance, partial memories (empty and full included), partial
-    # query tiles, R > L
+def test_sm90_backward_with_stored_score_grads(sm90_forward, sm90_relpos_backward, n, m, cm,
+                                               partial, extra_rows, kept):
+    # store_score_grads with relative positions: the sm_90 backward reading the position
+    # scores by key, those the sm_90 forward kept or those scored for it (both NaN-poisoned
+    # first, as are the gradients by distance), then the products over the distances: one
+    # query, sources not 64 apart in distance, partial memories (empty and full included),
+    # partial query tiles, R > L
     g = torch.Generator().manual_seed(n + 5 * m + 11 * cm)
     args = testing.random_attention_inputs(2, n, 3, 128, m, cm, dtype=torch.bfloat16,
                                            device="cuda", generator=g, partial=partial,
                                            rel_pos=True, extra_rows=extra_rows)
-    check(args, store_score_grads=True, store_position_scores=True)
+    check(args, store_score_grads=True, store_position_scores=kept)
 
 
 @pytest.mark.parametrize("m,cm,partial", [(7, 5, True), (0, 11, False), (6, 0, True)])
@@ -551,6 +553,68 @@ def test_sm90_forward_relative_positions_unaligned_biases(sm90_forward, D):
     assert torch.equal(shifted, aligned)
 
 
+def _check_position_scores_by_key(a, call, kept, name):
+    """kept ([B * H, n, columns] by key, ``pos_scores_layout``) holds (q_i + v).r_d as added,
+    rounded to bfloat16, wherever a query sees the key (valid memory slots and segment keys up
+    to the query), within the rounding of the query sum and of the result:
+    |error| <= 2^-8 (|s| + |q_i + v|.|r_d|), twice their bounds."""
+    B, n, H, _ = a["q"].shape
+    m, cm, device = call.m, call.cm, a["q"].device
+    columns, col_m, col_s = call.score_grad_columns
+    key = torch.arange(columns, device=device)
+    query = torch.arange(n, device=device)[:, None]
+    seen = torch.zeros(B, n, columns, dtype=torch.bool, device=device)
+    for b in range(B):
+        cmem_lo = cm - int(a["cmem_lens"][b]) if "cmem_lens" in a else 0
+        mem_lo = m - int(a["mem_lens"][b]) if "mem_lens" in a else 0
+        seen[b] = (((key >= cmem_lo) & (key < cm))
+                   | ((key >= col_m + mem_lo) & (key < col_m + m))
+                   | ((key >= col_s) & (key - col_s <= query)))
+    seen = seen.repeat_interleave(H, dim=0)  # [B * H, n, columns]
+    # each column's distance to each query: cm + m + i - (the key's position in [cmem | mem |
+    # segment])
+    r, _, v = a["rel_pos"]
+    r = torch.nn.functional.pad(r, (0, 0, 0, max(0, cm + m + n - r.shape[1])))  # d >= R: 0
+    position = torch.where(key < col_m, key,
+                           torch.where(key < col_s, cm + key - col_m, cm + m + key - col_s))
+    distance = (cm + m + query - position).clamp(0, r.shape[1] - 1).expand(B * H, n, columns)
+
+    def by_column(q_plus_v, r):  # [B * H, n, columns] of (q_i + v).r_distance
+        scores = torch.einsum("bnhd,hrd->bhnr", q_plus_v, r)
+        return scores.reshape(B * H, n, -1).gather(2, distance)
+
+    q_plus_v = a["q"].double() + v.double()
+    exact = by_column(q_plus_v, r.double())
+    bound = 2**-8 * (exact.abs() + by_column(q_plus_v.abs(), r.double().abs()))
+    kept = kept.double()
+    assert not kept[seen].isnan().any(), name
+    excess = ((kept - exact).abs() - bound)[seen].max()
+    assert excess <= 0, (name, excess.item())
+
+
+@pytest.mark.parametrize("B,n,H,D,m,cm,partial,extra_rows", [
+    (2, 1, 2, 32, 0, 40, True, 3), (2, 23, 3, 16, 13, 70, True, 0), (1, 70, 2, 64, 0, 0, False, 5),
+    (2, 9, 1, 32, 130, 0, True, 0),
+])
+def test_position_scores_by_key(B, n, H, D, m, cm, partial, extra_rows):
+    # the position scores that the sm_90 backward reads, scored in a Triton pass where the
+    # forward kept none: R > L and R < L (distances past r score 0), partial and empty
+    # memories, sources not a tile apart
+    g = torch.Generator().manual_seed(n + m + cm)
+    a = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=torch.bfloat16,
+                                        device=DEVICE, generator=g, partial=partial,
+                                        rel_pos=True, extra_rows=extra_rows)
+    if extra_rows == 0:  # R < L: r of the first distances only
+        a["rel_pos"] = reference.RelativePosition(a["rel_pos"][0][:, :(cm + m + n) // 2],
+                                                  *a["rel_pos"][1:])
+    names = ("q", "k", "v", "mem_k", "mem_v", "cmem_k", "cmem_v", "mem_lens", "cmem_lens")
+    call = attention._Call(*(a.get(name) for name in names), None, *a["rel_pos"], True,
+                           D**-0.5)
+    query_v = (a["q"] + a["rel_pos"][2]).contiguous()
+    kept = attention._position_scores_by_key(call, query_v)
+    _check_position_scores_by_key(a, call, kept, "triton")
+
+
 @SM90
 @pytest.mark.parametrize("n,m,cm,D", [(1, 0, 40, 128), (239, 113, 256, 128), (200, 70, 129, 64)])
 def test_sm90_forward_keeps_the_position_scores(monkeypatch, n, m, cm, D):
@@ -576,34 +640,8 @@ def test_sm90_forward_keeps_the_position_scores(monkeypatch, n, m, cm, D):
         monkeypatch.setattr(attention, "_launch_fwd", launch)
         monkeypatch.setattr(attention, "SM90_FORWARD", name == "sm90")
         kept[name] = attention._forward_call(call)[2].double()
-    # the entries a backward reads: valid memory slots and segment keys up to the query
-    columns, col_m, col_s = call.score_grad_columns
-    key = torch.arange(columns, device="cuda")
-    query = torch.arange(n, device="cuda")[:, None]
-    seen = torch.zeros(2, n, columns, dtype=torch.bool, device="cuda")
-    for b in range(2):
-        cmem_lo = cm - int(a["cmem_lens"][b]) if cm else 0
-        mem_lo = m - int(a["mem_lens"][b]) if m else 0
-        seen[b] = (((key >= cmem_lo) & (key < cm))
-                   | ((key >= col_m + mem_lo) & (key < col_m + m))
-                   | ((key >= col_s) & (key - col_s <= query)))
-    seen = seen.repeat_interleave(3, dim=0)  # [B * H, n, columns]
-    # each column's distance to each query: cm + m + i - (the key's position in [cmem | mem | segment])
-    r, _, v = a["rel_pos"]
-    position = torch.where(key < col_m, key, torch.where(key < col_s, cm + key - col_m, cm + m + key - col_s))
-    distance = (cm + m + query - position).clamp(0, r.shape[1] - 1).expand(2 * 3, n, columns)
-
-    def by_column(q_plus_v, r):  # [B * H, n, columns] of (q_i + v).r_distance
-        scores = torch.einsum("bnhd,hrd->bhnr", q_plus_v, r)
-        return scores.reshape(2 * 3, n, -1).gather(2, distance)
-
-    q_plus_v = a["q"].double() + v.double()
-    exact = by_column(q_plus_v, r.double())
-    bound = 2**-8 * (exact.abs() + by_column(q_plus_v.abs(), r.double().abs()))
     for name in ("sm90", "triton"):
-        assert not kept[name][seen].isnan().any(), name
-        excess = ((kept[name] - exact).abs() - bound)[seen].max()
-        assert excess <= 0, (name, excess.item())
+        _check_position_scores_by_key(a, call, kept[name], name)
 
 
 @SM90

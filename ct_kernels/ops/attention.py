@@ -28,11 +28,11 @@ and 128; with relative positions for bfloat16 causal calls) and, without relativ
 the backward (head dim 128) run instead on ct_kernels._C's ``attention_fwd_sm90`` and
 ``attention_bwd_sm90`` (csrc/attention_sm90.cu; the backward computes delta itself, then makes
 one pass over key blocks that also computes dQ, adding it into an fp32 buffer;
-``SM90_FORWARD`` and ``SM90_BACKWARD`` switch them off). With relative positions and the
-position scores kept (bfloat16, causal, head dim 128), the sm_90 backward reads them and
-computes dK, dV and the content part of dQ, storing the score gradients by distance; two
-products per head over the distances then add the position part of dQ and give dr
-(``_sm90_kept_backward``).
+``SM90_FORWARD`` and ``SM90_BACKWARD`` switch them off). With relative positions and
+``store_score_grads`` (bfloat16, causal, head dim 128) the sm_90 backward runs too: it reads the position scores by key (the forward's, if it kept them, else
+scored by ``_position_scores_by_key_kernel``) and computes dK, dV and the content part of dQ,
+storing the score gradients by distance; two products per head over the distances then add
+the position part of dQ and give dr (``_sm90_relpos_backward``).
 Masking is applied only on tiles that need it (partial memories, source tails, the causal
 band, key padding); tiles with no valid key are skipped. Any head dim up to 256 runs: the
 tiles' head-dim width BLOCK_D is HEAD_DIM padded to a power of two, and only where it pads do
@@ -1000,8 +1000,9 @@ def _launch_fwd(c, out, lse, pos_scores=None):
 
 
 # The Hopper kernels (csrc/attention_sm90.cu): a forward (head dims 64 and 128; with relative
-# positions for bfloat16, from q, r, u and v: the op forms q + u and q + v), and a backward (head dim 128, without
-# relative positions, or with the position scores that the forward kept) that computes dQ, dK
+# positions for bfloat16, from q, r, u and v: the op forms q + u and q + v), and a backward (head dim 128; with
+# relative positions and store_score_grads it reads their scores by key,
+# _sm90_relpos_backward) that computes dQ, dK
 # and dV in one pass over key blocks, dQ added into an fp32 workspace
 # (sm90_backward_workspace). They run where they apply (below) unless
 # SM90_FORWARD / SM90_BACKWARD is False (the benchmarks compare them with the Triton passes
@@ -1041,8 +1042,8 @@ if _sm90_loaded():
 def _sm90_applies(c, switch: bool, head_dims: tuple, rel_pos: bool = False) -> bool:
     """Whether the call runs on a Hopper kernel (switch: SM90_FORWARD or SM90_BACKWARD, with
     its head dims): float16/bfloat16 CUDA inputs on an sm_90 GPU, without key padding, and
-    without relative positions unless the kernel takes them (rel_pos: the forward, for
-    bfloat16 causal calls)."""
+    without relative positions unless the kernel takes them (rel_pos: for bfloat16 causal
+    calls)."""
     if c.flags["REL_POS"] and not (rel_pos and c.dtype == torch.bfloat16 and c.flags["CAUSAL"]):
         return False
     return (switch and c.query.is_cuda and c.dtype in (torch.float16, torch.bfloat16)
@@ -1162,10 +1163,10 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
                               pos_scores.shape != (B * H, n, c.score_grad_columns[0])):
         raise ValueError("store_position_scores=True: the backward needs the position "
                          "scores of its forward")
-    if c.keep_pos_scores and _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS,
-                                            rel_pos=True):
-        return _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, grads[:2],
-                                   (dmk, dmv, dck, dcv))
+    if c.store_score_grads and _sm90_applies(c, SM90_BACKWARD, SM90_BACKWARD_HEAD_DIMS,
+                                             rel_pos=True):
+        return _sm90_relpos_backward(c, grad_out, out, lse, pos_scores, dq, grads[:2],
+                                     (dmk, dmv, dck, dcv))
     delta = _empty((B, H, n), torch.float32, device)
     if not c.flags["REL_POS"]:
         _launch_dq(c, out, grad_out, lse, delta, dq)
@@ -1196,7 +1197,7 @@ def _backward_call(c, grad_out, out, lse, pos_scores=None):
 
 
 # ----------------------------------------------------------------------------- backward: the
-# position part after the sm_90 backward from the kept position scores (_sm90_kept_backward)
+# position part after the sm_90 backward with relative positions (_sm90_relpos_backward)
 @triton.jit
 def _clear_unwritten_distances_kernel(G, MemLens, CmemLens, row_length, rows, B, n, m, cm,
                                       distances, HAS_MEM_LENS: tl.constexpr,
@@ -1302,6 +1303,56 @@ def _biased_queries(c):
     return query_u, query_v
 
 
+@triton.jit
+def _position_scores_by_key_kernel(QV, R, Out, H, n, m, cm, R_rows, sr_h, sr_n, row_length,
+                                   col_m, col_s, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                                   PRECISION: tl.constexpr):
+    """The position scores (q_i + v).r_d of BLOCK_M queries of batch-head (b, h) and BLOCK_T
+    distances, stored by key ([B * H, n, row_length] in the columns of
+    ``score_grad_columns``): the key at distance d of query i is j = cm + m + i - d (entries
+    with j < 0 are no key). The chunk's distances run down from its top, so that each row's
+    keys, and its stores, run up. Distances past r's rows score 0, as in the forward."""
+    tile_m, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    i = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    top = (chunk + 1) * BLOCK_T - 1
+    t = tl.arange(0, BLOCK_T)
+    d = top - t
+    dd = tl.arange(0, BLOCK_D)
+    in_head = (dd < HEAD_DIM)[None, :]
+    row_ok = (i < n)[:, None]
+    # (q + v) of the rows (contiguous [B, n, H, D]) and r of the chunk's distances
+    qv = tl.load(QV + ((b * n + i) * H + h).to(tl.int64)[:, None] * HEAD_DIM + dd[None, :],
+                 mask=row_ok & in_head, other=0.0)
+    r = tl.load(R + h * sr_h + d.to(tl.int64)[:, None] * sr_n + dd[None, :],
+                mask=(d < R_rows)[:, None] & in_head, other=0.0)
+    scores = _dot(qv, tl.trans(r), PRECISION).to(Out.dtype.element_ty)
+    # each (query, distance) to its key's column in its source's block of columns: one store
+    # per source, so that each store's columns run on with the distances' order (coalesced)
+    j = (cm + m + i - top)[:, None] + t[None, :]
+    rows = Out + (bh * n + i).to(tl.int64)[:, None] * row_length
+    tl.store(rows + j, scores, mask=row_ok & (j >= 0) & (j < cm))
+    tl.store(rows + (col_m - cm) + j, scores, mask=row_ok & (j >= cm) & (j < cm + m))
+    tl.store(rows + (col_s - cm - m) + j, scores, mask=row_ok & (j >= cm + m))
+
+
+def _position_scores_by_key(c, query_v):
+    """The position scores of call c by key, as the forward adds them
+    (``pos_scores_layout``), from q + v (contiguous [B, n, H, D]): every entry of a key
+    that a query can see is written (``_position_scores_by_key_kernel``)."""
+    scores = c.pos_scores()
+    r = c.rel_inputs[0]
+    columns, col_m, col_s = c.score_grad_columns
+    block_m, block_t = 64, 64
+    grid = (cdiv(c.n, block_m), cdiv(c.cm + c.m + c.n, block_t), c.B * c.H)
+    launch(_position_scores_by_key_kernel, grid, (
+        query_v, r, scores, c.H, c.n, c.m, c.cm, c.R_rows, *c.r_strides, columns, col_m, col_s),
+        dict(HEAD_DIM=c.D, BLOCK_D=c.flags["BLOCK_D"], BLOCK_M=block_m, BLOCK_T=block_t,
+             PRECISION=c.flags["PRECISION"], num_warps=8, num_stages=1))
+    return scores
+
+
 def _clear_unwritten_distances(c, by_distance, distances):
     """Zeros where the sm_90 backward writes no score gradient by distance
     (``_clear_unwritten_distances_kernel``), in place."""
@@ -1327,27 +1378,31 @@ def _position_part(accum, position, dq, scale):
     return sums[0], sums[1]
 
 
-def _sm90_kept_backward(c, grad_out, out, lse, pos_scores, dq, dk_dv, memory_grads):
-    """The gradients from the position scores that the sm_90 forward kept, on the sm_90
-    backward: it reads them into the scores and computes dK, dV and dQ's content part (its
-    query is q + u; left in its workspace), and stores the score gradients G by distance, per
-    head ([H, B * n, columns], zero where not written: distances past a row's oldest key, slots
-    of memories before their valid ones: ``_clear_unwritten_distances``). The position part is
-    then two products per head over the distances d < L: G r (added to the content part,
-    ``_position_part``) and dr = G^T (q + v) (the position score is (q + v).r_d); the gradient
-    of v is the sum of G r over the rows, that of u the sum of the content part."""
+def _sm90_relpos_backward(c, grad_out, out, lse, pos_scores, dq, dk_dv, memory_grads):
+    """The gradients of a call with relative positions and ``store_score_grads`` on the
+    sm_90 backward. It takes the position scores by key, from pos_scores if the forward kept
+    them, else scored here (``_position_scores_by_key``); the sm_90 backward reads them into
+    its scores, computes dK, dV and dQ's content part (its query is q + u; left in its
+    workspace), and stores the score gradients G by distance per head ([H, B * n, columns],
+    zero where not written: distances past a row's oldest key, slots of memories before
+    their valid ones: ``_clear_unwritten_distances``). The position part is then two
+    products per head over the distances d < L: G r (added to the content part,
+    ``_position_part``) and dr = G^T (q + v) (the position score is (q + v).r_d); the
+    gradient of v is the sum of G r over the rows, that of u the sum of the content part."""
     B, n, H, D = c.B, c.n, c.H, c.D
     device = c.query.device
     r = c.rel_inputs[0]
     distances = min(c.R_rows, c.cm + c.m + n)  # the distances a query can see: at most L
+    query_u, query_v = _biased_queries(c)
+    scores = _position_scores_by_key(c, query_v) if pos_scores is None else pos_scores
     by_distance = _empty((H, B * n, c.score_grad_columns[0]), c.dtype, device)
     _clear_unwritten_distances(c, by_distance, distances)
-    query_u, query_v = _biased_queries(c)
     workspace = sm90_backward_workspace(B, H, n, device)
     torch.ops.ct_kernels.attention_bwd_sm90(
         grad_out, query_u, *c.sources[:2], *c.memories, out, lse, *c.lengths, True, c.scale,
-        dq.new_empty(0), *dk_dv, *memory_grads, workspace, 0, pos_scores, by_distance)
-    torch.autograd.graph.increment_version(pos_scores)  # consumed: a second backward raises
+        dq.new_empty(0), *dk_dv, *memory_grads, workspace, 0, scores, by_distance)
+    if pos_scores is not None:  # consumed: a second backward raises
+        torch.autograd.graph.increment_version(pos_scores)
     grads = by_distance[:, :, :distances]
     position = torch.bmm(grads, r[:, :distances], out_dtype=torch.float32)  # [H, B * n, D]
     du, dv_bias = _position_part(workspace, position, dq, c.scale)
