@@ -46,7 +46,11 @@ def compressive_attention(
             score gradients (by key and by distance: twice [B, H, n, cm + m + n] in q's
             dtype, alive during the backward) and forms dq and the position gradients from
             them, instead of a second pass that recomputes the scores: faster, for that much
-            memory. Ignored otherwise.
+            memory. On Hopper (bfloat16, causal, head dim 128) the backward is the sm_90
+            kernel's: the position scores by key (scored in a pass before it, twice
+            [B, H, n, cm + m + n] alive with the gradients by distance, as the Triton
+            backward's two buffers) in, the score gradients by distance out, then two
+            products per head over the distances. Ignored otherwise.
         store_position_scores: with ``store_score_grads`` (and where something needs a
             gradient), the forward also keeps its position scores by key for the backward
             ([B, H, n, cm + m + n], bfloat16 for bfloat16 inputs, fp32 otherwise, alive from
@@ -55,10 +59,10 @@ def compressive_attention(
             the same peak memory for one call in bfloat16 or float32 (float16 inputs: the
             buffer is fp32, twice the bytes of the gradients it replaces), but one such
             buffer per call alive until its backward (a model: one per layer), and that
-            backward runs once (retain_graph=True then fails at the second). On Hopper
-            (bfloat16, causal, head dim 128) the backward is the sm_90 kernel's, which reads
-            the buffer and keeps only the gradients by distance besides it. Ignored without
-            ``rel_pos`` or on other backends; without ``store_score_grads`` a ValueError.
+            backward runs once (retain_graph=True then fails at the second). On Hopper the
+            sm_90 backward reads the buffer instead of scoring it in a pass of its own.
+            Ignored without ``rel_pos`` or on other backends; without ``store_score_grads``
+            a ValueError.
 
     Returns:
         out [B, n, H, D], or (out, usage). A query that sees no key outputs zeros.

@@ -594,11 +594,11 @@ def _check_position_scores_by_key(a, call, kept, name):
 
 @pytest.mark.parametrize("B,n,H,D,m,cm,partial,extra_rows", [
     (2, 1, 2, 32, 0, 40, True, 3), (2, 23, 3, 16, 13, 70, True, 0), (1, 70, 2, 64, 0, 0, False, 5),
-    (2, 9, 1, 32, 130, 0, True, 0),
+    (2, 9, 1, 32, 130, 0, True, 0), (2, 5, 2, 32, 7, 19, False, 2),
 ])
 def test_position_scores_by_key(B, n, H, D, m, cm, partial, extra_rows):
     # the position scores that the sm_90 backward reads, scored in a Triton pass where the
-    # forward kept none: R > L and R < L (distances past r score 0), partial and empty
+    # forward kept none: R > L and R < L (distances past r score 0), partial, full and empty
     # memories, sources not a tile apart
     g = torch.Generator().manual_seed(n + m + cm)
     a = testing.random_attention_inputs(B, n, H, D, m, cm, dtype=torch.bfloat16,
