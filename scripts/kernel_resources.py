@@ -6,7 +6,8 @@ with Triton's own compiler and reads the cubin's resource usage with cuobjdump:
     python scripts/kernel_resources.py [--rel-pos] [--head-dim 128] [--dtype float16]
                                        [--config fwd=64,64,4,3 ...]
     python scripts/kernel_resources.py --check   # every head dim, with and without positions,
-                                                 # in bfloat16; float16 and float32 at D = 128
+                                                 # in bfloat16; float16 and float32 at D = 128;
+                                                 # the passes around the sm_90 backward
 
 Needs a CUDA build of torch and Triton (the GPU itself is not used). Shapes are multiples
 of 16, as in the benchmarks, so the compiled specialisation is the one the GPU runs.
@@ -70,6 +71,24 @@ def resource_usage(compiled):
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may opt in to on sm_90
 
 
+def compile_and_report(label, launch, compiled):
+    """Compile one pass (launch: its launcher, compiled: where _CompileOnly keeps the
+    result); print its resources under label; True if it compiles and fits."""
+    del compiled[:]
+    try:
+        launch()
+    except Exception as error:  # noqa: BLE001  (reported, and fails --check)
+        print(f"{label}: does not compile: {type(error).__name__}: "
+              f"{str(error).splitlines()[0][:120]}", flush=True)
+        return False
+    kernel = compiled[-1]
+    regs, stack = resource_usage(kernel)
+    shared = kernel.metadata.shared
+    print(f"{label}: {regs} registers, {stack} B stack, {shared} B shared"
+          f"{'' if shared <= SM90_MAX_SHARED else ' (too much)'}", flush=True)
+    return shared <= SM90_MAX_SHARED
+
+
 def report(head_dim, rel_pos, compiled, dtype=torch.bfloat16):
     """Compile the passes for one head dim; print their resources; True if all fit."""
     suffix = "_rel" if rel_pos else ""
@@ -79,21 +98,34 @@ def report(head_dim, rel_pos, compiled, dtype=torch.bfloat16):
         config = attention.launch_config(pass_name + suffix, head_dim, dtype)
         label = pass_name + suffix + ("" if dtype == torch.bfloat16 else
                                       " " + str(dtype).split(".")[-1])
-        del compiled[:]
-        try:
-            launch()
-        except Exception as error:  # noqa: BLE001  (reported, and fails --check)
-            print(f"{label:9s} D={head_dim} {config}: does not compile: "
-                  f"{type(error).__name__}: {str(error).splitlines()[0][:120]}", flush=True)
-            fits = False
-            continue
-        kernel = compiled[-1]
-        regs, stack = resource_usage(kernel)
-        shared = kernel.metadata.shared
-        fits &= shared <= SM90_MAX_SHARED
-        print(f"{label:9s} D={head_dim} {config}: {regs} registers, {stack} B stack, "
-              f"{shared} B shared{'' if shared <= SM90_MAX_SHARED else ' (too much)'}", flush=True)
+        fits &= compile_and_report(f"{label:9s} D={head_dim} {config}", launch, compiled)
     return fits
+
+
+def report_position_passes(compiled):
+    """Compile the passes around the sm_90 backward with relative positions (head dim 128,
+    bfloat16: q + u and q + v, the position scores by key, the zeros by distance, the position
+    part of dQ); print their resources; True if all fit."""
+    B, H, n, m, cm, D = 2, 2, 128, 128, 128, 128
+    args = bench_attention.make_inputs((B, H, n, m, cm, D), torch.bfloat16, "cpu", True)
+    t = {k: a.detach() for k, a in args.items() if isinstance(a, torch.Tensor)}
+    call = attention._Call(t["q"], t["k"], t["v"], t["mem_k"], t["mem_v"], t["cmem_k"],
+                           t["cmem_v"], None, None, None,
+                           *(a.detach() for a in args["rel_pos"]), True, D ** -0.5)
+    query_v = torch.empty_like(t["q"])
+    by_distance = torch.empty(H, B * n, call.score_grad_columns[0], dtype=torch.bfloat16)
+    workspace = attention.sm90_backward_workspace(B, H, n, "cpu")
+    position = torch.empty(H, B * n, D)
+    passes = {
+        "_biased_queries_kernel": lambda: attention._biased_queries(call),
+        "_position_scores_by_key_kernel": lambda: attention._position_scores_by_key(call, query_v),
+        "_clear_unwritten_distances_kernel": lambda: attention._clear_unwritten_distances(
+            call, by_distance, cm + m + n),
+        "_position_part_kernel": lambda: attention._position_part(workspace, position,
+                                                                   torch.empty_like(t["q"]), 0.1),
+    }
+    return all([compile_and_report(f"{name} D={D}", launch, compiled)
+                for name, launch in passes.items()])
 
 
 def main():
@@ -116,7 +148,9 @@ def main():
             int(v) for v in values.split(","))
     triton.runtime.driver.set_active(_Sm90Driver())
     compiled = []
-    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel"):
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dq_stored_kernel",
+                 "_biased_queries_kernel", "_position_scores_by_key_kernel",
+                 "_clear_unwritten_distances_kernel", "_position_part_kernel"):
         setattr(attention, name, _CompileOnly(getattr(attention, name), compiled))
     attention.dispatch.triton_interpreted = lambda: False
     dtype = getattr(torch, options.dtype)
@@ -125,6 +159,8 @@ def main():
              + [(128, rel, dt) for dt in (torch.float16, torch.float32) for rel in (False, True)]
              if options.check else [(options.head_dim, options.rel_pos, dtype)])
     fits = [report(head_dim, rel_pos, compiled, dt) for head_dim, rel_pos, dt in cases]
+    if options.check:
+        fits.append(report_position_passes(compiled))
     if not all(fits):
         raise SystemExit(1)
 
