@@ -930,8 +930,9 @@ class _Call:
         return score_grad_columns(self.n, self.m, self.cm)
 
     def pos_scores(self):
-        """A buffer for the position scores by key (``pos_scores_layout``), which the
-        backward overwrites with the score gradients."""
+        """A buffer for the position scores by key (``pos_scores_layout``): those the
+        forward keeps (which the Triton backward overwrites with the score gradients), or
+        those scored for the sm_90 backward (``_position_scores_by_key``)."""
         return _empty(*pos_scores_layout(self.B, self.H, self.n, self.m, self.cm, self.dtype),
                       self.query.device)
 
@@ -979,9 +980,9 @@ def score_grad_columns(n: int, m: int, cm: int):
 
 
 def pos_scores_layout(B: int, H: int, n: int, m: int, cm: int, dtype: torch.dtype):
-    """(shape, dtype) of the position scores that the forward keeps by key: [B * H, n, row
-    length of ``score_grad_columns``], rounded as the forward adds them (bfloat16 for
-    bfloat16 inputs, fp32 otherwise: _position_band)."""
+    """(shape, dtype) of the position scores by key (those the forward keeps, or those
+    scored for the sm_90 backward): [B * H, n, row length of ``score_grad_columns``], rounded
+    as the forward adds them (bfloat16 for bfloat16 inputs, fp32 otherwise: _position_band)."""
     return ((B * H, n, score_grad_columns(n, m, cm)[0]),
             torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
 
